@@ -1,0 +1,475 @@
+"""Target models: Qwen3 dense, Qwen3-MoE and GPT-OSS in one small Transformer.
+
+Configured from a Hugging Face `config.json` and loaded straight from its safetensors files (SPEC section 1).
+Static KV caches indexed by absolute position, so a compiled decode step never changes shape, and the outputs of
+chosen decoder layers (`capture`) can be returned for the draft model.
+"""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "gpt_oss")
+
+
+class InputError(Exception):
+    """Bad input from the user (paths, checkpoints, flags): the message names the problem and the fix."""
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int  # dense MLP width (Qwen3) / expert width (GPT-OSS)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    rope_scaling: dict | None = None  # YaRN parameters, or None for plain RoPE
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = True  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    attention_sinks: bool = False  # GPT-OSS: a learned per-head logit joins the softmax denominator
+    layer_types: tuple = ()  # "full_attention" / "sliding_attention" per layer
+    sliding_window: int = 0  # keys a sliding layer sees, the current one included
+    moe_layers: tuple = ()  # indices of the layers whose MLP is a mixture of experts
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
+    moe_bias: bool = False  # GPT-OSS: router and expert biases
+    swiglu_limit: float = 0.0  # GPT-OSS clamped SwiGLU when > 0, plain SiLU gating otherwise
+    swiglu_alpha: float = 1.702
+    eos_token_id: list = field(default_factory=list)
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "ModelArgs":
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise InputError(
+                f"config.json has model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+                   if k not in config]
+        if missing:
+            raise InputError(f"config.json lacks {', '.join(missing)}: is this a {model_type} checkpoint?")
+        n_layers = config["num_hidden_layers"]
+        n_heads = config["num_attention_heads"]
+        # transformers 5.x writes rope_parameters; released checkpoints have rope_theta / rope_scaling
+        rope = dict(config.get("rope_parameters") or {})
+        rope.update(config.get("rope_scaling") or {})
+        rope_theta = config.get("rope_theta", rope.get("rope_theta", 150000.0 if model_type == "gpt_oss" else 1e6))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "yarn"):
+            raise InputError(f"config.json asks for RoPE type {rope_type!r}; supported: default, yarn")
+        layer_types = config.get("layer_types")
+        if not layer_types:
+            window_from = config.get("max_window_layers", n_layers) if config.get("use_sliding_window") else n_layers
+            layer_types = ["sliding_attention" if i >= window_from else "full_attention" for i in range(n_layers)]
+            if model_type == "gpt_oss":
+                layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+        eos = config.get("eos_token_id")
+        args = cls(
+            model_type=model_type,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=config.get("num_key_value_heads") or n_heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+            intermediate_size=config.get("intermediate_size", 0),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope if rope_type == "yarn" else None,
+            max_position_embeddings=config.get("max_position_embeddings", 32768),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            attention_bias=config.get("attention_bias", model_type == "gpt_oss"),
+            layer_types=tuple(layer_types),
+            sliding_window=config.get("sliding_window") or 0,
+            eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        )
+        if model_type == "qwen3_moe":
+            step = config.get("decoder_sparse_step", 1)
+            dense_layers = set(config.get("mlp_only_layers", []))
+            args.moe_layers = tuple(i for i in range(n_layers) if i not in dense_layers and (i + 1) % step == 0)
+            args.num_experts = config.get("num_experts") or config["num_local_experts"]
+            args.num_experts_per_tok = config["num_experts_per_tok"]
+            args.moe_intermediate_size = config["moe_intermediate_size"]
+            args.norm_topk_prob = config.get("norm_topk_prob", False)
+        if model_type == "gpt_oss":
+            args.qk_norm = False
+            args.attention_sinks = True
+            args.moe_layers = tuple(range(n_layers))
+            args.num_experts = config.get("num_local_experts") or config["num_experts"]
+            args.num_experts_per_tok = config.get("num_experts_per_tok") or config["experts_per_token"]
+            args.moe_intermediate_size = config["intermediate_size"]
+            args.norm_topk_prob = True  # softmax over the top-k logits
+            args.moe_bias = True
+            args.swiglu_limit = config.get("swiglu_limit", 7.0)
+            args.swiglu_alpha = config.get("swiglu_alpha", 1.702)
+        if "sliding_attention" in args.layer_types and not args.sliding_window:
+            raise InputError("config.json has sliding_attention layers but no sliding_window")
+        return args
+
+
+def read_config(checkpoint_dir) -> dict:
+    path = Path(checkpoint_dir)
+    if not path.is_dir():
+        raise InputError(f"checkpoint folder {str(path)!r} does not exist (pass a Hugging Face model folder)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{str(path)!r} has no config.json: is it a Hugging Face model folder?")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{config_file} is not valid JSON: {e}") from None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, max_seq_length: int, head_dim: int | None = None):
+    """cos and sin of every (position, frequency) pair, [max_seq_length, head_dim // 2] in fp32."""
+    dim = head_dim or args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scale = 1.0
+    if args.rope_scaling is not None:  # YaRN: interpolate the slow frequencies, keep the fast ones
+        rs = args.rope_scaling
+        factor = rs["factor"]
+        original_len = rs["original_max_position_embeddings"]
+
+        def correction_dim(rotations):
+            return dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(args.rope_theta))
+
+        low, high = correction_dim(rs.get("beta_fast") or 32), correction_dim(rs.get("beta_slow") or 1)
+        if rs.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+        scale = rs.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    angles = torch.outer(torch.arange(max_seq_length, dtype=torch.float32), inv_freq)
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def apply_rope(x, cos, sin):
+    """x [B, S, n_heads, head_dim]; cos/sin [B, S, head_dim // 2]. Rotates the two halves of each head."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size, n_kv_heads, max_seq_length, head_dim, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        """Write k/v [B, H, S, D] at each row's own absolute positions input_pos [B, S]; return the caches."""
+        index = input_pos[:, None, :, None].expand(k.shape)
+        self.k_cache.scatter_(2, index, k)
+        self.v_cache.scatter_(2, index, v)
+        return self.k_cache, self.v_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, sliding: bool):
+        super().__init__()
+        self.args = args
+        self.sliding = sliding
+        n_heads, n_kv, hd = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.q_proj = nn.Linear(args.hidden_size, n_heads * hd, bias=args.attention_bias)
+        self.k_proj = nn.Linear(args.hidden_size, n_kv * hd, bias=args.attention_bias)
+        self.v_proj = nn.Linear(args.hidden_size, n_kv * hd, bias=args.attention_bias)
+        self.o_proj = nn.Linear(n_heads * hd, args.hidden_size, bias=args.attention_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(hd, args.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, args.rms_norm_eps)
+        if args.attention_sinks:
+            self.sinks = nn.Parameter(torch.zeros(n_heads))
+        self.kv_cache = None
+
+    def forward(self, x, input_pos, cos, sin, mask):
+        B, S, _ = x.shape
+        hd = self.args.head_dim
+        q = self.q_proj(x).view(B, S, -1, hd)
+        k = self.k_proj(x).view(B, S, -1, hd)
+        v = self.v_proj(x).view(B, S, -1, hd)
+        if self.args.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
+        k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, max_seq_length, D]
+        if self.args.attention_sinks:
+            y = attention_with_sinks(q, k, v, mask, self.sinks)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+
+def attention_with_sinks(q, k, v, mask, sinks):
+    """Softmax attention whose denominator also holds exp(sink) per head (GPT-OSS); computed in fp32."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, S, L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return (probs @ v.float()).to(q.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """All experts of one layer as stacked weights; gate_up_proj holds [gate; up] (not interleaved)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E, H, I = args.num_experts, args.hidden_size, args.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        if args.moe_bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
+            self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.router = nn.Linear(args.hidden_size, args.num_experts, bias=args.moe_bias)
+        self.experts = Experts(args)
+
+    def activation(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        limit = self.args.swiglu_limit
+        if limit > 0:  # GPT-OSS clamped SwiGLU
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+            return gate * torch.sigmoid(self.args.swiglu_alpha * gate) * (up + 1)
+        return F.silu(gate) * up
+
+    def forward(self, x):
+        B, S, H = x.shape
+        x = x.reshape(-1, H)  # [N, H]
+        N, k, E = x.shape[0], self.args.num_experts_per_tok, self.args.num_experts
+        router_logits = self.router(x).float()
+        top_logits, top_idx = torch.topk(router_logits, k, dim=-1)  # [N, k]
+        if self.args.norm_topk_prob:
+            weights = torch.softmax(top_logits, dim=-1)
+        else:
+            weights = torch.softmax(router_logits, dim=-1).gather(-1, top_idx)
+        weights = weights.to(x.dtype)
+        ex = self.experts
+        has_bias = self.args.moe_bias
+        if N * k <= E:
+            # Few tokens (decode, verify): read only the routed experts' weights.
+            h = torch.einsum("nh,nkih->nki", x, ex.gate_up_proj[top_idx])  # [N, k, 2I]
+            if has_bias:
+                h = h + ex.gate_up_proj_bias[top_idx]
+            out = torch.einsum("nki,nkhi->nkh", self.activation(h), ex.down_proj[top_idx])  # [N, k, H]
+            if has_bias:
+                out = out + ex.down_proj_bias[top_idx]
+            y = torch.einsum("nkh,nk->nh", out, weights)
+        else:
+            # Many tokens (prefill): every expert on every token, weighted by zero off each token's top-k.
+            dense_weights = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, top_idx, weights)
+            h = torch.einsum("nh,eih->nei", x, ex.gate_up_proj)  # [N, E, 2I]
+            if has_bias:
+                h = h + ex.gate_up_proj_bias
+            out = torch.einsum("nei,ehi->neh", self.activation(h), ex.down_proj)  # [N, E, H]
+            if has_bias:
+                out = out + ex.down_proj_bias
+            y = torch.einsum("neh,ne->nh", out, dense_weights)
+        return y.view(B, S, H)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.sliding = args.layer_types[layer_id] == "sliding_attention"
+        self.self_attn = Attention(args, self.sliding)
+        self.mlp = MoE(args) if layer_id in args.moe_layers else MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, input_pos, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), input_pos, cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.max_batch_size = 0
+        self.max_seq_length = 0
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int):
+        """Allocate the static KV caches and RoPE tables; positions must stay below max_seq_length."""
+        if max_seq_length > self.args.max_position_embeddings:
+            raise InputError(f"max_seq_len {max_seq_length} exceeds the model's max_position_embeddings "
+                             f"{self.args.max_position_embeddings}")
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
+        a = self.args
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(max_batch_size, a.num_key_value_heads, max_seq_length, a.head_dim,
+                                               dtype, device)
+        cos, sin = rope_tables(a, max_seq_length)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def forward(self, tokens, input_pos, capture: tuple = ()):
+        """tokens, input_pos [B, S] (each row at its own absolute positions).
+
+        Returns logits [B, S, V] and, when capture lists layer ids, those layers' outputs [B, S, T, H]
+        (layer i's output = transformers' hidden_states[i + 1]), else None.
+        """
+        x = self.embed_tokens(tokens)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [B, S, head_dim // 2]
+        key_pos = torch.arange(self.max_seq_length, device=tokens.device)
+        query_pos = input_pos[:, None, :, None]  # [B, 1, S, 1]
+        causal = key_pos <= query_pos  # [B, 1, S, max_seq_length]; stale entries beyond a row's position are masked
+        sliding = causal & (key_pos > query_pos - self.args.sliding_window)
+        captured = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x, input_pos, cos, sin, sliding if layer.sliding else causal)
+            if i in capture:
+                captured.append(x)
+        logits = self.lm_head(self.norm(x))
+        return logits, (torch.stack(captured, dim=2) if capture else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a Hugging Face checkpoint folder
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks, scales, dtype=torch.bfloat16):
+    """MXFP4 -> dtype. blocks [..., G, 16] uint8 (two e2m1 values a byte, low nibble first), scales [..., G]
+    uint8 (e8m0: 2^(s-127) for each group of 32 values along the last dimension). Returns [..., G * 32]."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    values = torch.stack([lut[(blocks & 0x0F).int()], lut[(blocks >> 4).int()]], dim=-1)  # [..., G, 16, 2]
+    values = torch.ldexp(values.flatten(-2), (scales.int() - 127)[..., None])  # [..., G, 32]
+    return values.flatten(-2).to(dtype)
+
+
+class SafetensorsFolder:
+    """Tensors of a checkpoint folder by name (single file or index + shards), read lazily via mmap."""
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        index_file = folder / "model.safetensors.index.json"
+        if index_file.is_file():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            for shard in sorted(set(weight_map.values())):
+                if not (folder / shard).is_file():
+                    raise InputError(f"{index_file} names shard {shard!r}, which is missing from {str(folder)!r}")
+            self.file_of = {name: folder / shard for name, shard in weight_map.items()}
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise InputError(f"{str(folder)!r} has no *.safetensors weights (download the model's weights)")
+            self.file_of = {}
+            for f in files:
+                with safe_open(f, "pt") as handle:
+                    self.file_of.update({name: f for name in handle.keys()})
+        self.handles = {}
+
+    def __contains__(self, name):
+        return name in self.file_of
+
+    def get(self, name):
+        f = self.file_of[name]
+        if f not in self.handles:
+            self.handles[f] = safe_open(f, "pt")
+        return self.handles[f].get_tensor(name)
+
+
+def deinterleave(w):
+    """GPT-OSS stores gate/up interleaved along dim 1 (even = gate, odd = up); we keep [gate; up]."""
+    return torch.cat([w[:, 0::2], w[:, 1::2]], dim=1)
+
+
+def read_hf_tensor(ckpt: SafetensorsFolder, name: str, args: ModelArgs, checkpoint_dir):
+    """The tensor for our parameter `name`, read from its Hugging Face name(s) and converted to our layout."""
+    hf = name if name == "lm_head.weight" else "model." + name
+
+    def get(key):
+        if key not in ckpt:
+            raise InputError(f"checkpoint {str(checkpoint_dir)!r} lacks tensor {key!r} (config.json describes "
+                             f"a model that needs it: wrong or incomplete download?)")
+        return ckpt.get(key)
+
+    prefix, _, leaf = hf.rpartition(".experts.")
+    if args.model_type == "qwen3_moe":
+        if name.endswith(".mlp.router.weight"):
+            return get(hf.replace(".router.", ".gate."))
+        if leaf and hf not in ckpt:  # released checkpoints: one tensor per expert and projection
+            projs = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
+            return torch.stack([torch.cat([get(f"{prefix}.experts.{e}.{p}.weight") for p in projs])
+                                for e in range(args.num_experts)])
+    if args.model_type == "gpt_oss" and leaf in ("gate_up_proj", "down_proj"):
+        if hf in ckpt:  # transformers 5.x saves dense [E, in, out]
+            w = ckpt.get(hf).transpose(1, 2)
+        else:  # released checkpoints: MXFP4 blocks [E, out, in / 32, 16] and scales [E, out, in / 32]
+            w = dequantize_mxfp4(get(hf + "_blocks"), get(hf + "_scales"), torch.float32)
+        return deinterleave(w) if leaf == "gate_up_proj" else w
+    if leaf == "gate_up_proj_bias":
+        return deinterleave(get(hf))
+    return get(hf)
+
+
+def load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Transformer:
+    """Build the Transformer described by checkpoint_dir/config.json and load its safetensors weights."""
+    args = ModelArgs.from_hf_config(read_config(checkpoint_dir))
+    ckpt = SafetensorsFolder(checkpoint_dir)
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = {}
+    for name, param in model.named_parameters():  # tied lm_head is listed once, as embed_tokens
+        tensor = read_hf_tensor(ckpt, name, args, checkpoint_dir)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise InputError(f"tensor for {name!r} in {str(checkpoint_dir)!r} has shape {tuple(tensor.shape)}, "
+                             f"but config.json implies {tuple(param.shape)}")
+        state[name] = tensor.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,381 @@
+"""Tests. Tiny random models in the real on-disk formats, checked against independent references:
+transformers for logits, generation, MXFP4 decoding and chat templates; the tokenizers library for tokenization.
+
+Run: TRITON_INTERPRET=1 python -m pytest -q test_all.py
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors in the interpreter
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import generate
+from model import InputError, dequantize_mxfp4, load_checkpoint
+from tokenizer import BPETokenizer, chat_prompt, load_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+CORPUS = open(os.path.join(os.path.dirname(json.__file__), "decoder.py"), encoding="utf-8").read() + (
+    "héllo wörld ñandú 日本語のテキスト 🙂 emoji Ünïcödé\n\n  spaces\ttabs 1234567 3.14 café ")
+UNICODE_SAMPLES = [CORPUS[:2000], "<|im_start|>user\nhéllo 🙂 wörld<|im_end|>\n", "e\u0301 (combining) café",
+                   "  leading   and trailing  \n\n\n", "numbers 1234567 3.14", "日本語 🙂🙂 <think>x</think>"]
+
+
+def train_tokenizer(path, style="qwen", vocab_size=400):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if style == "qwen":  # Qwen3 / GPT-OSS layout: NFC, a Split regex, then byte-level without its own regex
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:  # GPT-2 layout: byte-level with its built-in regex
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    tok.save(str(path))
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny random checkpoints, saved as transformers saves them (GPT-OSS experts re-packed as real MXFP4)
+
+def quantize_mxfp4(w):
+    """w [..., K] (K a multiple of 32) -> blocks [..., K/32, 16] uint8, scales [..., K/32] uint8, nearest e2m1."""
+    table = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    groups = w.reshape(*w.shape[:-1], -1, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=1e-30) / 6.0)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    code = (scaled.abs()[..., None] - table).abs().argmin(-1) + 8 * (scaled < 0)
+    code = code.to(torch.uint8)
+    blocks = code[..., 0::2] | (code[..., 1::2] << 4)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def make_target(folder, model_type, vocab_size, eos_id, seed=0):
+    """Save a tiny random model of model_type with transformers; returns the transformers model."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, initializer_range=0.1, eos_token_id=eos_id, max_position_embeddings=512)
+    if model_type == "qwen3":
+        cfg = transformers.Qwen3Config(intermediate_size=96, num_hidden_layers=3, tie_word_embeddings=True,
+                                       **common)
+        model = transformers.Qwen3ForCausalLM(cfg)
+    elif model_type == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                                          num_experts_per_tok=2, num_hidden_layers=3, mlp_only_layers=[1],
+                                          norm_topk_prob=True, **common)
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    else:
+        cfg = transformers.GptOssConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                                        num_hidden_layers=2, sliding_window=8, **common)
+        model = transformers.GptOssForCausalLM(cfg)
+    model = model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.normal_(0, 2.0)  # large enough to matter in the softmax
+    model.save_pretrained(folder)
+    if model_type == "gpt_oss":
+        # Re-pack the experts the way released GPT-OSS checkpoints store them, and give the transformers model
+        # the exactly representable values (dequantized by transformers' own MXFP4 code).
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+        state = load_file(os.path.join(folder, "model.safetensors"))
+        for i, layer in enumerate(model.model.layers):
+            for proj in ("gate_up_proj", "down_proj"):
+                dense = getattr(layer.mlp.experts, proj)  # [E, in, out]
+                blocks, scales = quantize_mxfp4(dense.data.transpose(1, 2).contiguous())
+                key = f"model.layers.{i}.mlp.experts.{proj}"
+                del state[key]
+                state[key + "_blocks"], state[key + "_scales"] = blocks, scales
+                with torch.no_grad():
+                    dense.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+        save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        config = json.load(open(os.path.join(folder, "config.json")))
+        config["quantization_config"] = {"quant_method": "mxfp4"}
+        json.dump(config, open(os.path.join(folder, "config.json"), "w"))
+    return model
+
+
+MODEL_TYPES = ["qwen3", "qwen3_moe", "gpt_oss"]
+
+
+@pytest.fixture(scope="session")
+def tok_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def targets(tmp_path_factory, tok_file):
+    """{model_type: (folder, transformers model)} sharing one tokenizer; <|im_end|> is the eos."""
+    tok = BPETokenizer(tok_file)
+    out = {}
+    for model_type in MODEL_TYPES:
+        folder = tmp_path_factory.mktemp(model_type)
+        hf = make_target(folder, model_type, tok.vocab_size, tok.token_id("<|im_end|>"))
+        (folder / "tokenizer.json").write_bytes(tok_file.read_bytes())
+        out[model_type] = (folder, hf)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Targets against transformers
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_logits_and_captured_layers_match_transformers(targets, model_type):
+    folder, hf = targets[model_type]
+    model = load_checkpoint(folder, dtype=torch.float32)
+    B, S = 2, 24  # longer than GPT-OSS's sliding window of 8
+    model.setup_caches(B, 64)
+    tokens = torch.randint(0, model.args.vocab_size, (B, S), generator=torch.Generator().manual_seed(1))
+    capture = tuple(range(model.args.num_hidden_layers))
+    with torch.no_grad():
+        ref = hf(tokens, output_hidden_states=True)
+        logits, hidden = model(tokens, torch.arange(S).expand(B, S), capture=capture)
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-4 * ref.logits.abs().max().item())
+    assert hidden.shape == (B, S, len(capture), model.args.hidden_size)
+    for t, layer in enumerate(capture[:-1]):  # the last entry of transformers' hidden_states is after the norm
+        torch.testing.assert_close(hidden[:, :, t], ref.hidden_states[layer + 1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_incremental_decode_equals_full_forward(targets, model_type):
+    folder, _ = targets[model_type]
+    model = load_checkpoint(folder, dtype=torch.float32)
+    B, S = 2, 24
+    model.setup_caches(B, 32)
+    tokens = torch.randint(0, model.args.vocab_size, (B, S), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full, _ = model(tokens, torch.arange(S).expand(B, S))
+        model.setup_caches(B, 32)
+        steps = [model(tokens[:, :5], torch.arange(5).expand(B, 5))[0]]  # a prompt, then one token at a time
+        for i in range(5, S):
+            steps.append(model(tokens[:, i:i + 1], torch.full((B, 1), i))[0])
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4 * full.abs().max().item())
+
+
+def test_rows_at_different_positions_match_single_rows(targets):
+    folder, _ = targets["gpt_oss"]
+    model = load_checkpoint(folder, dtype=torch.float32)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22]]
+    model.setup_caches(2, 64)
+    batched, _ = generate.generate(model, prompts, 12, generate.Sampling())
+    model.setup_caches(1, 64)
+    singles = [generate.generate(model, [p], 12, generate.Sampling())[0][0] for p in prompts]
+    assert batched == singles
+
+
+def test_mxfp4_decoding_matches_transformers():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(118, 136, (3, 10, 4), dtype=torch.uint8, generator=g)
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)  # back to [E, out, in]
+    torch.testing.assert_close(dequantize_mxfp4(blocks, scales, torch.float32), ref, rtol=0, atol=0)
+
+
+def run_cli(capsys, *argv):
+    generate.main([str(a) for a in argv])
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_greedy_generate_matches_transformers(targets, capsys, model_type):
+    folder, hf = targets[model_type]
+    prompts = ["def decode(self, s):", "import re"]
+    rows = run_cli(capsys, "--checkpoint", folder, "--prompt", prompts[0], "--prompt", prompts[1],
+                   "--batch_size", 2, "--max_new_tokens", 20, "--json")
+    tok = load_tokenizer(folder)
+    for prompt, row in zip(prompts, rows):
+        ids = torch.tensor([tok.encode(prompt)])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                          eos_token_id=tok.token_id("<|im_end|>"), pad_token_id=0)
+        assert row["tokens"] == ref[0, ids.shape[1]:].tolist()
+        assert row["text"] == tok.decode([t for t in row["tokens"] if t != tok.token_id("<|im_end|>")])
+        assert row["tokens_per_s"] > 0
+
+
+def test_compiled_matches_eager(targets, capsys):
+    folder, _ = targets["qwen3_moe"]
+    argv = ["--checkpoint", folder, "--prompt", "import json", "--max_new_tokens", 8, "--json"]
+    eager = run_cli(capsys, *argv)
+    compiled = run_cli(capsys, *argv, "--compile")
+    assert compiled[0]["tokens"] == eager[0]["tokens"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer and chat format
+
+@pytest.mark.parametrize("style", ["qwen", "gpt2"])
+def test_tokenizer_matches_tokenizers_library(tmp_path, style):
+    path = tmp_path / "tokenizer.json"
+    ref = train_tokenizer(path, style)
+    ours = BPETokenizer(path)
+    for text in UNICODE_SAMPLES:
+        ids = ref.encode(text).ids
+        assert ours.encode(text) == ids, text[:40]
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+    assert ours.token_id("<|im_end|>") == ref.token_to_id("<|im_end|>")
+
+
+QWEN3_STYLE_TEMPLATE = """\
+{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
+{%- set ns = namespace(last_query_index=messages|length - 1, found=false) %}
+{%- for message in messages[::-1] %}{%- if message.role == 'user' and not ns.found %}{%- set ns.found = true %}\
+{%- set ns.last_query_index = (messages|length - 1) - loop.index0 %}{%- endif %}{%- endfor %}
+{%- for message in messages %}
+  {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+    {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+  {%- elif message.role == 'assistant' %}
+    {%- set content = message.content %}{%- set reasoning_content = '' %}
+    {%- if '</think>' in content %}
+      {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+      {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+    {%- endif %}
+    {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
+      {{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+    {%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}
+    {{- '<|im_end|>\\n' }}
+  {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}\
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"""
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nb"},
+     {"role": "user", "content": "c"}],
+    [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "<think>r1</think>b"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "<think>\nr2\n</think>\n\nd"}],
+]
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_chat_prompt_matches_transformers_template(tmp_path, tok_file, thinking):
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file))
+    hf_tok.chat_template = QWEN3_STYLE_TEMPLATE
+    for messages in CONVERSATIONS:
+        ref = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=thinking)
+        assert chat_prompt(messages, "qwen3", thinking=thinking) == ref
+
+
+def test_harmony_prompt_layout():
+    text = chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                       "gpt_oss", reasoning_effort="low", date="2026-01-02")
+    assert text.startswith("<|start|>system<|message|>You are ChatGPT")
+    assert "Current date: 2026-01-02\n\nReasoning: low\n\n" in text
+    assert text.endswith("<|start|>developer<|message|># Instructions\n\nBe brief.\n\n<|end|>"
+                         "<|start|>user<|message|>Hi<|end|><|start|>assistant")
+
+
+def test_chat_cli_stops_on_end_of_turn(targets, capsys):
+    folder, _ = targets["qwen3"]
+    rows = run_cli(capsys, "--checkpoint", folder, "--prompt", "hi", "--chat", "--thinking", "off",
+                   "--max_new_tokens", 5, "--json")
+    assert rows[0]["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_sampling_respects_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = generate.logits_to_probs(logits, generate.Sampling(1.0, top_k=2))
+    torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    probs = generate.logits_to_probs(logits, generate.Sampling(1.0, top_p=0.9))
+    torch.testing.assert_close(probs, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+    draws = generate.sample(logits.expand(4000, 4), generate.Sampling(1.0, top_k=2))
+    assert set(draws.tolist()) == {0, 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one clear line, no traceback
+
+def test_missing_folder_and_files(tmp_path, targets):
+    with pytest.raises(InputError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    with pytest.raises(InputError, match="no config.json"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "vocab_size": 8, "hidden_size": 8,
+                                                      "num_hidden_layers": 1, "num_attention_heads": 1}))
+    with pytest.raises(InputError, match="no \\*.safetensors"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(InputError, match="neither tokenizer.json nor tokenizer.model"):
+        load_tokenizer(tmp_path)
+
+
+def test_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(InputError, match="model_type 'llama'; supported: qwen3, qwen3_moe, gpt_oss"):
+        load_checkpoint(tmp_path)
+
+
+def copy_checkpoint(src, dst, edit):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    state = load_file(dst / "model.safetensors")
+    edit(state)
+    save_file(state, dst / "model.safetensors")
+    return dst
+
+
+def test_missing_tensor_and_shape_mismatch(targets, tmp_path):
+    src, _ = targets["qwen3"]
+    broken = copy_checkpoint(src, tmp_path / "missing", lambda s: s.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(InputError, match="lacks tensor 'model.layers.1.self_attn.k_proj.weight'"):
+        load_checkpoint(broken)
+
+    def shrink(state):
+        state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:10]
+
+    broken = copy_checkpoint(src, tmp_path / "shape", shrink)
+    with pytest.raises(InputError, match=r"'layers.0.mlp.up_proj.weight'.*shape \(10, 64\).*implies \(96, 64\)"):
+        load_checkpoint(broken)
+
+
+def test_prompt_longer_than_cache(targets, capsys):
+    folder, _ = targets["qwen3"]
+    with pytest.raises(InputError, match="longer than --max_seq_len 4"):
+        generate.main(["--checkpoint", str(folder), "--prompt", "def decode(self, s): return s", "--max_seq_len", "4"])
+    with pytest.raises(InputError, match="exceeds --max_seq_len 64"):
+        generate.main(["--checkpoint", str(folder), "--max_new_tokens", "100", "--max_seq_len", "64"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top_p", "0"], "--top_p must be in \\(0, 1\\]"),
+    (["--top_k", "-2"], "--top_k must be >= 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+])
+def test_invalid_sampling_flags(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--checkpoint", "x", *flags])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--checkpoint", str(tmp_path / "x")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: checkpoint folder {str(tmp_path / 'x')!r} does not exist (pass a Hugging Face model folder)"]

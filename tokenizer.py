@@ -1,0 +1,195 @@
+"""Tokenizers and chat formats of the supported targets.
+
+`tokenizer.json` (byte-level BPE, as Qwen3, GPT-OSS and Llama-3 ship it) runs through tiktoken; `tokenizer.model`
+through sentencepiece. Chat prompts are written exactly as the models' own templates write them: ChatML for
+Qwen3 (thinking on or off) and harmony for GPT-OSS.
+"""
+import datetime
+import json
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+from model import InputError
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def byte_level_alphabet() -> dict:
+    """The printable character byte-level BPE writes for each byte: printable latin-1 stands for itself, the
+    other bytes are shifted to 256 and up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    char_of_byte, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            char_of_byte[b] = chr(b)
+        else:
+            char_of_byte[b] = chr(256 + shift)
+            shift += 1
+    return {c: b for b, c in char_of_byte.items()}
+
+
+class BPETokenizer:
+    """A byte-level BPE `tokenizer.json` run by tiktoken.
+
+    tiktoken merges by the rank of the merged bytes; we rank tokens by their merge's position in `merges`, which
+    gives the same splits, and map tiktoken's ranks back to the file's ids.
+    """
+
+    def __init__(self, path):
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+        bpe = spec.get("model") or {}
+        if bpe.get("type") != "BPE" or bpe.get("byte_fallback"):
+            raise InputError(f"{path} is not a byte-level BPE tokenizer (use its tokenizer.model instead)")
+        self.pattern = self._pattern(spec.get("pre_tokenizer"), path)
+        normalizer = (spec.get("normalizer") or {}).get("type")
+        if normalizer not in (None, "NFC"):
+            raise InputError(f"{path}: unsupported normalizer {normalizer!r}")
+        self.nfc = normalizer == "NFC"
+        to_byte = byte_level_alphabet()
+
+        def as_bytes(token: str) -> bytes:
+            return bytes(to_byte[c] for c in token)
+
+        self.special_tokens = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        vocab = {as_bytes(t): i for t, i in bpe["vocab"].items() if t not in self.special_tokens}
+        ranks = {bytes([b]): b for b in range(256)}
+        missing = [b for b in ranks if b not in vocab]
+        if missing:
+            raise InputError(f"{path}: the vocabulary lacks {len(missing)} of the 256 byte tokens")
+        for merge in bpe.get("merges", []):
+            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            ranks.setdefault(as_bytes(left) + as_bytes(right), len(ranks))
+        for token in vocab:  # tokens no merge builds can still match a whole pre-tokenized piece
+            ranks.setdefault(token, len(ranks))
+        specials_rank = {t: len(ranks) + j for j, t in enumerate(self.special_tokens)}
+        self.id_of_rank = np.zeros(len(ranks) + len(specials_rank), dtype=np.int64)
+        for token, rank in ranks.items():
+            self.id_of_rank[rank] = vocab.get(token, -1)
+        for token, rank in specials_rank.items():
+            self.id_of_rank[rank] = self.special_tokens[token]
+        self.bytes_of_id = {i: t for t, i in vocab.items()}
+        self.bytes_of_id.update({i: t.encode("utf-8") for t, i in self.special_tokens.items()})
+        self.encoding = tiktoken.Encoding(name=str(path), pat_str=self.pattern, mergeable_ranks=ranks,
+                                          special_tokens=specials_rank)
+        self.vocab_size = max(self.bytes_of_id) + 1
+
+    @staticmethod
+    def _pattern(pre_tokenizer, path) -> str:
+        steps = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
+        patterns = []
+        for step in steps:
+            if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
+                patterns.append(step["pattern"]["Regex"])
+            elif step.get("type") == "ByteLevel" and step.get("use_regex", True):
+                patterns.append(GPT2_PATTERN)
+            elif step.get("type") not in ("ByteLevel", None):
+                raise InputError(f"{path}: unsupported pre-tokenizer {step.get('type')!r}")
+        if len(patterns) != 1:
+            raise InputError(f"{path}: expected one pre-tokenizer regex, found {len(patterns)}")
+        return patterns[0]
+
+    def encode(self, text: str) -> list:
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
+        ranks = self.encoding.encode(text, allowed_special="all")
+        return self.id_of_rank[ranks].tolist()
+
+    def decode(self, ids) -> str:
+        return b"".join(self.bytes_of_id.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
+
+    def token_id(self, text: str):
+        return self.special_tokens.get(text)
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list:
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def token_id(self, text: str):
+        i = self.sp.piece_to_id(text)
+        return None if i == self.sp.unk_id() and text != self.sp.id_to_piece(i) else i
+
+
+def load_tokenizer(checkpoint_dir):
+    folder = Path(checkpoint_dir)
+    if (folder / "tokenizer.json").is_file():
+        return BPETokenizer(folder / "tokenizer.json")
+    if (folder / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(folder / "tokenizer.model")
+    raise InputError(f"{str(folder)!r} has neither tokenizer.json nor tokenizer.model (download the tokenizer "
+                     f"files with the weights)")
+
+
+def stop_token_ids(checkpoint_dir, config: dict, tokenizer) -> list:
+    """End-of-turn tokens: generation_config.json's and config.json's eos ids, plus the chat format's own."""
+    ids = []
+    gen_file = Path(checkpoint_dir) / "generation_config.json"
+    for source in (json.loads(gen_file.read_text()) if gen_file.is_file() else {}, config):
+        eos = source.get("eos_token_id")
+        ids += [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for text in ("<|im_end|>", "<|endoftext|>", "<|return|>", "<|call|>"):
+        if tokenizer.token_id(text) is not None:
+            ids.append(tokenizer.token_id(text))
+    return sorted(set(ids))
+
+
+def chat_prompt(messages, model_type: str, thinking: bool = True, reasoning_effort: str = "medium",
+                date: str | None = None) -> str:
+    """The prompt string for a list of {"role", "content"} messages, ending where the assistant's answer starts."""
+    for i, m in enumerate(messages):
+        if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise InputError(f"chat message {i} must have role system/user/assistant and string content: {m}")
+    if model_type == "gpt_oss":
+        return harmony_prompt(messages, reasoning_effort, date or datetime.date.today().isoformat())
+    return chatml_prompt(messages, thinking)
+
+
+def chatml_prompt(messages, thinking: bool) -> str:
+    """Qwen3's ChatML. Earlier assistant turns lose their <think> part, except after the last user message."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+    out = ""
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        if role != "assistant":
+            out += f"<|im_start|>{role}\n{content}<|im_end|>\n"
+            continue
+        reasoning = m.get("reasoning_content")
+        if reasoning is None:
+            reasoning = ""
+            if "</think>" in content:
+                reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                content = content.split("</think>")[-1].lstrip("\n")
+        if i > last_user and (i == len(messages) - 1 or reasoning):
+            out += f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+        else:
+            out += f"<|im_start|>assistant\n{content}"
+        out += "<|im_end|>\n"
+    out += "<|im_start|>assistant\n"
+    return out if thinking else out + "<think>\n\n</think>\n\n"
+
+
+def harmony_prompt(messages, reasoning_effort: str, date: str) -> str:
+    """GPT-OSS's harmony format: system header, optional developer instructions, then the turns."""
+    out = ("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+           f"Knowledge cutoff: 2024-06\nCurrent date: {date}\n\nReasoning: {reasoning_effort}\n\n"
+           "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>")
+    for m in messages:
+        if m["role"] == "system":
+            out += f"<|start|>developer<|message|># Instructions\n\n{m['content']}\n\n<|end|>"
+        elif m["role"] == "user":
+            out += f"<|start|>user<|message|>{m['content']}<|end|>"
+        else:
+            out += f"<|start|>assistant<|channel|>final<|message|>{m['content']}<|end|>"
+    return out + "<|start|>assistant"
