@@ -170,6 +170,19 @@ def test_incremental_decode_equals_full_forward(targets, model_type):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4 * full.abs().max().item())
 
 
+def test_sharded_checkpoint_loads_like_single_file(targets, tmp_path):
+    folder, hf = targets["qwen3_moe"]
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    tokens = torch.arange(10)[None]
+    logits = []
+    for f in (folder, tmp_path):
+        model = load_checkpoint(f, dtype=torch.float32)
+        model.setup_caches(1, 16)
+        logits.append(model(tokens, torch.arange(10)[None])[0])
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+
 def test_rows_at_different_positions_match_single_rows(targets):
     folder, _ = targets["gpt_oss"]
     model = load_checkpoint(folder, dtype=torch.float32)
@@ -233,6 +246,19 @@ def test_tokenizer_matches_tokenizers_library(tmp_path, style):
         assert ours.encode(text) == ids, text[:40]
         assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False)
     assert ours.token_id("<|im_end|>") == ref.token_to_id("<|im_end|>")
+
+
+def test_sentencepiece_tokenizer_model(tmp_path):
+    import sentencepiece
+
+    (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), vocab_size=300,
+                                             model_prefix=str(tmp_path / "tokenizer"), minloglevel=2)
+    ref = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    ours = load_tokenizer(tmp_path)
+    for text in UNICODE_SAMPLES[:4]:
+        assert ours.encode(text) == ref.encode(text)
+        assert ours.decode(ours.encode(text)) == ref.decode(ref.encode(text))
 
 
 QWEN3_STYLE_TEMPLATE = """\
