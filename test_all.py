@@ -405,3 +405,197 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: checkpoint folder {str(tmp_path / 'x')!r} does not exist (pass a Hugging Face model folder)"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The DFlare fusion kernel (Triton, run by the interpreter on CPU) against the PyTorch reference
+
+from draft import Draft, DraftArgs, default_target_layer_ids, draft_block_logits  # noqa: E402
+from fuse_kernel import FuseLayers, fuse_layers_reference  # noqa: E402
+
+
+@pytest.mark.parametrize("N,T,H,D,dtype", [(7, 3, 48, 2, torch.float32), (9, 5, 100, 3, torch.float32),
+                                           (6, 4, 64, 2, torch.bfloat16)])
+def test_fuse_kernel_matches_reference(N, T, H, D, dtype):
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(N, T, H, generator=g).to(dtype)
+    logits = torch.randn(D, T, generator=g).requires_grad_()
+    gamma = (1 + torch.randn(H, generator=g)).to(dtype).requires_grad_()
+    grad_out = torch.randn(N, D, H, generator=g).to(dtype)
+    out = FuseLayers.apply(x, logits, gamma, 1e-6)
+    grads = torch.autograd.grad(out, (logits, gamma), grad_out)
+    ref = fuse_layers_reference(x, logits, gamma, 1e-6)
+    ref_grads = torch.autograd.grad(ref, (logits, gamma), grad_out)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    for ours, theirs in [(out, ref), *zip(grads, ref_grads)]:
+        scale = theirs.float().abs().max().item()
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=rtol, atol=rtol * scale)
+
+
+def test_fuse_reference_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, generator=g, dtype=torch.float64)
+    logits = torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    gamma = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, gm: fuse_layers_reference(x, w, gm, 1e-6), (logits, gamma))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The draft
+
+FUSIONS = ["layerwise", "linear"]
+
+
+@pytest.fixture(scope="session")
+def target32(targets):
+    return load_checkpoint(targets["qwen3"][0], dtype=torch.float32)
+
+
+def make_draft(target, fusion, block_size=4, seed=0):
+    torch.manual_seed(seed)
+    draft = Draft.for_target(target.args, num_layers=2, fusion=fusion, block_size=block_size,
+                             target_layer_ids=(0, 1, 2))
+    with torch.no_grad():  # larger than the default init so that every input visibly matters
+        for p in draft.parameters():
+            if p.dim() == 2 and p is not getattr(draft, "layer_fusion_weights", None):
+                p.normal_(0, 0.2)
+    return draft
+
+
+def test_default_target_layers():
+    assert default_target_layer_ids(32, 5) == (1, 8, 15, 22, 29)
+    assert len(default_target_layer_ids(36, 9)) == 9
+    assert default_target_layer_ids(3, 5) == (1,)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_cached_step_matches_reference(target32, fusion):
+    draft = make_draft(target32, fusion)
+    bs, T, H = 4, 3, target32.args.hidden_size
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 40, T, H, generator=g)  # captured states of every position, per row
+    tokens = torch.randint(0, target32.args.vocab_size, (2, 40), generator=g)
+    schedules = [[1, 4, 2, 1, 3], [4, 4, 1, 3, 2]]  # committed tokens per step, per row
+    prompt = torch.tensor([5, 7])
+    draft.setup_caches(2, 48)
+    with torch.no_grad():
+        draft.write_context(hidden[:, :7], torch.arange(7).expand(2, 7))  # prefill (row 0's extra rows are stale)
+        anchor = prompt.clone()
+        for step in range(5):
+            block = draft.noise_block(tokens[torch.arange(2), anchor])
+            ours = draft.block_logits(target32, block, anchor)
+            for row in range(2):
+                p = int(anchor[row])
+                ref = draft_block_logits(draft, target32, hidden[row:row + 1, :p], block[row:row + 1], p)
+                torch.testing.assert_close(ours[row:row + 1], ref, rtol=1e-4, atol=1e-4)
+            # commit: the rows of positions anchor .. anchor + n - 1 become context; the rest of the padded bs
+            # rows hold garbage at positions >= the next anchor
+            committed = torch.tensor([schedules[0][step], schedules[1][step]])
+            positions = anchor[:, None] + torch.arange(bs)
+            new_rows = hidden[torch.arange(2)[:, None], positions].clone()
+            new_rows[torch.arange(bs)[None] >= committed[:, None]] = 100.0
+            draft.write_context(new_rows, positions)
+            anchor = anchor + committed
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_training_forward_matches_blocks_and_masks(target32, fusion):
+    draft = make_draft(target32, fusion)
+    bs, T, H = 4, 3, target32.args.hidden_size
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(1, 20, T, H, generator=g)
+    blocks = torch.randint(0, target32.args.vocab_size, (1, 3, bs), generator=g)
+    anchors = torch.tensor([[3, 9, 14]])
+    with torch.no_grad():
+        logits = draft.training_logits(target32, hidden, blocks, anchors)
+        for j in range(3):  # equals each block on its own
+            p = int(anchors[0, j])
+            ref = draft_block_logits(draft, target32, hidden[:, :p], blocks[:, j], p)
+            torch.testing.assert_close(logits[:, j], ref, rtol=1e-4, atol=1e-4)
+        changed = blocks.clone()
+        changed[0, 2, 1] = (changed[0, 2, 1] + 1) % target32.args.vocab_size  # a token of block 2
+        other = draft.training_logits(target32, hidden, changed, anchors)
+        torch.testing.assert_close(other[:, :2], logits[:, :2], rtol=0, atol=0)  # other blocks: unchanged
+        assert not torch.allclose(other[0, 2, 0], logits[0, 2, 0])  # block position 0 sees position 1 ...
+        assert not torch.allclose(other[0, 2, 2], logits[0, 2, 2])  # ... and so does position 3 (bidirectional)
+        later = hidden.clone()
+        later[:, 9:] += 1.0  # context rows at or after block 1's anchor
+        moved = draft.training_logits(target32, later, blocks, anchors)
+        torch.testing.assert_close(moved[:, :2], logits[:, :2], rtol=0, atol=0)
+        assert not torch.allclose(moved[:, 2], logits[:, 2])
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_draft_save_and_reload(target32, fusion, tmp_path):
+    draft = make_draft(target32, fusion)
+    draft.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded = Draft.from_pretrained(tmp_path, dtype=torch.float32)
+    assert loaded.args == draft.args
+    for (name, a), (_, b) in zip(draft.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["dflash_config"] == {"target_layer_ids": [0, 1, 2], "mask_token_id": draft.args.mask_token_id}
+    assert config["block_size"] == 4 and config["num_target_layers"] == 3
+
+
+def published_draft_folder(folder, fusion, H=64, I=96, D=2, T=3, heads=4, kv=2, hd=16, vocab=400, prefix=""):
+    """A draft folder written from SPEC section 3's key list (z-lab DFlash / AngelSlim DFlare names)."""
+    g = torch.Generator().manual_seed(5)
+    shapes = {"norm.weight": (H,), "hidden_norm.weight": (H,)}
+    for i in range(D):
+        a = f"layers.{i}."
+        shapes.update({a + "self_attn.q_proj.weight": (heads * hd, H), a + "self_attn.k_proj.weight": (kv * hd, H),
+                       a + "self_attn.v_proj.weight": (kv * hd, H), a + "self_attn.o_proj.weight": (H, heads * hd),
+                       a + "self_attn.q_norm.weight": (hd,), a + "self_attn.k_norm.weight": (hd,),
+                       a + "input_layernorm.weight": (H,), a + "post_attention_layernorm.weight": (H,),
+                       a + "mlp.gate_proj.weight": (I, H), a + "mlp.up_proj.weight": (I, H),
+                       a + "mlp.down_proj.weight": (H, I)})
+        if fusion == "layerwise":
+            shapes.update({a + "self_attn.k_proj_target.weight": (kv * hd, H),
+                           a + "self_attn.v_proj_target.weight": (kv * hd, H)})
+    shapes.update({"layer_fusion_weights": (D, T)} if fusion == "layerwise" else {"fc.weight": (H, T * H)})
+    folder.mkdir(exist_ok=True)
+    save_file({prefix + k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()},
+              folder / "model.safetensors")
+    config = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3", "hidden_size": H,
+              "intermediate_size": I, "num_hidden_layers": D, "num_attention_heads": heads,
+              "num_key_value_heads": kv, "head_dim": hd, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+              "vocab_size": vocab, "block_size": 16, "num_target_layers": 3,
+              "dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, shapes
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_published_draft_format_loads(target32, fusion, tmp_path):
+    folder, shapes = published_draft_folder(tmp_path / "d", fusion, vocab=target32.args.vocab_size)
+    draft = Draft.from_pretrained(folder, dtype=torch.float32)
+    assert draft.args.fusion == fusion and draft.args.mask_token_id == 5 and draft.args.block_size == 16
+    assert set(draft.state_dict()) == set(shapes)
+    draft.check_target(target32.args)
+    raw = load_file(folder / "model.safetensors")
+    torch.testing.assert_close(draft.state_dict()["layers.1.mlp.down_proj.weight"],
+                               raw["layers.1.mlp.down_proj.weight"])
+
+
+def test_draft_errors(target32, tmp_path):
+    folder, _ = published_draft_folder(tmp_path / "missing", "layerwise", vocab=target32.args.vocab_size)
+    state = load_file(folder / "model.safetensors")
+    del state["layers.1.self_attn.v_proj_target.weight"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(InputError, match="lacks tensor 'layers.1.self_attn.v_proj_target.weight'"):
+        Draft.from_pretrained(folder)
+    folder, _ = published_draft_folder(tmp_path / "shape", "linear", vocab=target32.args.vocab_size)
+    state = load_file(folder / "model.safetensors")
+    state["fc.weight"] = state["fc.weight"][:, :64].contiguous()
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(InputError, match=r"'fc.weight'.*shape \(64, 64\).*implies \(64, 192\)"):
+        Draft.from_pretrained(folder)
+    folder, _ = published_draft_folder(tmp_path / "wide", "layerwise", H=128, vocab=7)
+    with pytest.raises(InputError, match="hidden size 128 != target's 64.*vocab size 7 != target's"):
+        Draft.from_pretrained(folder).check_target(target32.args)
+    draft = make_draft(target32, "layerwise")
+    draft.args.target_layer_ids = (0, 5)
+    with pytest.raises(InputError, match=r"target_layer_ids \[5\] are beyond the target's 3 layers"):
+        draft.check_target(target32.args)

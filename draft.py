@@ -1,0 +1,342 @@
+"""The block-diffusion draft: DFlare (layer-wise fusion) and DFlash (one shared linear fusion). SPEC sections 2, 3.
+
+A draft is D Qwen3-style decoder layers and a final RMSNorm, with no embedding or LM head of its own: it embeds with
+the target's `embed_tokens` and reads logits through the target's `lm_head`. For a block at anchor position p it sees
+  - noise tokens [anchor, MASK, ..., MASK] at positions p .. p+bs-1 (queries, and keys/values of the block), and
+  - context: the target's captured hidden states X [B, C, T, H] of every position < p, fused into one input per
+    draft layer and projected into keys/values (RoPE at their own positions).
+Block queries see all context positions < p and the whole block (no causal mask inside it). Positions 1..bs-1 of
+the output are the guesses for tokens p+1 .. p+bs-1.
+
+Three ways to run it, all through `Draft.run_layers`:
+  - `draft_block_logits`: stateless reference, a whole context and one block;
+  - `Draft.write_context` + `Draft.block_logits` (`Draft.step`): static context K/V caches indexed by absolute
+    position, for decoding (static shapes, compilable);
+  - `Draft.training_logits`: many blocks of a sequence in one forward under one block attention mask.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from fuse_kernel import fuse_layers
+from model import MLP, InputError, KVCache, ModelArgs, RMSNorm, SafetensorsFolder, apply_rope, read_config, \
+    rope_tables
+
+
+@dataclass
+class DraftArgs:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    target_layer_ids: tuple
+    mask_token_id: int
+    num_target_layers: int  # decoder layers of the target the draft was made for
+    fusion: str = "layerwise"  # "layerwise" (DFlare) or "linear" (DFlash)
+    block_size: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 40960
+    rope_scaling: dict | None = None
+
+    def to_config(self) -> dict:
+        """config.json in the published draft format (Qwen3 fields plus block_size and dflash_config)."""
+        fields = {k: v for k, v in asdict(self).items() if k not in ("target_layer_ids", "mask_token_id", "fusion")}
+        return {"architectures": ["DFlareDraftModel" if self.fusion == "layerwise" else "DFlashDraftModel"],
+                "model_type": "qwen3", **fields, "tie_word_embeddings": False,
+                "dflash_config": {"target_layer_ids": list(self.target_layer_ids),
+                                  "mask_token_id": self.mask_token_id}}
+
+    @classmethod
+    def from_config(cls, config: dict, fusion: str) -> "DraftArgs":
+        dflash = config.get("dflash_config") or {}
+        try:
+            n_heads = config["num_attention_heads"]
+            return cls(hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+                       num_hidden_layers=config["num_hidden_layers"], num_attention_heads=n_heads,
+                       num_key_value_heads=config.get("num_key_value_heads") or n_heads,
+                       head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+                       vocab_size=config.get("vocab_size", 0),
+                       target_layer_ids=tuple(dflash.get("target_layer_ids") or config["target_layer_ids"]),
+                       mask_token_id=dflash.get("mask_token_id", config.get("mask_token_id")),
+                       num_target_layers=config.get("num_target_layers", 0), fusion=fusion,
+                       block_size=config.get("block_size", 16), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+                       rope_theta=config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 1e6)),
+                       max_position_embeddings=config.get("max_position_embeddings", 40960))
+        except KeyError as e:
+            raise InputError(f"draft config.json lacks {e.args[0]!r}") from None
+
+
+def default_target_layer_ids(num_target_layers: int, count: int) -> tuple:
+    """`count` target layers spread evenly as DFlash does: round(1 + i * (N - 4) / (count - 1))."""
+    count = max(1, min(count, num_target_layers - 3))
+    if count == 1:
+        return (num_target_layers // 2,)
+    return tuple(sorted({round(1 + i * (num_target_layers - 4) / (count - 1)) for i in range(count)}))
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, args: DraftArgs):
+        super().__init__()
+        self.args = args
+        n_heads, n_kv, hd, H = args.num_attention_heads, args.num_key_value_heads, args.head_dim, args.hidden_size
+        self.q_proj = nn.Linear(H, n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(H, n_kv * hd, bias=False)
+        self.v_proj = nn.Linear(H, n_kv * hd, bias=False)
+        self.o_proj = nn.Linear(n_heads * hd, H, bias=False)
+        self.q_norm = RMSNorm(hd, args.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, args.rms_norm_eps)
+        if args.fusion == "layerwise":  # DFlare: the context has projections of its own
+            self.k_proj_target = nn.Linear(H, n_kv * hd, bias=False)
+            self.v_proj_target = nn.Linear(H, n_kv * hd, bias=False)
+        self.context_cache = None
+
+    def keys_values(self, x, cos, sin, context: bool):
+        """x [B, S, H] -> keys (k_norm, RoPE) and values, [B, n_kv, S, head_dim] each."""
+        B, S, _ = x.shape
+        layerwise = context and self.args.fusion == "layerwise"
+        k = (self.k_proj_target if layerwise else self.k_proj)(x).view(B, S, -1, self.args.head_dim)
+        v = (self.v_proj_target if layerwise else self.v_proj)(x).view(B, S, -1, self.args.head_dim)
+        return apply_rope(self.k_norm(k), cos, sin).transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, cos, sin, context_k, context_v, mask):
+        """x [B, Q, H] noise hidden states; context_k/v [B, n_kv, L, head_dim]; mask [B, 1, Q, L + Q]."""
+        B, Q, _ = x.shape
+        q = self.q_proj(x).view(B, Q, -1, self.args.head_dim)
+        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
+        k, v = self.keys_values(x, cos, sin, context=False)
+        k, v = torch.cat([context_k, k], dim=2), torch.cat([context_v, v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, Q, -1))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, args: DraftArgs):
+        super().__init__()
+        self.self_attn = DraftAttention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, context_k, context_v, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context_k, context_v, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Draft(nn.Module):
+    def __init__(self, args: DraftArgs):
+        super().__init__()
+        if args.fusion not in ("layerwise", "linear"):
+            raise InputError(f"fusion must be 'layerwise' (DFlare) or 'linear' (DFlash), got {args.fusion!r}")
+        self.args = args
+        T, D, H = len(args.target_layer_ids), args.num_hidden_layers, args.hidden_size
+        self.layers = nn.ModuleList(DraftLayer(args) for _ in range(D))
+        self.norm = RMSNorm(H, args.rms_norm_eps)
+        self.hidden_norm = RMSNorm(H, args.rms_norm_eps)
+        if args.fusion == "layerwise":
+            self.layer_fusion_weights = nn.Parameter(torch.zeros(D, T))
+        else:
+            self.fc = nn.Linear(T * H, H, bias=False)
+        self.max_seq_length = 0
+
+    # --- creating, loading, saving ---------------------------------------------------------------------------
+
+    @classmethod
+    def for_target(cls, target_args: ModelArgs, num_layers: int = 5, fusion: str = "layerwise",
+                   target_layer_ids=None, block_size: int = 16, mask_token_id: int | None = None) -> "Draft":
+        """A new, initialised draft of the target's width. DFlash taps `num_layers` target layers, DFlare 9."""
+        n = target_args.num_hidden_layers
+        if target_layer_ids is None:
+            target_layer_ids = default_target_layer_ids(n, 9 if fusion == "layerwise" else num_layers)
+        args = DraftArgs(hidden_size=target_args.hidden_size,
+                         intermediate_size=target_args.intermediate_size or 4 * target_args.hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=target_args.num_attention_heads,
+                         num_key_value_heads=target_args.num_key_value_heads, head_dim=target_args.head_dim,
+                         vocab_size=target_args.vocab_size, target_layer_ids=tuple(target_layer_ids),
+                         mask_token_id=target_args.vocab_size - 1 if mask_token_id is None else mask_token_id,
+                         num_target_layers=n, fusion=fusion, block_size=block_size,
+                         rms_norm_eps=target_args.rms_norm_eps, rope_theta=target_args.rope_theta,
+                         max_position_embeddings=target_args.max_position_embeddings)
+        draft = cls(args)
+        draft.check_target(target_args)
+        draft.reset_parameters()
+        return draft
+
+    def reset_parameters(self, std: float = 0.02):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        if self.args.fusion == "layerwise":
+            # each draft layer starts on its own target layer: zeros except W[d, floor(d * T / D)] = 2
+            D, T = self.layer_fusion_weights.shape
+            with torch.no_grad():
+                self.layer_fusion_weights.zero_()
+                for d in range(D):
+                    self.layer_fusion_weights[d, d * T // D] = 2.0
+
+    def check_target(self, target_args: ModelArgs):
+        a = self.args
+        problems = []
+        if a.hidden_size != target_args.hidden_size:
+            problems.append(f"hidden size {a.hidden_size} != target's {target_args.hidden_size}")
+        if a.vocab_size and a.vocab_size != target_args.vocab_size:
+            problems.append(f"vocab size {a.vocab_size} != target's {target_args.vocab_size}")
+        if not 0 <= a.mask_token_id < target_args.vocab_size:
+            problems.append(f"mask_token_id {a.mask_token_id} is outside the target's vocabulary")
+        bad = [i for i in a.target_layer_ids if not 0 <= i < target_args.num_hidden_layers]
+        if bad:
+            problems.append(f"target_layer_ids {bad} are beyond the target's {target_args.num_hidden_layers} layers")
+        if problems:
+            raise InputError("draft does not fit this target: " + "; ".join(problems)
+                             + " (pass the target the draft was trained for)")
+
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu", dtype=torch.bfloat16) -> "Draft":
+        """Load a z-lab DFlash or AngelSlim DFlare draft folder (or one saved by save_pretrained)."""
+        config = read_config(folder)
+        ckpt = SafetensorsFolder(folder)
+        names = {name.removeprefix("model."): name for name in ckpt.file_of}
+        fusion = "layerwise" if "layer_fusion_weights" in names else "linear"
+        draft = cls(DraftArgs.from_config(config, fusion))
+        state = {}
+        for name, param in draft.named_parameters():
+            if name not in names:
+                raise InputError(f"draft {str(folder)!r} lacks tensor {name!r} ({fusion} fusion, "
+                                 f"{draft.args.num_hidden_layers} layers per its config.json)")
+            tensor = ckpt.get(names[name])
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise InputError(f"draft tensor {name!r} in {str(folder)!r} has shape {tuple(tensor.shape)}, "
+                                 f"but config.json implies {tuple(param.shape)}")
+            state[name] = tensor.to(device, torch.float32 if name == "layer_fusion_weights" else dtype)
+        draft.load_state_dict(state, assign=True)
+        return draft
+
+    def save_pretrained(self, folder):
+        """config.json + model.safetensors, each written to a temporary file and renamed into place."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, folder / "model.safetensors.tmp", metadata={"format": "pt"})
+        (folder / "config.json.tmp").write_text(json.dumps(self.args.to_config(), indent=2))
+        os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
+        os.replace(folder / "config.json.tmp", folder / "config.json")
+
+    # --- the forward ------------------------------------------------------------------------------------------
+
+    def fuse(self, hidden):
+        """Captured target states [B, C, T, H] -> one context input per draft layer [B, C, D or 1, H]."""
+        B, C, T, H = hidden.shape
+        if self.args.fusion == "layerwise":
+            fused = fuse_layers(hidden.reshape(B * C, T, H), self.layer_fusion_weights, self.hidden_norm.weight,
+                                self.args.rms_norm_eps)
+            return fused.view(B, C, -1, H)
+        return self.hidden_norm(self.fc(hidden.reshape(B, C, T * H)))[:, :, None]
+
+    def context_keys_values(self, hidden, cos, sin):
+        """Per draft layer, keys and values [B, n_kv, C, head_dim] of the context hidden [B, C, T, H]."""
+        ctx = self.fuse(hidden)
+        return [layer.self_attn.keys_values(ctx[:, :, min(d, ctx.shape[2] - 1)], cos, sin, context=True)
+                for d, layer in enumerate(self.layers)]
+
+    def run_layers(self, target, noise_tokens, cos, sin, context_kv, mask):
+        """Noise tokens [B, Q] through the draft; mask [B, 1, Q, L + Q] over [context | noise] keys.
+        Returns logits [B, Q, V] through the target's lm_head."""
+        x = target.embed_tokens(noise_tokens)
+        for layer, (k, v) in zip(self.layers, context_kv):
+            x = layer(x, cos, sin, k, v, mask)
+        return target.lm_head(self.norm(x))
+
+    def noise_block(self, anchor_tokens):
+        """[anchor, MASK, ..., MASK]: [B] -> [B, bs]."""
+        block = torch.full((anchor_tokens.shape[0], self.args.block_size), self.args.mask_token_id,
+                           dtype=torch.long, device=anchor_tokens.device)
+        block[:, 0] = anchor_tokens
+        return block
+
+    # --- decoding with static context caches ------------------------------------------------------------------
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int):
+        a = self.args
+        p = self.layers[0].self_attn.q_proj.weight
+        for layer in self.layers:
+            layer.self_attn.context_cache = KVCache(max_batch_size, a.num_key_value_heads, max_seq_length,
+                                                    a.head_dim, p.dtype, p.device)
+        cos, sin = rope_tables(a, max_seq_length)
+        self.register_buffer("rope_cos", cos.to(p.device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(p.device), persistent=False)
+        self.max_seq_length = max_seq_length
+
+    def write_context(self, hidden, positions):
+        """Fuse captured target states hidden [B, n, T, H] and write their context K/V at positions [B, n].
+        Rows past a sequence's committed length may hold anything: positions >= the next anchor are masked and
+        later overwritten."""
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        for layer, (k, v) in zip(self.layers, self.context_keys_values(hidden, cos, sin)):
+            layer.self_attn.context_cache.update(positions, k, v)
+
+    def block_logits(self, target, block_tokens, anchor_pos):
+        """block_tokens [B, bs] at positions anchor_pos[:, None] + 0..bs-1, against the cached context of
+        positions < anchor_pos. Returns the guesses for block positions 1..bs-1, [B, bs-1, V]."""
+        B, bs = block_tokens.shape
+        positions = anchor_pos[:, None] + torch.arange(bs, device=block_tokens.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        key_pos = torch.arange(self.max_seq_length, device=block_tokens.device)
+        context_mask = (key_pos < anchor_pos[:, None])[:, None, None, :].expand(B, 1, bs, -1)
+        mask = torch.cat([context_mask, context_mask.new_ones(B, 1, bs, bs)], dim=-1)
+        caches = [(l.self_attn.context_cache.k_cache, l.self_attn.context_cache.v_cache) for l in self.layers]
+        return self.run_layers(target, block_tokens, cos, sin, caches, mask)[:, 1:]
+
+    def step(self, target, new_hidden, new_positions, block_tokens, anchor_pos):
+        """One draft step: cache the new context rows [B, bs, T, H] at new_positions [B, bs], then the block."""
+        self.write_context(new_hidden, new_positions)
+        return self.block_logits(target, block_tokens, anchor_pos)
+
+    # --- training -------------------------------------------------------------------------------------------
+
+    def training_logits(self, target, hidden, block_tokens, anchors):
+        """Many blocks of one sequence batch in one forward.
+
+        hidden [B, S, T, H] captured for the whole sequence; block_tokens [B, nb, bs]; anchors [B, nb] (block j
+        sits at anchors[:, j] + 0..bs-1). A block's queries see context positions < its anchor and its own block.
+        Returns [B, nb, bs-1, V].
+        """
+        B, S = hidden.shape[:2]
+        nb, bs = block_tokens.shape[1:]
+        device = hidden.device
+        ctx_pos = torch.arange(S, device=device)
+        cos, sin = rope_tables(self.args, S + bs)
+        cos, sin = cos.to(device), sin.to(device)
+        context_kv = self.context_keys_values(hidden, cos[ctx_pos].expand(B, S, -1), sin[ctx_pos].expand(B, S, -1))
+        positions = (anchors[:, :, None] + torch.arange(bs, device=device)).reshape(B, nb * bs)
+        block_of_query = torch.arange(nb, device=device).repeat_interleave(bs)  # [nb * bs]
+        anchor_of_query = anchors.repeat_interleave(bs, dim=1)  # [B, nb * bs]
+        context_mask = ctx_pos[None, None, :] < anchor_of_query[:, :, None]  # [B, Q, S]
+        block_mask = (block_of_query[:, None] == block_of_query[None, :]).expand(B, -1, -1)  # [B, Q, Q]
+        mask = torch.cat([context_mask, block_mask], dim=-1)[:, None]
+        logits = self.run_layers(target, block_tokens.reshape(B, nb * bs), cos[positions], sin[positions],
+                                 context_kv, mask)
+        return logits.view(B, nb, bs, -1)[:, :, 1:]
+
+
+def draft_block_logits(draft: Draft, target, context_hidden, block_tokens, start_pos: int):
+    """Stateless reference: context rows at positions 0..C-1 (C = start_pos), one block at start_pos.
+    context_hidden [B, C, T, H], block_tokens [B, bs] -> [B, bs-1, V]."""
+    B, C = context_hidden.shape[:2]
+    assert C == start_pos, "the context must hold exactly the positions before the block"
+    bs = block_tokens.shape[1]
+    cos, sin = rope_tables(draft.args, C + bs)
+    cos, sin = cos.to(context_hidden.device)[None].expand(B, -1, -1), sin.to(context_hidden.device)[None].expand(B, -1, -1)
+    context_kv = draft.context_keys_values(context_hidden, cos[:, :C], sin[:, :C])
+    mask = torch.ones(B, 1, bs, C + bs, dtype=torch.bool, device=context_hidden.device)
+    return draft.run_layers(target, block_tokens, cos[:, C:], sin[:, C:], context_kv, mask)[:, 1:]
