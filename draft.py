@@ -70,7 +70,8 @@ class DraftArgs:
                        mask_token_id=dflash.get("mask_token_id", config.get("mask_token_id")),
                        num_target_layers=config.get("num_target_layers", 0), fusion=fusion,
                        block_size=config.get("block_size", 16), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-                       rope_theta=config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 1e6)),
+                       rope_theta=config.get("rope_theta",
+                                             (config.get("rope_parameters") or {}).get("rope_theta", 1e6)),
                        max_position_embeddings=config.get("max_position_embeddings", 40960))
         except KeyError as e:
             raise InputError(f"draft config.json lacks {e.args[0]!r}") from None
@@ -246,6 +247,7 @@ class Draft(nn.Module):
     def context_keys_values(self, hidden, cos, sin):
         """Per draft layer, keys and values [B, n_kv, C, head_dim] of the context hidden [B, C, T, H]."""
         ctx = self.fuse(hidden)
+        # DFlash has one shared context input (slot 0); DFlare one per layer
         return [layer.self_attn.keys_values(ctx[:, :, min(d, ctx.shape[2] - 1)], cos, sin, context=True)
                 for d, layer in enumerate(self.layers)]
 
@@ -335,8 +337,7 @@ def draft_block_logits(draft: Draft, target, context_hidden, block_tokens, start
     B, C = context_hidden.shape[:2]
     assert C == start_pos, "the context must hold exactly the positions before the block"
     bs = block_tokens.shape[1]
-    cos, sin = rope_tables(draft.args, C + bs)
-    cos, sin = cos.to(context_hidden.device)[None].expand(B, -1, -1), sin.to(context_hidden.device)[None].expand(B, -1, -1)
+    cos, sin = (t.to(context_hidden.device)[None].expand(B, -1, -1) for t in rope_tables(draft.args, C + bs))
     context_kv = draft.context_keys_values(context_hidden, cos[:, :C], sin[:, :C])
     mask = torch.ones(B, 1, bs, C + bs, dtype=torch.bool, device=context_hidden.device)
     return draft.run_layers(target, block_tokens, cos[:, C:], sin[:, C:], context_kv, mask)[:, 1:]

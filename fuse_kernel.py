@@ -9,6 +9,8 @@ X is the frozen target's: the backward returns gradients for W and gamma only.
 
 `python fuse_kernel.py` benchmarks the kernel against the reference and torch.compile of the reference.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -133,8 +135,6 @@ def fuse_layers(x, fusion_logits, gamma, eps):
 
 
 def triton_interpreted() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -157,4 +157,6 @@ def benchmark(N=16384, T=36, H=4096, D=8, dtype=torch.bfloat16):
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("error: the fusion benchmark needs a CUDA GPU (the tests check the kernel on CPU)")
     benchmark()
