@@ -209,7 +209,8 @@ class Draft(nn.Module):
         ckpt = SafetensorsFolder(folder)
         names = {name.removeprefix("model."): name for name in ckpt.file_of}
         fusion = "layerwise" if "layer_fusion_weights" in names else "linear"
-        draft = cls(DraftArgs.from_config(config, fusion))
+        with torch.device("meta"):  # no random init of weights that are about to be replaced
+            draft = cls(DraftArgs.from_config(config, fusion))
         state = {}
         for name, param in draft.named_parameters():
             if name not in names:
