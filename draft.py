@@ -10,8 +10,8 @@ the output are the guesses for tokens p+1 .. p+bs-1.
 
 Three ways to run it, all through `Draft.run_layers`:
   - `draft_block_logits`: stateless reference, a whole context and one block;
-  - `Draft.write_context` + `Draft.block_logits` (`Draft.step`): static context K/V caches indexed by absolute
-    position, for decoding (static shapes, compilable);
+  - `Draft.write_context` + `Draft.block_logits`: static context K/V caches indexed by absolute position, for
+    decoding (static shapes, compilable; `generate.speculative_step` drives them);
   - `Draft.training_logits`: many blocks of a sequence in one forward under one block attention mask.
 """
 import json
@@ -260,9 +260,9 @@ class Draft(nn.Module):
             x = layer(x, cos, sin, k, v, mask)
         return target.lm_head(self.norm(x))
 
-    def noise_block(self, anchor_tokens):
-        """[anchor, MASK, ..., MASK]: [B] -> [B, bs]."""
-        block = torch.full((anchor_tokens.shape[0], self.args.block_size), self.args.mask_token_id,
+    def noise_block(self, anchor_tokens, block_size: int | None = None):
+        """[anchor, MASK, ..., MASK]: [B] -> [B, bs] (bs = the draft's block size unless a smaller one is given)."""
+        block = torch.full((anchor_tokens.shape[0], block_size or self.args.block_size), self.args.mask_token_id,
                            dtype=torch.long, device=anchor_tokens.device)
         block[:, 0] = anchor_tokens
         return block
@@ -299,11 +299,6 @@ class Draft(nn.Module):
         mask = torch.cat([context_mask, context_mask.new_ones(B, 1, bs, bs)], dim=-1)
         caches = [(l.self_attn.context_cache.k_cache, l.self_attn.context_cache.v_cache) for l in self.layers]
         return self.run_layers(target, block_tokens, cos, sin, caches, mask)[:, 1:]
-
-    def step(self, target, new_hidden, new_positions, block_tokens, anchor_pos):
-        """One draft step: cache the new context rows [B, bs, T, H] at new_positions [B, bs], then the block."""
-        self.write_context(new_hidden, new_positions)
-        return self.block_logits(target, block_tokens, anchor_pos)
 
     # --- training -------------------------------------------------------------------------------------------
 

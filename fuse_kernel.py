@@ -128,8 +128,9 @@ class FuseLayers(torch.autograd.Function):
 
 def fuse_layers(x, fusion_logits, gamma, eps):
     """The DFlare fusion [N, T, H] -> [N, D, H]: the Triton kernel on CUDA or under TRITON_INTERPRET=1,
-    the PyTorch reference otherwise."""
-    if x.is_cuda or triton_interpreted():
+    the PyTorch reference otherwise. Inside torch.compile the reference is traced: Inductor fuses it into a
+    kernel of its own, and the graph needs no opaque custom call."""
+    if (x.is_cuda or triton_interpreted()) and not torch.compiler.is_compiling():
         return FuseLayers.apply(x, fusion_logits, gamma, eps)
     return fuse_layers_reference(x, fusion_logits, gamma, eps)
 

@@ -1,17 +1,31 @@
-"""Generate text with a target model: `python generate.py --checkpoint HF_MODEL_DIR --prompt "..."`.
+"""Generate text with a target model, alone or sped up by a DFlare / DFlash draft (SPEC section 4).
 
-Autoregressive decoding on static KV caches: one compiled prefill, then one compiled single-token step per new
-token. Prints the text (streamed for a single sequence), prefill time, decode tokens/s and the weight bandwidth
-that speed implies, like gpt-fast.
+    python generate.py --checkpoint TARGET_DIR --prompt "..."                      # autoregressive
+    python generate.py --checkpoint TARGET_DIR --draft DRAFT_DIR --prompt "..."    # speculative
+
+Everything runs on static KV caches indexed by absolute position. Autoregressive: one compiled prefill, then one
+compiled single-token step per token. Speculative: the prefill also caches the prompt's context rows in the draft;
+then every step is one function on static shapes (compiled into one graph, CUDA graphs on GPU):
+
+    draft block [anchor, MASK x bs-1] -> bs-1 guesses -> target verifies the bs tokens in one forward (capturing
+    its hidden states) -> accept the longest agreeing prefix + one token of the target's -> the block's hidden
+    states become draft context (rows past the accepted ones are masked by position, overwritten later)
+
+The host reads the committed tokens and their count once per step. Prints the text (streamed for a single
+sequence), decode tokens/s and, speculating, tau (tokens committed per step) with its histogram; --compare_ar
+measures autoregressive decoding in the same run and reports the speedup.
 """
 import argparse
 import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
+from draft import Draft
 from model import InputError, Transformer, load_checkpoint, read_config
 from tokenizer import chat_prompt, load_tokenizer, stop_token_ids
 
@@ -48,22 +62,87 @@ def sample(logits, s: Sampling):
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
-def prefill(model: Transformer, tokens, input_pos, s: Sampling):
-    logits, _ = model(tokens, input_pos)
+def prefill(target: Transformer, tokens, input_pos, draft=None):
+    """Run the prompt [B, S] through the target; with a draft, also cache the prompt's context rows in it."""
+    logits, hidden = target(tokens, input_pos, capture=draft.args.target_layer_ids if draft is not None else ())
+    if draft is not None:
+        draft.write_context(hidden, input_pos)
     return logits
 
 
-def decode_one_token(model: Transformer, token, input_pos, s: Sampling):
+def decode_one_token(target: Transformer, token, input_pos, sampling: Sampling):
     """token, input_pos [B, 1] -> next token [B]."""
-    logits, _ = model(token, input_pos)
-    return sample(logits[:, -1], s)
+    logits, _ = target(token, input_pos)
+    return sample(logits[:, -1], sampling)
 
 
-def compile_fns(device: torch.device):
-    """Compiled prefill (dynamic prompt length) and decode step (static shapes: CUDA graphs on GPU)."""
+def speculative_step(target: Transformer, draft: Draft, anchor_token, anchor_pos, active, sampling: Sampling,
+                     block_size: int):
+    """One draft-block + verify step for every row, on static shapes (SPEC section 4).
+
+    anchor_token, anchor_pos [B]: each row's last committed token (not yet seen by the target) and its position;
+    active [B] bool: finished rows stay where they are. The draft's context cache must hold every position before
+    the anchor. Returns tokens [B, bs] (the accepted draft tokens, then the target's own token), n_accepted [B]
+    (the row commits tokens[:n_accepted + 1]), and each row's next anchor token and position.
+    """
+    bs = block_size
+    positions = anchor_pos[:, None] + torch.arange(bs, device=anchor_pos.device)  # [B, bs]
+    draft_logits = draft.block_logits(target, draft.noise_block(anchor_token, bs), anchor_pos)  # [B, bs-1, V]
+    if sampling.temperature == 0:
+        draft_tokens = draft_logits.argmax(-1)
+    else:
+        draft_probs = logits_to_probs(draft_logits, sampling)
+        draft_tokens = (draft_probs / torch.empty_like(draft_probs).exponential_(1)).argmax(-1)
+    block = torch.cat([anchor_token[:, None], draft_tokens], dim=1)
+    logits, hidden = target(block, positions, capture=draft.args.target_layer_ids)  # [B, bs, V], [B, bs, T, H]
+    # The block's rows become draft context; those past the accepted ones sit at positions >= the next anchor,
+    # where they are masked until overwritten.
+    draft.write_context(hidden, positions)
+    if sampling.temperature == 0:
+        # greedy: accepted drafts equal the target's argmax, so the target's tokens are the committed ones
+        tokens = logits.argmax(-1)
+        n_accepted = (draft_tokens == tokens[:, :-1]).long().cumprod(1).sum(1)
+    else:
+        tokens, n_accepted = speculative_sampling(draft_tokens, draft_probs, logits_to_probs(logits, sampling))
+    next_token = tokens.gather(1, n_accepted[:, None])[:, 0]
+    return (tokens, n_accepted, torch.where(active, next_token, anchor_token),
+            anchor_pos + (n_accepted + 1) * active)
+
+
+def speculative_sampling(draft_tokens, draft_probs, target_probs):
+    """Accept draft token x with probability min(1, p(x) / q(x)); at the first rejection sample from
+    normalise(max(0, p - q)); after bs-1 acceptances sample the bonus from p. The result is distributed exactly as
+    the target's own samples. draft_tokens [B, bs-1], draft_probs q [B, bs-1, V], target_probs p [B, bs, V]."""
+    B, n_draft = draft_tokens.shape
+    p_x = target_probs[:, :-1].gather(-1, draft_tokens[..., None])[..., 0]
+    q_x = draft_probs.gather(-1, draft_tokens[..., None])[..., 0]
+    accepted = torch.rand_like(q_x) * q_x < p_x  # u < p(x) / q(x), without dividing by q
+    n_accepted = accepted.long().cumprod(1).sum(1)
+    # sample a replacement at every position (static shapes), keep the one at n_accepted
+    q_padded = torch.cat([draft_probs, draft_probs.new_zeros(B, 1, draft_probs.shape[-1])], dim=1)
+    residual = (target_probs - q_padded).clamp(min=0)  # the last row is p itself
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target_probs)  # p == q up to rounding
+    replacement = (residual / torch.empty_like(residual).exponential_(1)).argmax(-1)  # [B, bs]
+    drafts_padded = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1)
+    is_draft = torch.arange(n_draft + 1, device=draft_tokens.device) < n_accepted[:, None]
+    return torch.where(is_draft, drafts_padded, replacement), n_accepted
+
+
+class Steps(NamedTuple):
+    prefill: Callable
+    decode: Callable
+    speculative: Callable
+
+
+EAGER = Steps(prefill, decode_one_token, speculative_step)
+
+
+def compile_steps(device: torch.device) -> Steps:
+    """Compiled prefill (dynamic prompt length) and steps (static shapes: CUDA graphs on GPU)."""
     mode = "max-autotune" if device.type == "cuda" else None
-    return (torch.compile(prefill, fullgraph=True, dynamic=True),
-            torch.compile(decode_one_token, mode=mode, fullgraph=True))
+    return Steps(torch.compile(prefill, fullgraph=True, dynamic=True),
+                 torch.compile(decode_one_token, mode=mode, fullgraph=True),
+                 torch.compile(speculative_step, mode=mode, fullgraph=True))
 
 
 def synchronize(device):
@@ -71,16 +150,39 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: Sampling, stop_ids=(),
-             on_token=None, fns=(prefill, decode_one_token)):
-    """Autoregressive decoding of a batch of token-id prompts (each row at its own positions).
+class Outputs:
+    """New tokens per row. A row ends at its first stop token or at max_new_tokens, where the target alone ends."""
 
-    Returns the new tokens per row (ending with the stop token when one was hit) and timing stats.
+    def __init__(self, batch_size, max_new_tokens, stop_ids, on_token):
+        self.tokens = [[] for _ in range(batch_size)]
+        self.done = [False] * batch_size
+        self.max_new_tokens, self.stop_ids, self.on_token = max_new_tokens, set(stop_ids), on_token
+
+    def add(self, row, new_tokens) -> int:
+        """Append tokens to a row until it is done; returns how many were kept."""
+        kept = 0
+        for t in new_tokens:
+            if self.done[row]:
+                break
+            self.tokens[row].append(t)
+            self.done[row] = t in self.stop_ids or len(self.tokens[row]) == self.max_new_tokens
+            kept += 1
+            if self.on_token:
+                self.on_token(row, t)
+        return kept
+
+
+@torch.no_grad()
+def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: Sampling, stop_ids=(),
+             on_token=None, draft: Draft | None = None, block_size: int = 0, steps: Steps = EAGER):
+    """Decode a batch of token-id prompts (each row at its own positions): autoregressive without a draft,
+    speculative with one (block_size tokens per step, at most the draft's block size).
+
+    Returns the new tokens per row (ending with the stop token when one was hit) and stats; with a draft the stats
+    hold "acceptance_lengths": per row, the tokens committed by each draft+verify step.
     on_token(row, token_id) is called for every token kept.
     """
-    prefill_fn, decode_fn = fns
-    device = model.embed_tokens.weight.device
+    device = target.embed_tokens.weight.device
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     tokens = torch.zeros(B, max(len(p) for p in prompts), dtype=torch.long, device=device)
@@ -91,34 +193,39 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
 
     synchronize(device)
     t0 = time.perf_counter()
-    logits = prefill_fn(model, tokens, positions, sampling)
+    logits = steps.prefill(target, tokens, positions, draft)
     next_token = sample(logits[torch.arange(B, device=device), lengths - 1], sampling)
-    outputs, done = [[] for _ in range(B)], [False] * B
-    stop = set(stop_ids)
-
-    def keep(new_tokens):
-        for row, t in enumerate(new_tokens):
-            if not done[row]:
-                outputs[row].append(t)
-                done[row] = t in stop or len(outputs[row]) == max_new_tokens
-                if on_token:
-                    on_token(row, t)
-
-    keep(next_token.tolist())
+    out = Outputs(B, max_new_tokens, stop_ids, on_token)
+    for row, t in enumerate(next_token.tolist()):
+        out.add(row, [t])
     synchronize(device)
     t1 = time.perf_counter()
-    input_pos = lengths[:, None].clone()
-    steps = 0
-    while not all(done):
-        next_token = decode_fn(model, next_token[:, None].clone(), input_pos, sampling)
-        input_pos += 1
-        steps += 1
-        keep(next_token.tolist())
-    t2 = time.perf_counter()
-    decode_time = max(t2 - t1, 1e-9)
-    stats = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": steps,
-             "tokens_per_s": sum(len(o) - 1 for o in outputs) / decode_time, "steps_per_s": steps / decode_time}
-    return outputs, stats
+    n_steps, acceptance_lengths = 0, [[] for _ in range(B)]
+    input_pos = lengths.clone()  # the position of next_token in each row
+    while not all(out.done):
+        if draft is None:
+            next_token = steps.decode(target, next_token[:, None].clone(), input_pos[:, None].clone(), sampling)
+            input_pos = input_pos + 1
+            for row, t in enumerate(next_token.tolist()):
+                out.add(row, [t])
+        else:
+            active = torch.tensor([not d for d in out.done], device=device)
+            block, n_accepted, next_token, input_pos = steps.speculative(target, draft, next_token, input_pos,
+                                                                         active, sampling, block_size)
+            next_token, input_pos = next_token.clone(), input_pos.clone()  # CUDA graphs reuse output memory
+            rows = torch.cat([n_accepted[:, None], block], dim=1).tolist()  # the step's one host sync
+            for row, (n, *block_tokens) in enumerate(rows):
+                if not out.done[row]:
+                    acceptance_lengths[row].append(out.add(row, block_tokens[:n + 1]))
+        n_steps += 1
+    synchronize(device)
+    decode_time = max(time.perf_counter() - t1, 1e-9)
+    stats = {"prefill_s": t1 - t0, "decode_s": decode_time, "decode_steps": n_steps,
+             "tokens_per_s": sum(len(o) - 1 for o in out.tokens) / decode_time,
+             "steps_per_s": n_steps / decode_time}
+    if draft is not None:
+        stats["acceptance_lengths"] = acceptance_lengths
+    return out.tokens, stats
 
 
 def weight_bytes_per_step(model: Transformer) -> int:
@@ -136,6 +243,12 @@ def weight_bytes_per_step(model: Transformer) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="Hugging Face model folder (config.json, *.safetensors)")
+    p.add_argument("--draft", default=None,
+                   help="DFlare / DFlash draft folder: speculative decoding (without it: autoregressive)")
+    p.add_argument("--block_size", type=int, default=None,
+                   help="tokens per draft block, at most the draft's own (default: the draft's)")
+    p.add_argument("--compare_ar", action="store_true",
+                   help="also decode autoregressively in the same run and report the speedup")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for several prompts")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat format")
     p.add_argument("--system", default=None, help="system message for --chat")
@@ -149,8 +262,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=1,
                    help="sequences decoded together; a single prompt is repeated to fill the batch")
     p.add_argument("--max_seq_len", type=int, default=None,
-                   help="KV cache length (default: longest prompt + max_new_tokens, rounded up to 256)")
-    p.add_argument("--compile", action="store_true", help="torch.compile prefill and decode step")
+                   help="KV cache length (default: longest prompt + max_new_tokens + block, rounded up to 256)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile prefill and step (CUDA graphs on GPU); compiling is untimed warm-up")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
@@ -169,6 +283,10 @@ def parse_args(argv=None):
         p.error(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         p.error(f"--max_seq_len must be >= 2, got {args.max_seq_len}")
+    if args.draft is None and (args.block_size is not None or args.compare_ar):
+        p.error("--block_size and --compare_ar need --draft DRAFT_DIR")
+    if args.block_size is not None and args.block_size < 2:
+        p.error(f"--block_size must be >= 2 (the anchor and at least one drafted token), got {args.block_size}")
     if args.prompt is None:
         args.prompt = ["Hello, my name is"]
     if len(args.prompt) > 1 and args.batch_size > len(args.prompt):
@@ -185,66 +303,133 @@ def encode_prompts(args, tokenizer, model_type: str) -> list:
     return [tokenizer.encode(t) for t in texts]
 
 
-def cache_length(args, longest_prompt: int, max_position_embeddings: int) -> int:
-    needed = longest_prompt + args.max_new_tokens
+def cache_length(args, longest_prompt: int, max_position_embeddings: int, block_size: int = 0) -> int:
+    """KV cache length: the prompt, the new tokens and, when speculating, the block drafted past the last one."""
+    needed = longest_prompt + args.max_new_tokens + block_size
     if args.max_seq_len is None:
         return max(needed, min(-(-needed // 256) * 256, max_position_embeddings))
     if longest_prompt > args.max_seq_len:
         raise InputError(f"prompt has {longest_prompt} tokens, longer than --max_seq_len {args.max_seq_len}: "
                          f"shorten the prompt or raise --max_seq_len")
     if needed > args.max_seq_len:
-        raise InputError(f"prompt ({longest_prompt} tokens) + --max_new_tokens ({args.max_new_tokens}) exceeds "
-                         f"--max_seq_len {args.max_seq_len}: raise --max_seq_len or lower --max_new_tokens")
+        block = f" + block size ({block_size})" if block_size else ""
+        raise InputError(f"prompt ({longest_prompt} tokens) + --max_new_tokens ({args.max_new_tokens}){block} "
+                         f"exceeds --max_seq_len {args.max_seq_len}: raise --max_seq_len or lower --max_new_tokens")
     return args.max_seq_len
+
+
+def load_draft(folder, target: Transformer, device, dtype) -> Draft:
+    if not Path(folder, "config.json").is_file():
+        raise InputError(f"--draft {str(folder)!r} is not a draft folder (no config.json)")
+    draft = Draft.from_pretrained(folder, device, dtype)
+    draft.check_target(target.args)
+    return draft
+
+
+def acceptance_histogram(lengths: list, block_size: int) -> str:
+    counts = [lengths.count(n) for n in range(1, block_size + 1)]
+    scale = 40 / max(max(counts), 1)
+    return "\n".join(f"{n:>4} | {'#' * round(c * scale):<40} {c}" for n, c in enumerate(counts, 1) if c)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    torch.manual_seed(args.seed)
 
     config = read_config(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
     t0 = time.perf_counter()
     model = load_checkpoint(args.checkpoint, device, dtype)
-    if not args.json:
-        print(f"loaded {args.checkpoint} ({model.args.model_type}, {dtype}, {device}) in "
-              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    draft = load_draft(args.draft, model, device, dtype) if args.draft else None
+    block_size = 0
+    if draft is not None:
+        block_size = args.block_size or draft.args.block_size
+        if block_size > draft.args.block_size:
+            raise InputError(f"--block_size {block_size} is larger than the draft's block size "
+                             f"{draft.args.block_size}: use at most {draft.args.block_size}")
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    log(f"loaded {args.checkpoint}{' + draft ' + str(args.draft) if draft else ''} ({model.args.model_type}, "
+        f"{dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
     stop_ids = stop_token_ids(args.checkpoint, config, tokenizer)
     prompts = encode_prompts(args, tokenizer, model.args.model_type)
     if len(prompts) == 1:
         prompts = prompts * args.batch_size
     batch_size = min(args.batch_size, len(prompts))
-    model.setup_caches(batch_size, cache_length(args, max(map(len, prompts)), model.args.max_position_embeddings))
-    fns = compile_fns(device) if args.compile else (prefill, decode_one_token)
+    max_seq_len = cache_length(args, max(map(len, prompts)), model.args.max_position_embeddings, block_size)
+    model.setup_caches(batch_size, max_seq_len)
+    if draft is not None:
+        draft.setup_caches(batch_size, max_seq_len)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    run_ar = draft is None or args.compare_ar
+    steps = EAGER
+    if args.compile:
+        steps = compile_steps(device)
+        t0 = time.perf_counter()
+        warmup = (prompts[:batch_size] * batch_size)[:batch_size]
+        for d in ([None] if run_ar else []) + ([draft] if draft is not None else []):
+            generate(model, warmup, 2, sampling, draft=d, block_size=block_size, steps=steps)
+        log(f"compiled in {time.perf_counter() - t0:.1f} s")
+    torch.manual_seed(args.seed)
     stream = batch_size == 1 and not args.json
     bytes_per_step = weight_bytes_per_step(model)
+    totals = {"tokens": 0, "decode_s": 0.0, "ar_tokens": 0, "ar_decode_s": 0.0, "identical": 0, "rows": 0}
+    all_acceptance = []
 
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         n_real = len(batch)
         batch = batch + [batch[-1]] * (batch_size - n_real)  # the caches have batch_size rows
+        if args.compare_ar:
+            ar_outputs, ar_stats = generate(model, batch, args.max_new_tokens, sampling, stop_ids, steps=steps)
         printer = StreamPrinter(tokenizer, stop_ids) if stream else None
         if stream:
             print(tokenizer.decode(batch[0]), end="", flush=True)
-        outputs, stats = generate(model, batch, args.max_new_tokens, sampling, stop_ids,
-                                  on_token=printer, fns=fns)
+        outputs, stats = generate(model, batch, args.max_new_tokens, sampling, stop_ids, on_token=printer,
+                                  draft=draft, block_size=block_size, steps=steps)
         for row in range(n_real):
             tokens = outputs[row]
             text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens)
+            record = {"prompt": tokenizer.decode(batch[row]), "tokens": tokens, "text": text,
+                      "tokens_per_s": (len(tokens) - 1) / stats["decode_s"], "prefill_s": stats["prefill_s"]}
+            totals["tokens"] += len(tokens) - 1
+            totals["rows"] += 1
+            if draft is not None:
+                lengths = stats["acceptance_lengths"][row]
+                all_acceptance += lengths
+                record.update(acceptance_lengths=lengths, tau=sum(lengths) / max(len(lengths), 1))
+            if args.compare_ar:
+                ar_tokens = ar_outputs[row]
+                record["ar_tokens_per_s"] = (len(ar_tokens) - 1) / ar_stats["decode_s"]
+                record["speedup"] = record["tokens_per_s"] / max(record["ar_tokens_per_s"], 1e-9)
+                if sampling.temperature == 0:
+                    record["identical_to_ar"] = ar_tokens == tokens
+                    totals["identical"] += ar_tokens == tokens
+                totals["ar_tokens"] += len(ar_tokens) - 1
             if args.json:
-                print(json.dumps({"prompt": tokenizer.decode(batch[row]), "tokens": tokens, "text": text,
-                                  "tokens_per_s": (len(tokens) - 1) / max(stats["decode_s"], 1e-9),
-                                  "prefill_s": stats["prefill_s"]}), flush=True)
+                print(json.dumps(record), flush=True)
             elif not stream:
-                print(f"--- prompt {start + row}\n{tokenizer.decode(batch[row])}{text}")
-        if not args.json:
-            print(file=sys.stdout if stream else sys.stderr, flush=True)
-            print(f"prefill {stats['prefill_s'] * 1000:.1f} ms | decode {stats['tokens_per_s']:.1f} tokens/s "
-                  f"(batch {batch_size}) | {bytes_per_step * stats['steps_per_s'] / 1e9:.2f} GB/s of weights",
-                  file=sys.stderr)
+                print(f"--- prompt {start + row}\n{record['prompt']}{text}")
+        totals["decode_s"] += stats["decode_s"]
+        if args.compare_ar:
+            totals["ar_decode_s"] += ar_stats["decode_s"]
+        if stream:
+            print(flush=True)
+        if draft is None:
+            log(f"prefill {stats['prefill_s'] * 1000:.1f} ms | decode {stats['tokens_per_s']:.1f} tokens/s "
+                f"(batch {batch_size}) | {bytes_per_step * stats['steps_per_s'] / 1e9:.2f} GB/s of weights")
+    if draft is not None:
+        tokens_per_s = totals["tokens"] / max(totals["decode_s"], 1e-9)
+        tau = sum(all_acceptance) / max(len(all_acceptance), 1)
+        log(f"speculative decoding, block {block_size}: tau {tau:.2f} tokens per draft+verify step "
+            f"({len(all_acceptance)} steps) | {tokens_per_s:.1f} tokens/s (batch {batch_size})")
+        log("tokens committed per step:\n" + acceptance_histogram(all_acceptance, block_size))
+        if args.compare_ar:
+            ar_tokens_per_s = totals["ar_tokens"] / max(totals["ar_decode_s"], 1e-9)
+            same = (f" | greedy output identical to AR for {totals['identical']}/{totals['rows']} prompts"
+                    if sampling.temperature == 0 else "")
+            log(f"autoregressive {ar_tokens_per_s:.1f} tokens/s | speedup "
+                f"{tokens_per_s / max(ar_tokens_per_s, 1e-9):.2f}x{same}")
 
 
 class StreamPrinter:

@@ -452,9 +452,10 @@ def target32(targets):
 
 
 def make_draft(target, fusion, block_size=4, seed=0):
+    """A random 2-layer draft tapping every target layer."""
     torch.manual_seed(seed)
     draft = Draft.for_target(target.args, num_layers=2, fusion=fusion, block_size=block_size,
-                             target_layer_ids=(0, 1, 2))
+                             target_layer_ids=tuple(range(target.args.num_hidden_layers)))
     with torch.no_grad():  # larger than the default init so that every input visibly matters
         for p in draft.parameters():
             if p.dim() == 2 and p is not getattr(draft, "layer_fusion_weights", None):
@@ -599,3 +600,275 @@ def test_draft_errors(target32, tmp_path):
     draft.args.target_layer_ids = (0, 5)
     with pytest.raises(InputError, match=r"target_layer_ids \[5\] are beyond the target's 3 layers"):
         draft.check_target(target32.args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speculative decoding: lossless against autoregressive decoding, exact sampling, the static step vs a plain loop
+
+import torch.nn.functional as F  # noqa: E402
+
+from model import ModelArgs, Transformer  # noqa: E402
+
+SPEC_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42], [50]]
+
+
+@pytest.fixture
+def reference_fusion(monkeypatch):
+    """Decode with the PyTorch fusion: the interpreted Triton kernel takes ~0.3 s a call (tested above)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="session")
+def targets32(targets):
+    return {model_type: load_checkpoint(folder, dtype=torch.float32) for model_type, (folder, _) in targets.items()}
+
+
+def decode(target, prompts, max_new_tokens, draft=None, block_size=0, stop_ids=(), sampling=None, steps=None):
+    """generate.generate on caches exactly as long as generate.py makes them at least."""
+    max_seq_len = max(map(len, prompts)) + max_new_tokens + block_size
+    target.setup_caches(len(prompts), max_seq_len)
+    if draft is not None:
+        draft.setup_caches(len(prompts), max_seq_len)
+    return generate.generate(target, prompts, max_new_tokens, sampling or generate.Sampling(), stop_ids,
+                             draft=draft, block_size=block_size, steps=steps or generate.EAGER)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_speculative_greedy_is_lossless(targets32, model_type, fusion, reference_fusion):
+    target = targets32[model_type]
+    for batch in ([p] for p in SPEC_PROMPTS), [SPEC_PROMPTS]:
+        for prompts in batch:
+            expected, _ = decode(target, prompts, 24)
+            for seed, block_size in [(0, 2), (1, 5), (2, 8)]:
+                draft = make_draft(target, fusion, block_size=8, seed=seed)
+                tokens, stats = decode(target, prompts, 24, draft, block_size)
+                assert tokens == expected, (seed, block_size)
+                assert [sum(lengths) for lengths in stats["acceptance_lengths"]] == [len(t) - 1 for t in tokens]
+
+
+class ScriptedDraft(Draft):
+    """Proposes each row's true continuation (an oracle) with one guess made wrong, so that a step anchored at
+    position p accepts exactly accepted[row, p] drafts."""
+
+    def block_logits(self, target, block_tokens, anchor_pos):
+        B, bs = block_tokens.shape
+        positions = (anchor_pos[:, None] + torch.arange(1, bs)).clamp(max=self.continuation.shape[1] - 1)
+        guesses = self.continuation.gather(1, positions)  # [B, bs-1]
+        wrong = torch.arange(bs - 1)[None] == self.accepted.gather(1, anchor_pos[:, None])
+        guesses = torch.where(wrong, (guesses + 1) % target.args.vocab_size, guesses)
+        return F.one_hot(guesses, target.args.vocab_size).float() * 20
+
+
+def scripted_draft(target, prompts, expected, block_size, length=64):
+    """A ScriptedDraft whose steps accept 0, 1, ..., bs-1, 0, 1, ... drafts (row r starts the cycle at r)."""
+    draft = ScriptedDraft.for_target(target.args, num_layers=1, block_size=block_size,
+                                     target_layer_ids=(target.args.num_hidden_layers - 1,))
+    draft.continuation = torch.tensor([p + e + [0] * (length - len(p) - len(e)) for p, e in zip(prompts, expected)])
+    draft.accepted = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        anchor, n = len(prompt), row % block_size
+        while anchor < length:
+            draft.accepted[row, anchor] = n
+            anchor, n = anchor + n + 1, (n + 1) % block_size
+    return draft
+
+
+def scripted_acceptance(draft, row, prompt_len, n_new):
+    """Tokens each step commits under a ScriptedDraft, until n_new tokens (the first comes from the prefill)."""
+    lengths, anchor, left = [], prompt_len, n_new - 1
+    while left > 0:
+        lengths.append(min(int(draft.accepted[row, anchor]) + 1, left))
+        anchor, left = anchor + lengths[-1], left - lengths[-1]
+    return lengths
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_speculative_with_oracle_proposals_covers_every_acceptance_length(targets32, model_type, reference_fusion):
+    target = targets32[model_type]
+    prompts = SPEC_PROMPTS[:3]
+    expected, _ = decode(target, prompts, 30)
+    # a stop token that the target emits mid-way in row 0 (and maybe elsewhere): ends rows inside a block
+    stop = expected[0][9]
+    stopped, _ = decode(target, prompts, 30, stop_ids=[stop])
+    assert len(stopped[0]) == expected[0].index(stop) + 1 < 30
+    seen = set()
+    for block_size in (2, 4, 7):
+        for stop_ids, reference in [((), expected), ([stop], stopped)]:
+            draft = scripted_draft(target, prompts, reference, block_size)
+            tokens, stats = decode(target, prompts, 30, draft, block_size, stop_ids=stop_ids)
+            assert tokens == reference
+            for row, lengths in enumerate(stats["acceptance_lengths"]):
+                assert lengths == scripted_acceptance(draft, row, len(prompts[row]), len(reference[row]))
+                seen |= {(block_size, n) for n in lengths}
+    assert {(7, n) for n in range(1, 8)} <= seen  # 0..6 drafts accepted, plus the target's token
+
+
+def test_finished_rows_stay_inside_the_cache(targets32, reference_fusion):
+    target = targets32["qwen3"]
+    prompts = [[50], SPEC_PROMPTS[2]]
+    stop = decode(target, prompts, 1)[0][0][0]  # row 0 ends with its first token ...
+    expected, _ = decode(target, prompts, 30, stop_ids=[stop])
+    assert len(expected[0]) == 1 and len(expected[1]) > 10
+    draft = scripted_draft(target, prompts, decode(target, prompts, 60)[0], 7, length=80)
+    draft.accepted[0], draft.accepted[1] = 6, 0  # ... and would run 7 positions a step; row 1 goes 1 a step
+    tokens, _ = decode(target, prompts, 30, draft, 7, stop_ids=[stop])
+    assert tokens == expected
+
+
+def test_speculative_compiled_is_lossless(targets32, reference_fusion):
+    target = targets32["gpt_oss"]  # sliding window, sinks, MoE
+    steps = generate.compile_steps(torch.device("cpu"))
+    prompts = SPEC_PROMPTS
+    expected, _ = decode(target, prompts, 20)
+    draft = scripted_draft(target, prompts, expected, 4)
+    tokens, stats = decode(target, prompts, 20, draft, 4, steps=steps)
+    assert tokens == expected
+    assert stats["acceptance_lengths"][1] == scripted_acceptance(draft, 1, len(prompts[1]), 20)
+    draft = make_draft(target, "layerwise", block_size=4)
+    assert decode(target, prompts, 20, draft, 4, steps=steps)[0] == expected
+
+
+def tiny_target(vocab_size=16, seed=0):
+    """A small random Qwen3 with a tiny vocabulary: drafts and samplers are easy to check on it."""
+    torch.manual_seed(seed)
+    args = ModelArgs(model_type="qwen3", vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64,
+                     max_position_embeddings=128, layer_types=("full_attention",) * 2)
+    target = Transformer(args)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(4.0)  # distributions neither flat nor one-hot
+    return target.eval()
+
+
+@pytest.mark.parametrize("fusion,seed", [("layerwise", 2), ("linear", 1)])
+def test_static_step_matches_a_plain_loop(fusion, seed, reference_fusion):
+    target = tiny_target(vocab_size=4)  # small enough that random drafts are often right
+    draft = make_draft(target, fusion, block_size=5, seed=seed)
+    prompts, n_new, bs = [[1, 2, 3, 0, 1, 0, 1], [3, 2, 1]], 30, 5
+    tokens, stats = decode(target, prompts, n_new, draft, bs)
+    capture = draft.args.target_layer_ids
+    target.setup_caches(1, 96)
+    for row, prompt in enumerate(prompts):
+        # the loop recomputes the whole sequence every step: no caches, no padding, no masks by position
+        with torch.no_grad():
+            seq = prompt + [int(target(torch.tensor([prompt]), torch.arange(len(prompt))[None])[0][0, -1].argmax())]
+            lengths = []
+            while len(seq) - len(prompt) < n_new:
+                anchor = len(seq) - 1
+                _, hidden = target(torch.tensor([seq[:anchor]]), torch.arange(anchor)[None], capture=capture)
+                block = torch.tensor([[seq[anchor]] + [draft.args.mask_token_id] * (bs - 1)])
+                guesses = draft_block_logits(draft, target, hidden, block, anchor)[0].argmax(-1).tolist()
+                logits, _ = target(torch.tensor([seq + guesses]), torch.arange(len(seq) + bs - 1)[None])
+                choices = logits[0, anchor:].argmax(-1).tolist()
+                n = 0
+                while n < bs - 1 and guesses[n] == choices[n]:
+                    n += 1
+                committed = choices[:n + 1][:n_new - (len(seq) - len(prompt))]
+                seq += committed
+                lengths.append(len(committed))
+        assert tokens[row] == seq[len(prompt):]
+        assert stats["acceptance_lengths"][row] == lengths
+    assert len(set(sum(stats["acceptance_lengths"], []))) >= 3  # drafts were accepted, in runs of several lengths
+
+
+class FixedDraft(Draft):
+    """Proposes from fixed logits per block position; context is ignored (and not computed)."""
+
+    def write_context(self, hidden, positions):
+        pass
+
+    def block_logits(self, target, block_tokens, anchor_pos):
+        return self.proposal_logits.expand(block_tokens.shape[0], -1, -1)
+
+
+def chi_square_p_value(counts, probs, n):
+    """p-value of observed counts against expected n * probs; cells expected below 5 are pooled."""
+    expected = probs * n
+    small = expected < 5
+    observed = torch.cat([counts[~small], counts[small].sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = expected > 0
+    stat = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2.0))
+
+
+@pytest.mark.parametrize("sampling", [generate.Sampling(1.0), generate.Sampling(0.7, top_k=3),
+                                      generate.Sampling(1.0, top_p=0.8)], ids=["t1", "top_k", "top_p"])
+def test_speculative_sampling_matches_the_target_distribution(sampling):
+    V, N, prompt = 8, 24000, [1, 5, 2]
+    target = tiny_target(vocab_size=V, seed=3)
+    # exact probability of every 3-token continuation under the target (with the same temperature/top-k/top-p)
+    with torch.no_grad():
+        target.setup_caches(V * V, 8)
+        grid = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # [V*V, 2]
+        seqs = torch.cat([torch.tensor(prompt).expand(V * V, -1), grid], 1)
+        probs = generate.logits_to_probs(target(seqs, torch.arange(5).expand(V * V, -1))[0], sampling)
+    p1, p2 = probs[0, 2], probs[torch.arange(0, V * V, V), 3]  # [V], [V(t1), V]
+    p3 = probs[:, 4].view(V, V, V)  # [t1, t2, t3]
+    exact = (p1[:, None, None] * p2[:, :, None] * p3).flatten()
+    good = torch.stack([p2.log()[probs[0, 2].argmax()], p3.log()[p1.argmax(), p2[p1.argmax()].argmax()]])
+    bad = torch.randn(2, V, generator=torch.Generator().manual_seed(0)) * 3  # unrelated to the target
+    for proposal in (None, good, bad):
+        draft = None
+        if proposal is not None:
+            draft = FixedDraft.for_target(target.args, num_layers=1, block_size=3, target_layer_ids=(1,))
+            draft.proposal_logits = proposal.clamp(min=-30)[None]
+        torch.manual_seed(1)
+        tokens, stats = decode(target, [prompt] * N, 3, draft, 3, sampling=sampling)
+        cells = torch.tensor(tokens) @ torch.tensor([V * V, V, 1])
+        counts = torch.bincount(cells, minlength=V ** 3).float()
+        assert counts[exact == 0].sum() == 0  # top-k / top-p: nothing outside the allowed set
+        assert chi_square_p_value(counts, exact, N) > 1e-3
+        if proposal is not None:  # the good draft is accepted far more often than the bad one
+            tau = sum(map(sum, stats["acceptance_lengths"])) / sum(map(len, stats["acceptance_lengths"]))
+            assert tau > 1.5 if proposal is good else tau < 1.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speculative decoding from the command line
+
+@pytest.fixture(scope="session")
+def draft_folder(targets32, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("draft")
+    make_draft(targets32["qwen3"], "layerwise", block_size=8).save_pretrained(folder)
+    return folder
+
+
+def test_cli_speculative_json_and_report(targets, draft_folder, capsys, reference_fusion):
+    folder, _ = targets["qwen3"]
+    argv = ["--checkpoint", folder, "--prompt", "def f(x):", "--prompt", "import os", "--prompt", "class A",
+            "--batch_size", 2, "--max_new_tokens", 16]
+    ar = run_cli(capsys, *argv, "--json")
+    rows = run_cli(capsys, *argv, "--json", "--draft", draft_folder, "--block_size", 4, "--compare_ar")
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in ar]
+    for row in rows:
+        assert sum(row["acceptance_lengths"]) == len(row["tokens"]) - 1
+        assert row["tau"] == pytest.approx(sum(row["acceptance_lengths"]) / len(row["acceptance_lengths"]))
+        assert row["identical_to_ar"] and row["ar_tokens_per_s"] > 0
+        assert row["speedup"] == pytest.approx(row["tokens_per_s"] / row["ar_tokens_per_s"])
+    generate.main([str(a) for a in argv + ["--draft", draft_folder, "--compare_ar"]])
+    err = capsys.readouterr().err
+    assert re.search(r"block 8: tau [\d.]+ tokens per draft\+verify step", err)
+    assert re.search(r"\n +1 \| #+ +\d+", err)  # the histogram
+    assert re.search(r"autoregressive [\d.]+ tokens/s \| speedup [\d.]+x \| greedy output identical to AR for 3/3",
+                     err)
+
+
+def test_cli_speculative_errors(targets, draft_folder, tmp_path, capsys):
+    folder, _ = targets["qwen3"]
+    with pytest.raises(InputError, match="--block_size 9 is larger than the draft's block size 8"):
+        generate.main(["--checkpoint", str(folder), "--draft", str(draft_folder), "--block_size", "9"])
+    with pytest.raises(InputError, match=r"\+ --max_new_tokens \(50\) \+ block size \(8\) exceeds --max_seq_len 60"):
+        generate.main(["--checkpoint", str(folder), "--draft", str(draft_folder), "--max_new_tokens", "50",
+                       "--max_seq_len", "60"])
+    wide, _ = published_draft_folder(tmp_path / "wide", "layerwise", H=128)
+    with pytest.raises(InputError, match="draft does not fit this target: hidden size 128 != target's 64"):
+        generate.main(["--checkpoint", str(folder), "--draft", str(wide)])
+    with pytest.raises(InputError, match="is not a draft folder"):
+        generate.main(["--checkpoint", str(folder), "--draft", str(tmp_path)])
+    for flags, message in [(["--compare_ar"], "need --draft"), (["--draft", "d", "--block_size", "1"], ">= 2")]:
+        with pytest.raises(SystemExit):
+            generate.parse_args(["--checkpoint", "x", *flags])
+        assert message in capsys.readouterr().err
