@@ -366,9 +366,8 @@ def main(argv=None):
     if args.compile:
         steps = compile_steps(device)
         t0 = time.perf_counter()
-        warmup = (prompts[:batch_size] * batch_size)[:batch_size]
         for d in ([None] if run_ar else []) + ([draft] if draft is not None else []):
-            generate(model, warmup, 2, sampling, draft=d, block_size=block_size, steps=steps)
+            generate(model, prompts[:batch_size], 2, sampling, draft=d, block_size=block_size, steps=steps)
         log(f"compiled in {time.perf_counter() - t0:.1f} s")
     torch.manual_seed(args.seed)
     stream = batch_size == 1 and not args.json
@@ -397,7 +396,7 @@ def main(argv=None):
             if draft is not None:
                 lengths = stats["acceptance_lengths"][row]
                 all_acceptance += lengths
-                record.update(acceptance_lengths=lengths, tau=sum(lengths) / max(len(lengths), 1))
+                record.update(acceptance_lengths=lengths, tau=sum(lengths) / len(lengths) if lengths else None)
             if args.compare_ar:
                 ar_tokens = ar_outputs[row]
                 record["ar_tokens_per_s"] = (len(ar_tokens) - 1) / ar_stats["decode_s"]

@@ -410,7 +410,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # The DFlare fusion kernel (Triton, run by the interpreter on CPU) against the PyTorch reference
 
-from draft import Draft, DraftArgs, default_target_layer_ids, draft_block_logits  # noqa: E402
+from draft import Draft, default_target_layer_ids, draft_block_logits  # noqa: E402
 from fuse_kernel import FuseLayers, fuse_layers_reference  # noqa: E402
 
 
@@ -872,3 +872,42 @@ def test_cli_speculative_errors(targets, draft_folder, tmp_path, capsys):
         with pytest.raises(SystemExit):
             generate.parse_args(["--checkpoint", "x", *flags])
         assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench.py
+
+import bench  # noqa: E402
+
+
+def test_bench_prompt_sets(targets, draft_folder, tmp_path, capsys, reference_fusion):
+    folder, _ = targets["qwen3"]
+    tok = load_tokenizer(folder)
+    for path in bench.DEFAULT_SETS:  # the shipped sets parse, as raw prompts or chats
+        assert len(bench.read_prompt_set(path, tok, "qwen3", thinking=False)) >= 8
+    chats = tmp_path / "mine.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n\n"
+                     + json.dumps({"prompt": "import os"}) + "\n")
+    results = bench.main(["--checkpoint", str(folder), "--draft", str(draft_folder), "--sets", str(chats),
+                          "--max_new_tokens", "12", "--block_size", "4"])
+    rows = results["mine"]
+    assert [r["decoder"] for r in rows] == ["autoregressive", "DFlare 2L (draft0)"]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["tau"] == 1.0
+    assert rows[1]["identical_to_ar"] == 2 and rows[1]["tau"] >= 1.0
+    out = capsys.readouterr().out
+    assert "== mine: 2 prompts ==" in out and re.search(r"DFlare 2L \(draft0\) +[\d.]+ +[\d.]+ +[\d.]+x  2/2", out)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a"}) + "\n{not json\n")
+    with pytest.raises(InputError, match="bad.jsonl:2: expected a JSON object"):
+        bench.read_prompt_set(bad, tok, "qwen3", thinking=False)
+
+
+def test_bench_step_timings_run_on_cpu(capsys, reference_fusion):
+    args = ModelArgs(model_type="qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=16, intermediate_size=64, layer_types=("full_attention",) * 4)
+    results = bench.bench_steps(args, draft_layers=(1, 2), device="cpu", dtype=torch.float32, compile=False,
+                                context=16, block_size=4, iters=2)
+    assert {"ar_ms", "DFlash 1L", "DFlare 1L", "DFlare 2L"} <= set(results)
+    assert results["DFlare 2L"]["projected_speedup"] == pytest.approx(6.5 * results["ar_ms"]
+                                                                      / results["DFlare 2L"]["step_ms"])
+    assert "projected speedup at tau 6.5" in capsys.readouterr().out

@@ -1,0 +1,325 @@
+"""Benchmarks: autoregressive vs speculative decoding on prompt sets, and the GPU step timings.
+
+    python bench.py --checkpoint TARGET_DIR --draft DFLARE_DIR --draft DFLASH_DIR [--sets prompts/*.jsonl]
+    python bench.py --gpu        # on a CUDA machine: Qwen3-8B-shaped random bf16 weights, compiled step timings
+
+Prompt sets are JSONL files, one prompt per line: {"prompt": "raw text"} or {"messages": [{"role": ..., "content":
+...}]} (formatted with the target's chat template). For every set the table gives, per decoder, tau (tokens
+committed per draft+verify step), decode tokens/s, the speedup over autoregressive decoding measured in the same
+run, and how many greedy outputs are token-identical to autoregressive decoding.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import generate
+from draft import Draft
+from model import InputError, ModelArgs, Transformer, load_checkpoint, read_config
+from tokenizer import chat_prompt, load_tokenizer, stop_token_ids
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_SETS = [HERE / "prompts" / f"{name}.jsonl" for name in ("math", "code", "chat")]
+
+
+def read_prompt_set(path, tokenizer, model_type: str, thinking: bool) -> list:
+    """Token ids of every prompt of a JSONL set."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompt set {str(path)!r} does not exist")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            text = record["prompt"] if "prompt" in record else chat_prompt(record["messages"], model_type,
+                                                                           thinking=thinking)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{path}:{number}: expected a JSON object with 'prompt' or 'messages' ({e})") from None
+        prompts.append(tokenizer.encode(text))
+    if not prompts:
+        raise InputError(f"prompt set {str(path)!r} holds no prompts")
+    return prompts
+
+
+def draft_name(draft: Draft, folder) -> str:
+    kind = "DFlare" if draft.args.fusion == "layerwise" else "DFlash"
+    return f"{kind} {draft.args.num_hidden_layers}L ({Path(folder).name})"
+
+
+def run_set(target, decoders, prompts, args, sampling, stop_ids, steps) -> list:
+    """Decode every prompt with every decoder; one row of totals per decoder."""
+    rows = []
+    ar_outputs = None
+    for name, draft, block_size in decoders:
+        tokens = decode_s = 0.0
+        lengths, outputs = [], []
+        for start in range(0, len(prompts), args.batch_size):
+            batch = prompts[start:start + args.batch_size]
+            batch = batch + [batch[-1]] * (args.batch_size - len(batch))
+            torch.manual_seed(args.seed)
+            out, stats = generate.generate(target, batch, args.max_new_tokens, sampling, stop_ids, draft=draft,
+                                           block_size=block_size, steps=steps)
+            out = out[:len(prompts) - start]
+            outputs += out
+            tokens += sum(len(o) - 1 for o in out)
+            decode_s += stats["decode_s"]
+            if draft is not None:
+                lengths += sum(stats["acceptance_lengths"][:len(out)], [])
+        if ar_outputs is None:
+            ar_outputs, ar_tokens_per_s = outputs, tokens / decode_s
+        identical = sum(a == b for a, b in zip(outputs, ar_outputs))
+        rows.append({"decoder": name, "tau": sum(lengths) / len(lengths) if lengths else 1.0,
+                     "tokens_per_s": tokens / decode_s, "speedup": tokens / decode_s / ar_tokens_per_s,
+                     "identical_to_ar": identical, "prompts": len(prompts)})
+    return rows
+
+
+def print_table(title: str, rows: list, greedy: bool):
+    print(f"\n{title}")
+    print(f"{'decoder':<34} {'tau':>6} {'tokens/s':>10} {'speedup':>8}" + ("  same as AR" if greedy else ""))
+    for r in rows:
+        same = f"  {r['identical_to_ar']}/{r['prompts']}" if greedy else ""
+        print(f"{r['decoder']:<34} {r['tau']:>6.2f} {r['tokens_per_s']:>10.1f} {r['speedup']:>7.2f}x{same}")
+
+
+def bench_sets(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    config = read_config(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
+    target = load_checkpoint(args.checkpoint, device, dtype)
+    decoders = [("autoregressive", None, 0)]
+    for folder in args.draft or []:
+        draft = generate.load_draft(folder, target, device, dtype)
+        block_size = min(args.block_size or draft.args.block_size, draft.args.block_size)
+        decoders.append((draft_name(draft, folder), draft, block_size))
+    stop_ids = stop_token_ids(args.checkpoint, config, tokenizer)
+    sets = {Path(p).stem: read_prompt_set(p, tokenizer, target.args.model_type, args.thinking == "on")
+            for p in args.sets or DEFAULT_SETS}
+    if args.limit:
+        sets = {name: prompts[:args.limit] for name, prompts in sets.items()}
+    longest = max(len(p) for prompts in sets.values() for p in prompts)
+    max_seq_len = longest + args.max_new_tokens + max(bs for _, _, bs in decoders)
+    target.setup_caches(args.batch_size, max_seq_len)
+    for _, draft, _ in decoders[1:]:
+        draft.setup_caches(args.batch_size, max_seq_len)
+    sampling = generate.Sampling(args.temperature, args.top_k, args.top_p)
+    steps = generate.compile_steps(device) if args.compile else generate.EAGER
+    first = next(iter(sets.values()))[:1] * args.batch_size
+    t0 = time.perf_counter()
+    for _, draft, block_size in decoders:  # warm-up (and compilation): untimed
+        generate.generate(target, first, 4, sampling, draft=draft, block_size=block_size, steps=steps)
+    print(f"{args.checkpoint} ({target.args.model_type}, {dtype}, {device}), warm-up {time.perf_counter() - t0:.1f} s;"
+          f" {args.max_new_tokens} new tokens per prompt, batch {args.batch_size}, "
+          f"{'greedy' if sampling.temperature == 0 else f'temperature {sampling.temperature}'}", file=sys.stderr)
+    results = {}
+    for name, prompts in sets.items():
+        rows = run_set(target, decoders, prompts, args, sampling, stop_ids, steps)
+        results[name] = rows
+        if args.json:
+            print(json.dumps({"set": name, "rows": rows}))
+        else:
+            print_table(f"== {name}: {len(prompts)} prompts ==", rows, sampling.temperature == 0)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU step timings on random weights
+
+QWEN3_8B = ModelArgs(model_type="qwen3", vocab_size=151936, hidden_size=4096, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=12288,
+                     max_position_embeddings=40960, layer_types=("full_attention",) * 36)
+
+
+def random_model(module_fn, device, dtype):
+    """A module built without allocating on the host, with small random weights (RMSNorm weights stay 1)."""
+    with torch.device("meta"):
+        module = module_fn()
+    module = module.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02)
+    return module.eval()
+
+
+def time_ms(fn, device, iters: int) -> float:
+    """Median wall time of fn() in ms, after warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        generate.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        generate.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device, n_bytes: int) -> float:
+    """GB/s of a device-to-device copy of n_bytes (read + write)."""
+    x = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device)
+    return 2 * n_bytes / time_ms(lambda: x.clone(), device, 10) / 1e6
+
+
+@torch.no_grad()
+def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=torch.bfloat16, compile=True,
+                context=1024, block_size=16, tau=6.5, iters=50):
+    """Time the AR step, the draft block, the verify forward and the whole speculative step at one context length;
+    print them with the weight bandwidth they imply and the speedup projected at acceptance length tau."""
+    device = torch.device(device)
+    target = random_model(lambda: Transformer(target_args), device, dtype)
+    max_seq_len = context + 2 * block_size
+    target.setup_caches(1, max_seq_len)
+    steps = generate.compile_steps(device) if compile else generate.EAGER
+    mode = "max-autotune" if device.type == "cuda" and compile else None
+    sampling = generate.Sampling()
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = torch.full((1,), context, device=device)
+    active = torch.ones(1, dtype=torch.bool, device=device)
+
+    weight_bytes = generate.weight_bytes_per_step(target)
+    copy_gbs = copy_bandwidth(device, min(2**31, weight_bytes))
+    ar_ms = time_ms(lambda: steps.decode(target, token, pos[:, None], sampling), device, iters)
+    verify = lambda t, tokens, positions, ids: t(tokens, positions, capture=ids)
+    verify = torch.compile(verify, mode=mode, fullgraph=True) if compile else verify
+    block_positions = pos[:, None] + torch.arange(block_size, device=device)
+    block_tokens = torch.zeros(1, block_size, dtype=torch.long, device=device)
+    print(f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), torch "
+          f"{torch.__version__}, {dtype}, {'compiled' + (' (CUDA graphs)' if mode else '') if compile else 'eager'}; "
+          f"target {target_args.num_hidden_layers} layers, hidden {target_args.hidden_size}, "
+          f"{weight_bytes / 1e9:.2f} GB of weights per step; context {context}, block {block_size}")
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s")
+    print(f"{'step':<34} {'ms':>8} {'GB/s of weights':>16}")
+    print(f"{'AR step (1 token)':<34} {ar_ms:>8.3f} {weight_bytes / ar_ms / 1e6:>16.0f}")
+    results = {"copy_gbs": copy_gbs, "ar_ms": ar_ms}
+    for fusion, n_layers in [("linear", draft_layers[0])] + [("layerwise", n) for n in draft_layers]:
+        draft = random_model(lambda: Draft.for_target(target_args, num_layers=n_layers, fusion=fusion,
+                                                      block_size=block_size), device, dtype)
+        name = f"{'DFlare' if fusion == 'layerwise' else 'DFlash'} {n_layers}L"
+        if fusion == "layerwise":
+            draft.layer_fusion_weights.data = draft.layer_fusion_weights.data.float()
+        draft.setup_caches(1, max_seq_len)
+        ids = draft.args.target_layer_ids
+        draft_block = lambda d, t, tokens, p: d.block_logits(t, d.noise_block(tokens[:, 0]), p)
+        draft_block = torch.compile(draft_block, mode=mode, fullgraph=True) if compile else draft_block
+        draft_ms = time_ms(lambda: draft_block(draft, target, block_tokens, pos), device, iters)
+        verify_ms = time_ms(lambda: verify(target, block_tokens, block_positions, ids), device, iters)
+        step_ms = time_ms(lambda: steps.speculative(target, draft, token[:, 0], pos, active, sampling, block_size),
+                          device, iters)
+        projected = tau * ar_ms / step_ms
+        draft_bytes = sum(p.numel() * p.element_size() for p in draft.parameters())
+        print(f"{f'{name} draft block':<34} {draft_ms:>8.3f} {draft_bytes / draft_ms / 1e6:>16.0f}")
+        print(f"{f'verify ({block_size} tokens, capture {len(ids)})':<34} {verify_ms:>8.3f} "
+              f"{weight_bytes / verify_ms / 1e6:>16.0f}")
+        print(f"{f'{name} whole step':<34} {step_ms:>8.3f}   projected speedup at tau {tau}: {projected:.2f}x")
+        results[name] = {"draft_ms": draft_ms, "verify_ms": verify_ms, "step_ms": step_ms,
+                                          "projected_speedup": projected}
+    try:
+        ms = time_dflash_reference(target, block_size, context, draft_layers[0], device, dtype)
+        print(f"{f'dflash package, DFlash {draft_layers[0]}L step':<34} {ms:>8.3f}   (its own dflash_generate loop)")
+        results["dflash_reference_step_ms"] = ms
+    except ImportError:
+        print("dflash package not importable here: reference-implementation timing skipped")
+    return results
+
+
+def time_dflash_reference(target: Transformer, block_size: int, context: int, n_layers: int, device, dtype,
+                          new_tokens: int = 32) -> float:
+    """ms per draft+verify step of the z-lab `dflash` package's own decoding loop (transformers target, dynamic
+    caches), on a transformers copy of the same target weights and a random DFlash draft. Raises ImportError
+    without the package."""
+    import transformers
+    from dflash.model import DFlashDraftModel, dflash_generate
+
+    a = target.args
+    common = dict(vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+                  num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads,
+                  head_dim=a.head_dim, rms_norm_eps=a.rms_norm_eps, rope_theta=a.rope_theta,
+                  max_position_embeddings=a.max_position_embeddings, tie_word_embeddings=False)
+    with torch.device("meta"):
+        hf_target = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(num_hidden_layers=a.num_hidden_layers,
+                                                                           **common))
+    # share our tensors (no copy); only the rotary buffers need real memory
+    state = {k if k == "lm_head.weight" else "model." + k: v for k, v in target.state_dict().items()}
+    hf_target.load_state_dict(state, assign=True)
+    with torch.device(device):
+        hf_target.model.rotary_emb = transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding(hf_target.config)
+    hf_target.eval()
+    ours = random_model(lambda: Draft.for_target(a, num_layers=n_layers, fusion="linear", block_size=block_size),
+                        device, dtype)
+    draft_config = transformers.Qwen3Config(num_hidden_layers=n_layers, block_size=block_size,
+                                            num_target_layers=a.num_hidden_layers,
+                                            dflash_config={"target_layer_ids": list(ours.args.target_layer_ids),
+                                                           "mask_token_id": ours.args.mask_token_id}, **common)
+    with torch.device(device):
+        draft = DFlashDraftModel(draft_config).to(dtype)
+    draft.load_state_dict(ours.state_dict())
+    draft.eval()
+    prompt = torch.zeros(1, context, dtype=torch.long, device=device)
+    dflash_generate(draft, hf_target, prompt, 8, None, block_size=block_size)  # warm-up
+    stats = dflash_generate(draft, hf_target, prompt, new_tokens, None, block_size=block_size, return_stats=True) \
+        if device.type == "cuda" else None
+    if stats is None:  # its timer calls torch.cuda.synchronize: time the whole loop ourselves on CPU
+        t0 = time.perf_counter()
+        out = dflash_generate(draft, hf_target, prompt, new_tokens, None, block_size=block_size)
+        steps = max(out.shape[1] - context - 1, 1)  # random weights: about one token per step
+        return (time.perf_counter() - t0) * 1000 / steps
+    return stats.time_per_output_token * stats.num_output_tokens * 1000 / len(stats.acceptance_lengths)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="time the compiled steps on Qwen3-8B-shaped random weights")
+    p.add_argument("--checkpoint", help="target model folder")
+    p.add_argument("--draft", action="append", help="draft folder; repeat to compare several")
+    p.add_argument("--sets", nargs="+", help="JSONL prompt sets (default: prompts/{math,code,chat}.jsonl)")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each set (0 = all)")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--block_size", type=int, default=None, help="default: each draft's own")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--thinking", choices=("on", "off"), default="off", help="Qwen3 thinking mode for chat prompts")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt set")
+    args = p.parse_args(argv)
+    if not args.gpu and not args.checkpoint:
+        p.error("pass --checkpoint TARGET_DIR (and --draft DRAFT_DIR ...), or --gpu")
+    if args.block_size is not None and args.block_size < 2:
+        p.error(f"--block_size must be >= 2, got {args.block_size}")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        p.error("--max_new_tokens and --batch_size must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise InputError("--gpu needs a CUDA device; on CPU run the prompt-set benchmark with --checkpoint")
+        for compile in (False, True):
+            bench_steps(compile=compile)
+            torch.cuda.empty_cache()
+        return None
+    return bench_sets(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"error: {e}")
