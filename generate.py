@@ -200,7 +200,7 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
         out.add(row, [t])
     synchronize(device)
     t1 = time.perf_counter()
-    n_steps, acceptance_lengths = 0, [[] for _ in range(B)]
+    n_steps, acceptance_lengths, active_rows = 0, [[] for _ in range(B)], None
     input_pos = lengths.clone()  # the position of next_token in each row
     while not all(out.done):
         if draft is None:
@@ -209,7 +209,9 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
             for row, t in enumerate(next_token.tolist()):
                 out.add(row, [t])
         else:
-            active = torch.tensor([not d for d in out.done], device=device)
+            if active_rows != [not d for d in out.done]:  # a new device tensor only when a row has finished
+                active_rows = [not d for d in out.done]
+                active = torch.tensor(active_rows, device=device)
             block, n_accepted, next_token, input_pos = steps.speculative(target, draft, next_token, input_pos,
                                                                          active, sampling, block_size)
             next_token, input_pos = next_token.clone(), input_pos.clone()  # CUDA graphs reuse output memory
