@@ -716,8 +716,9 @@ def test_finished_rows_stay_inside_the_cache(targets32, reference_fusion):
     assert tokens == expected
 
 
-def test_speculative_compiled_is_lossless(targets32, reference_fusion):
-    target = targets32["gpt_oss"]  # sliding window, sinks, MoE
+@pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear")])
+def test_speculative_compiled_is_lossless(targets32, model_type, fusion, reference_fusion):
+    target = targets32[model_type]
     steps = generate.compile_steps(torch.device("cpu"))
     prompts = SPEC_PROMPTS
     expected, _ = decode(target, prompts, 20)
@@ -725,7 +726,7 @@ def test_speculative_compiled_is_lossless(targets32, reference_fusion):
     tokens, stats = decode(target, prompts, 20, draft, 4, steps=steps)
     assert tokens == expected
     assert stats["acceptance_lengths"][1] == scripted_acceptance(draft, 1, len(prompts[1]), 20)
-    draft = make_draft(target, "layerwise", block_size=4)
+    draft = make_draft(target, fusion, block_size=4)
     assert decode(target, prompts, 20, draft, 4, steps=steps)[0] == expected
 
 
