@@ -209,6 +209,11 @@ class Draft(nn.Module):
         ckpt = SafetensorsFolder(folder)
         names = {name.removeprefix("model."): name for name in ckpt.file_of}
         fusion = "layerwise" if "layer_fusion_weights" in names else "linear"
+        newer = sorted({t for t in config.get("layer_types") or [] if t != "full_attention"}
+                       | {n.split(".")[-2] for n in names if "candidate_selector" in n or "_conv." in n})
+        if newer:
+            raise InputError(f"draft {str(folder)!r} uses {', '.join(newer)}: a newer DFlash draft design (sliding "
+                             f"or convolution layers, candidate selector) that this implementation does not support")
         with torch.device("meta"):  # no random init of weights that are about to be replaced
             draft = cls(DraftArgs.from_config(config, fusion))
         state = {}

@@ -596,6 +596,12 @@ def test_draft_errors(target32, tmp_path):
     folder, _ = published_draft_folder(tmp_path / "wide", "layerwise", H=128, vocab=7)
     with pytest.raises(InputError, match="hidden size 128 != target's 64.*vocab size 7 != target's"):
         Draft.from_pretrained(folder).check_target(target32.args)
+    folder, _ = published_draft_folder(tmp_path / "v2", "linear", vocab=target32.args.vocab_size)
+    config = json.loads((folder / "config.json").read_text())
+    config["layer_types"] = ["sliding_attention", "full_attention"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="uses sliding_attention: a newer DFlash draft design"):
+        Draft.from_pretrained(folder)
     draft = make_draft(target32, "layerwise")
     draft.args.target_layer_ids = (0, 5)
     with pytest.raises(InputError, match=r"target_layer_ids \[5\] are beyond the target's 3 layers"):
