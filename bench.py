@@ -285,7 +285,7 @@ def parse_args(argv=None):
     p.add_argument("--sets", nargs="+", help="JSONL prompt sets (default: prompts/{math,code,chat}.jsonl)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each set (0 = all)")
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--block_size", type=int, default=None, help="default: each draft's own")
+    p.add_argument("--block_size", type=int, default=None, help="tokens per block, capped at each draft's own (default: the draft's)")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--thinking", choices=("on", "off"), default="off", help="Qwen3 thinking mode for chat prompts")
     p.add_argument("--temperature", type=float, default=0.0)

@@ -209,9 +209,9 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
             for row, t in enumerate(next_token.tolist()):
                 out.add(row, [t])
         else:
-            if active_rows != [not d for d in out.done]:  # a new device tensor only when a row has finished
-                active_rows = [not d for d in out.done]
-                active = torch.tensor(active_rows, device=device)
+            rows_active = [not d for d in out.done]
+            if rows_active != active_rows:  # a new device tensor only when a row has finished
+                active_rows, active = rows_active, torch.tensor(rows_active, device=device)
             block, n_accepted, next_token, input_pos = steps.speculative(target, draft, next_token, input_pos,
                                                                          active, sampling, block_size)
             next_token, input_pos = next_token.clone(), input_pos.clone()  # CUDA graphs reuse output memory
