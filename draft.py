@@ -12,7 +12,7 @@ Three ways to run it, all through `Draft.run_layers`:
   - `draft_block_logits`: stateless reference, a whole context and one block;
   - `Draft.write_context` + `Draft.block_logits`: static context K/V caches indexed by absolute position, for
     decoding (static shapes, compilable; `generate.speculative_step` drives them);
-  - `Draft.training_logits`: many blocks of a sequence in one forward under one block attention mask.
+  - `Draft.forward` (training): many blocks of a sequence in one forward under one block attention mask.
 """
 import json
 import os
@@ -229,11 +229,12 @@ class Draft(nn.Module):
         draft.load_state_dict(state, assign=True)
         return draft
 
-    def save_pretrained(self, folder):
-        """config.json + model.safetensors, each written to a temporary file and renamed into place."""
+    def save_pretrained(self, folder, dtype: torch.dtype | None = None):
+        """config.json + model.safetensors (tensors in dtype, default as they are), each written to a temporary
+        file and renamed into place."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, folder / "model.safetensors.tmp", metadata={"format": "pt"})
         (folder / "config.json.tmp").write_text(json.dumps(self.args.to_config(), indent=2))
         os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
@@ -307,8 +308,8 @@ class Draft(nn.Module):
 
     # --- training -------------------------------------------------------------------------------------------
 
-    def training_logits(self, target, hidden, block_tokens, anchors):
-        """Many blocks of one sequence batch in one forward.
+    def forward(self, target, hidden, block_tokens, anchors):
+        """Training: many blocks of each sequence in one forward (train.py; DDP calls this).
 
         hidden [B, S, T, H] captured for the whole sequence; block_tokens [B, nb, bs]; anchors [B, nb] (block j
         sits at anchors[:, j] + 0..bs-1). A block's queries see context positions < its anchor and its own block.

@@ -261,7 +261,8 @@ def test_sentencepiece_tokenizer_model(tmp_path):
         assert ours.decode(ours.encode(text)) == ref.decode(ref.encode(text))
 
 
-QWEN3_STYLE_TEMPLATE = """\
+# Qwen3's template up to the assistant turn's content and reasoning (shared by the two templates below)
+QWEN3_TEMPLATE_HEAD = """\
 {%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
 {%- set ns = namespace(last_query_index=messages|length - 1, found=false) %}
 {%- for message in messages[::-1] %}{%- if message.role == 'user' and not ns.found %}{%- set ns.found = true %}\
@@ -275,6 +276,8 @@ QWEN3_STYLE_TEMPLATE = """\
       {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
       {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
     {%- endif %}
+"""
+QWEN3_STYLE_TEMPLATE = QWEN3_TEMPLATE_HEAD + """\
     {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
       {{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
     {%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}
@@ -508,20 +511,20 @@ def test_training_forward_matches_blocks_and_masks(target32, fusion):
     blocks = torch.randint(0, target32.args.vocab_size, (1, 3, bs), generator=g)
     anchors = torch.tensor([[3, 9, 14]])
     with torch.no_grad():
-        logits = draft.training_logits(target32, hidden, blocks, anchors)
+        logits = draft(target32, hidden, blocks, anchors)
         for j in range(3):  # equals each block on its own
             p = int(anchors[0, j])
             ref = draft_block_logits(draft, target32, hidden[:, :p], blocks[:, j], p)
             torch.testing.assert_close(logits[:, j], ref, rtol=1e-4, atol=1e-4)
         changed = blocks.clone()
         changed[0, 2, 1] = (changed[0, 2, 1] + 1) % target32.args.vocab_size  # a token of block 2
-        other = draft.training_logits(target32, hidden, changed, anchors)
+        other = draft(target32, hidden, changed, anchors)
         torch.testing.assert_close(other[:, :2], logits[:, :2], rtol=0, atol=0)  # other blocks: unchanged
         assert not torch.allclose(other[0, 2, 0], logits[0, 2, 0])  # block position 0 sees position 1 ...
         assert not torch.allclose(other[0, 2, 2], logits[0, 2, 2])  # ... and so does position 3 (bidirectional)
         later = hidden.clone()
         later[:, 9:] += 1.0  # context rows at or after block 1's anchor
-        moved = draft.training_logits(target32, later, blocks, anchors)
+        moved = draft(target32, later, blocks, anchors)
         torch.testing.assert_close(moved[:, :2], logits[:, :2], rtol=0, atol=0)
         assert not torch.allclose(moved[:, 2], logits[:, 2])
 
@@ -918,3 +921,367 @@ def test_bench_step_timings_run_on_cpu(capsys, reference_fusion):
     assert results["DFlare 2L"]["projected_speedup"] == pytest.approx(6.5 * results["ar_ms"]
                                                                       / results["DFlare 2L"]["step_ms"])
     assert "projected speedup at tau 6.5" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prepare.py
+
+import numpy as np  # noqa: E402
+
+import prepare  # noqa: E402
+import train  # noqa: E402
+
+# QWEN3_STYLE_TEMPLATE for training: the same text, with transformers' {% generation %} marking what the assistant
+# writes after the generation prompt (the empty think block belongs to the prompt when thinking is off)
+QWEN3_TRAINING_TEMPLATE = QWEN3_TEMPLATE_HEAD + """\
+    {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
+      {%- set content = '<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') %}
+    {%- endif %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is false and content.startswith('<think>\\n\\n</think>\\n\\n') %}
+      {{- '<think>\\n\\n</think>\\n\\n' }}{%- set content = content[19:] %}
+    {%- endif %}
+    {%- generation %}{{- content + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}
+  {%- endif %}
+{%- endfor %}"""
+
+TRAINING_CONVERSATIONS = [
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, héllo 🙂"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "\n4\n\n"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nb"},
+     {"role": "user", "content": "c"}, {"role": "assistant", "content": "  d  "}],
+    [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "<think>r1</think>b"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "<think>\nr2\n</think>\n\nd"}],
+]
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_prepare_loss_mask_matches_the_chat_template(tok_file, thinking):
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file))
+    tok = BPETokenizer(tok_file)
+    chat = {"model_type": "qwen3", "thinking": thinking, "reasoning_effort": "medium", "date": None}
+    for messages in TRAINING_CONVERSATIONS:
+        # the rendered text is the inference template's, and the mask is transformers' assistant mask
+        text = hf_tok.apply_chat_template(messages, tokenize=False, chat_template=QWEN3_STYLE_TEMPLATE,
+                                          enable_thinking=thinking)
+        ref = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                         chat_template=QWEN3_TRAINING_TEMPLATE, enable_thinking=thinking)
+        ids, mask = prepare.tokenize_conversation(tok, prepare.token_byte_lengths(tok), messages, chat)
+        assert tok.decode(ids) == text
+        assert ids.tolist() == ref["input_ids"]
+        assert mask.tolist() == ref["assistant_masks"]
+        assert tok.decode(ids[mask == 1]).count("<|im_end|>") == sum(m["role"] == "assistant" for m in messages)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def chat_records(n, sharegpt_every=3):
+    records = []
+    for i in range(n):
+        turns = [("user", f"question {i}?"), ("assistant", f"answer {i} " * (i % 4 + 1))]
+        if i % sharegpt_every == 0:
+            names = {"user": "human", "assistant": "gpt"}
+            records.append({"conversations": [{"from": names[r], "value": c} for r, c in turns]})
+        else:
+            records.append({"messages": [{"role": r, "content": c} for r, c in turns]})
+    return records
+
+
+def test_prepare_shards_round_trip_shuffle_and_resume(targets, tmp_path, capsys):
+    folder, _ = targets["qwen3"]
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(11))
+    argv = ["--target", str(folder), "--data", str(data), "--shard_size", "4", "--thinking", "off"]
+    prepare.main(argv + ["--out", str(tmp_path / "a")])
+    assert "prepared 11 samples in 3 shards" in capsys.readouterr().out
+    tok = BPETokenizer(folder / "tokenizer.json")
+    conversations, problems = prepare.read_conversations([data], regenerate=False)
+    assert not problems and conversations[0][0] == {"role": "user", "content": "question 0?"}  # ShareGPT read
+    order = np.random.default_rng(0).permutation(11)
+    chat = {"model_type": "qwen3", "thinking": False, "reasoning_effort": "medium", "date": None}
+    packed = prepare.PackedData(tmp_path / "a")
+    assert len(packed) == 11
+    for j, i in enumerate(order):
+        ids, mask = prepare.tokenize_conversation(tok, prepare.token_byte_lengths(tok), conversations[i], chat)
+        assert packed[j][0].tolist() == ids.tolist() and packed[j][1].tolist() == mask.tolist()
+    assert packed.index["trained_tokens"] == sum(int(packed[j][1].sum()) for j in range(11))
+    # resume: a complete shard is kept as it is, a missing one is written again, identically
+    shard1 = (tmp_path / "a" / "shard_00001.tokens.npy").read_bytes()
+    (tmp_path / "a" / "shard_00001.json").unlink()
+    (tmp_path / "a" / "shard_00001.tokens.npy").write_bytes(b"half-written")
+    prepare.main(argv + ["--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert "shard_00000: already written, skipped" in err and "shard_00001: already" not in err
+    assert (tmp_path / "a" / "shard_00001.tokens.npy").read_bytes() == shard1
+    with pytest.raises(InputError, match=r"prepared with other settings \(max_seq_len\)"):
+        prepare.main(argv + ["--out", str(tmp_path / "a"), "--max_seq_len", "64"])
+    # another seed, another order of the same samples
+    packed = prepare.PackedData(tmp_path / "a")
+    prepare.main(argv + ["--out", str(tmp_path / "b"), "--seed", "1"])
+    other = prepare.PackedData(tmp_path / "b")
+    first = sorted(packed[j][0].tolist() for j in range(11))
+    assert sorted(other[j][0].tolist() for j in range(11)) == first
+    assert [other[j][0].tolist() for j in range(11)] != [packed[j][0].tolist() for j in range(11)]
+    # cut to --max_seq_len, and counted
+    prepare.main(argv + ["--out", str(tmp_path / "c"), "--max_seq_len", "36"])
+    assert max(len(prepare.PackedData(tmp_path / "c")[j][0]) for j in range(11)) == 36
+    assert re.search(r"cut to --max_seq_len: [1-9]", capsys.readouterr().out)
+    with pytest.raises(InputError, match="none has answer tokens within --max_seq_len"):
+        prepare.main(argv + ["--out", str(tmp_path / "d"), "--max_seq_len", "20"])
+
+
+def test_prepare_bad_input_is_reported_by_line(targets, tmp_path, capsys):
+    folder, _ = targets["qwen3"]
+    good = chat_records(3)
+    data = write_jsonl(tmp_path / "chats.jsonl", [good[0], "{not json", good[1],
+                                                  {"messages": [{"role": "robot", "content": "beep"}]},
+                                                  {"messages": [{"role": "user", "content": "no answer"}]},
+                                                  {"text": "plain"}, "", good[2]])
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    argv = ["--target", str(folder), "--data", str(data), str(empty), "--out", str(tmp_path / "out")]
+    with pytest.raises(InputError, match="5 bad lines or files in --data"):
+        prepare.main(argv + ["--bad_lines", "error"])
+    err = capsys.readouterr().err
+    for expected in ["chats.jsonl:2: not valid JSON", "chats.jsonl:4: turn 0: unknown role 'robot'",
+                     "chats.jsonl:5: no assistant turn to train on",
+                     'chats.jsonl:6: expected an object with "messages" or "conversations"', "empty.jsonl: empty file"]:
+        assert expected in err
+    assert not (tmp_path / "out" / "index.json").exists()
+    prepare.main(argv)  # skip (the default): the three good lines are kept
+    assert "prepared 3 samples" in capsys.readouterr().out
+    with pytest.raises(InputError, match="does not exist"):
+        prepare.main(["--target", str(folder), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
+    with pytest.raises(InputError, match="no usable conversation"):
+        prepare.main(["--target", str(folder), "--data", str(empty), "--out", str(tmp_path / "y")])
+    with pytest.raises(InputError, match="has no index.json: prepare the data with prepare.py first"):
+        prepare.PackedData(tmp_path / "y")
+
+
+def test_prepare_regenerate_uses_the_targets_own_answers(targets, targets32, tmp_path, reference_fusion):
+    folder, _ = targets["qwen3"]
+    records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "replaced"}]},
+               {"conversations": [{"from": "human", "value": "import os"}]}]
+    data = write_jsonl(tmp_path / "prompts.jsonl", records)
+    prepare.main(["--target", str(folder), "--data", str(data), "--out", str(tmp_path / "out"), "--regenerate",
+                  "--max_new_tokens", "12", "--batch_size", "2", "--seed", "3"])
+    tok = BPETokenizer(folder / "tokenizer.json")
+    packed = prepare.PackedData(tmp_path / "out")
+    order = np.random.default_rng(3).permutation(2)
+    for j, i in enumerate(order):
+        prompt = tok.encode(chat_prompt(records[i].get("messages", [{"role": "user", "content": "import os"}])[:1],
+                                        "qwen3"))
+        answer, _ = decode(targets32["qwen3"], [prompt], 12, stop_ids=[tok.token_id("<|im_end|>")])
+        ids, mask = packed[j]
+        assert ids.tolist() == prompt + answer[0] and mask.tolist() == [0] * len(prompt) + [1] * len(answer[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py
+
+def run_train(argv, env=None, nproc=1):
+    """train.py in a fresh process (torchrun for nproc > 1); returns stdout."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 \
+        else [sys.executable]
+    result = subprocess.run(launcher + [os.path.join(HERE, "train.py"), *map(str, argv)], capture_output=True,
+                            text=True, env={**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1",
+                                            **(env or {})}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def step_losses(stdout):
+    return {int(s): float(loss) for s, loss in re.findall(r"^step (\d+)/\d+ \| loss ([\d.]+)", stdout, re.M)}
+
+
+@pytest.fixture(scope="session")
+def train_data(targets, tmp_path_factory):
+    folder, _ = targets["qwen3"]
+    out = tmp_path_factory.mktemp("train_data")
+    data = write_jsonl(out / "chats.jsonl", chat_records(40))
+    prepare.main(["--target", str(folder), "--data", str(data), "--out", str(out / "data"), "--shard_size", "16",
+                  "--thinking", "off"])
+    return out / "data"
+
+
+def train_argv(targets, train_data, out, *extra):
+    return ["--target", targets["qwen3"][0], "--data", train_data, "--out", out, "--num_layers", 2,
+            "--block_size", 4, "--num_anchors", 8, "--batch_size", 4, "--eval_samples", 8, "--lr", 3e-3,
+            "--log_every", 1, "--eval_every", 1000, *extra]
+
+
+def test_train_loss_falls_and_the_draft_decodes_losslessly(targets, train_data, tmp_path, capsys, reference_fusion):
+    out = tmp_path / "draft"
+    # bf16 autocast over fp32 weights
+    stdout = run_train(train_argv(targets, train_data, out, "--max_steps", 12, "--micro_batch_size", 2,
+                                  "--dtype", "bfloat16"))
+    losses = step_losses(stdout)
+    assert len(losses) == 12 and losses[12] < 0.6 * losses[1], losses
+    evals = re.findall(r"eval step (\d+): loss ([\d.]+) \| accuracy ([\d.]+) \| estimated tau ([\d.]+) \| accuracy "
+                       r"by block position ([\d. ]+)", stdout)
+    assert [e[0] for e in evals] == ["0", "12"] and float(evals[1][1]) < float(evals[0][1])
+    assert len(evals[1][4].split()) == 3  # block positions 1..3
+    assert "saved step 12" in stdout and json.loads((out / "config.json").read_text())["block_size"] == 4
+    folder, _ = targets["qwen3"]
+    rows = run_cli(capsys, "--checkpoint", folder, "--draft", out, "--prompt", "question 3?", "--prompt", "hi",
+                   "--chat", "--thinking", "off", "--max_new_tokens", 16, "--compare_ar", "--json")
+    assert all(r["identical_to_ar"] for r in rows)
+
+
+def test_training_step_runs_the_fusion_kernel(targets32, train_data, monkeypatch):
+    """The training forward and backward go through the Triton kernel (interpreted here), as fast as the reference."""
+    target = targets32["qwen3"]
+    data = prepare.PackedData(train_data)
+    samples = [data[0], data[1]]
+    anchors = [train.sample_anchors(m, 4, 8, np.random.default_rng(i)) for i, (_, m) in enumerate(samples)]
+    batch = train.make_batch(samples, anchors, 4, 7.0, "cpu")
+    results = []
+    for interpret in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        draft = make_draft(target, "layerwise", block_size=4)
+        calls = []
+        monkeypatch.setattr(FuseLayers, "apply", lambda *a, real=FuseLayers.apply: calls.append(1) or real(*a))
+        loss, stats = train.block_loss(draft, draft, target, *batch, torch.autocast("cpu", enabled=False))
+        loss.backward()
+        assert len(calls) == (interpret == "1")
+        results.append((loss.detach(), stats, {n: p.grad for n, p in draft.named_parameters()}))
+    (loss, stats, grads), (ref_loss, ref_stats, ref_grads) = results
+    torch.testing.assert_close(loss, ref_loss)
+    assert torch.equal(stats, ref_stats)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-5)
+
+
+def test_train_two_processes_give_the_losses_of_one(targets, train_data, tmp_path):
+    argv = train_argv(targets, train_data, tmp_path / "one", "--max_steps", 4)
+    one = step_losses(run_train(argv))
+    # one process accumulates 4 micro-batches of 1; two processes run one micro-batch of 2 each
+    two = step_losses(run_train(train_argv(targets, train_data, tmp_path / "two", "--max_steps", 4,
+                                           "--micro_batch_size", 2), nproc=2))
+    assert len(one) == 4 and one.keys() == two.keys()
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6)
+
+
+def test_train_resume_after_a_kill_reproduces_the_run(targets, train_data, tmp_path):
+    full = step_losses(run_train(train_argv(targets, train_data, tmp_path / "full", "--max_steps", 40)))
+    argv = train_argv(targets, train_data, tmp_path / "killed", "--max_steps", 40, "--save_every", 3)
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *map(str, argv)],
+                               stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if line.startswith("saved step"):
+            process.kill()
+            break
+    process.wait()
+    assert not (tmp_path / "killed" / "config.json").read_text() == ""
+    resumed = run_train(argv + ["--resume"])
+    start = int(re.search(r"resumed from .* at step (\d+)", resumed).group(1))
+    assert 3 <= start < 40
+    losses = step_losses(resumed)
+    assert min(losses) == start + 1 and max(losses) == 40
+    for step, loss in losses.items():
+        assert loss == pytest.approx(full[step], rel=1e-6), step
+
+
+def test_interrupted_save_leaves_the_last_checkpoint(targets, train_data, tmp_path, monkeypatch, reference_fusion):
+    out = tmp_path / "run"
+    run_train(train_argv(targets, train_data, out, "--max_steps", 2))
+    before = {name: (out / name).read_bytes() for name in ("config.json", "model.safetensors", "train_state.pt")}
+    draft = Draft.from_pretrained(out, dtype=torch.float32)
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    optimizer = torch.optim.AdamW(draft.parameters())
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(1.0)  # what a later step would save
+
+    def killed_while_writing(real):
+        def write(obj, path, *args, **kwargs):
+            open(path, "wb").write(b"partial")
+            raise KeyboardInterrupt
+
+        return write
+
+    import draft as draft_module
+
+    for module, name in [(draft_module, "save_file"), (train.torch, "save")]:
+        with monkeypatch.context() as m:
+            m.setattr(module, name, killed_while_writing(getattr(module, name)))
+            with pytest.raises(KeyboardInterrupt):
+                train.save_checkpoint(out, draft, optimizer, 3, train.parse_args(["--target", "t", "--data", "d",
+                                                                                  "--out", str(out)]), torch.float32)
+        assert (out / "train_state.pt").read_bytes() == before["train_state.pt"]
+        assert torch.load(out / "train_state.pt", weights_only=True)["step"] == state["step"] == 2
+    # the draft folder is whole: the old files, or (cut in train_state.pt) the complete new ones
+    reloaded = Draft.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(reloaded.norm.weight, draft.norm.weight)
+    stdout = run_train(train_argv(targets, train_data, out, "--max_steps", 3, "--resume"))
+    assert "resumed from" in stdout and "at step 2" in stdout and 3 in step_losses(stdout)
+
+
+def test_train_errors(targets, train_data, tmp_path):
+    argv = train_argv(targets, train_data, tmp_path / "run")
+    argv = [str(a) for a in argv]
+    with pytest.raises(InputError, match="has no train_state.pt to resume from"):
+        train.main(argv + ["--resume"])
+    with pytest.raises(InputError, match=r"--batch_size 3 must be a multiple of processes \(1\) x --micro_batch_size"):
+        train.main(argv + ["--batch_size", "3", "--micro_batch_size", "2"])
+    with pytest.raises(InputError, match="fewer than one --batch_size 64"):
+        train.main(argv + ["--batch_size", "64"])
+    with pytest.raises(InputError, match="--block_size must be at least 2"):
+        train.parse_args(argv + ["--block_size", "1"])
+    with pytest.raises(InputError, match="has no index.json"):
+        train.main([*argv, "--data", str(tmp_path)])
+    run_train(argv + ["--max_steps", "1"])
+    with pytest.raises(InputError, match="holds a training run: pass --resume"):
+        train.main(argv)
+    with pytest.raises(InputError, match=r"--resume with other settings than the saved run \(lr\)"):
+        train.main(argv + ["--max_steps", "1", "--resume", "--lr", "1e-4"])
+
+
+def counting_target(folder, tok_file):
+    """A tiny Qwen3 trained (with transformers) to answer "count from d" by counting on from digit d: a greedy
+    continuation that a draft can learn."""
+    import transformers
+
+    tok = BPETokenizer(tok_file)
+    texts = [chat_prompt([{"role": "user", "content": f"count from {d}"}], "qwen3", thinking=False)
+             + "".join(str((d + j) % 10) for j in range(40)) + "<|im_end|>" for d in range(10)]
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=tok.vocab_size, hidden_size=64, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, intermediate_size=128, num_hidden_layers=2,
+                                   tie_word_embeddings=True, max_position_embeddings=512,
+                                   eos_token_id=tok.token_id("<|im_end|>"))
+    model = transformers.Qwen3ForCausalLM(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = torch.tensor([tok.encode(t) for t in texts])
+    for _ in range(150):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    (folder / "tokenizer.json").write_bytes(tok_file.read_bytes())
+
+
+def test_trained_draft_reaches_high_tau_on_a_learnable_target(tok_file, tmp_path, capsys, reference_fusion):
+    target = tmp_path / "target"
+    counting_target(target, tok_file)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"messages": [{"role": "user", "content": f"count from {i % 10}"}]} for i in range(64)])
+    prepare.main(["--target", str(target), "--data", str(prompts), "--out", str(tmp_path / "data"), "--regenerate",
+                  "--thinking", "off", "--max_new_tokens", "40", "--batch_size", "32"])
+    run_train(["--target", target, "--data", tmp_path / "data", "--out", tmp_path / "draft", "--num_layers", 2,
+               "--block_size", 8, "--batch_size", 4, "--eval_samples", 8, "--epochs", 10, "--lr", 3e-3,
+               "--eval_every", 1000])
+    capsys.readouterr()
+    rows = run_cli(capsys, "--checkpoint", target, "--draft", tmp_path / "draft", "--chat", "--thinking", "off",
+                   "--prompt", "count from 4", "--prompt", "count from 7", "--max_new_tokens", 40, "--compare_ar",
+                   "--json")
+    for row, start in zip(rows, (4, 7)):
+        assert row["identical_to_ar"] and row["text"] == "".join(str((start + j) % 10) for j in range(40))
+        assert row["tau"] > 6.0, row["acceptance_lengths"]  # block 8: at most 8

@@ -148,22 +148,34 @@ def stop_token_ids(checkpoint_dir, config: dict, tokenizer) -> list:
 def chat_prompt(messages, model_type: str, thinking: bool = True, reasoning_effort: str = "medium",
                 date: str | None = None) -> str:
     """The prompt string for a list of {"role", "content"} messages, ending where the assistant's answer starts."""
+    return "".join(text for text, _ in chat_segments(messages, model_type, thinking, reasoning_effort, date))
+
+
+def chat_segments(messages, model_type: str, thinking: bool = True, reasoning_effort: str = "medium",
+                  date: str | None = None, generation_prompt: bool = True) -> list:
+    """The chat as (text, is_answer) pieces whose concatenation is the rendered chat. is_answer marks what the
+    assistant writes itself: everything after the generation prompt up to its end-of-turn token (the loss mask)."""
     for i, m in enumerate(messages):
         if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
             raise InputError(f"chat message {i} must have role system/user/assistant and string content: {m}")
     if model_type == "gpt_oss":
-        return harmony_prompt(messages, reasoning_effort, date or datetime.date.today().isoformat())
-    return chatml_prompt(messages, thinking)
+        return harmony_segments(messages, reasoning_effort, date or datetime.date.today().isoformat(),
+                                generation_prompt)
+    return chatml_segments(messages, thinking, generation_prompt)
 
 
-def chatml_prompt(messages, thinking: bool) -> str:
-    """Qwen3's ChatML. Earlier assistant turns lose their <think> part, except after the last user message."""
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
+def chatml_segments(messages, thinking: bool, generation_prompt: bool) -> list:
+    """Qwen3's ChatML. Earlier assistant turns lose their <think> part, except after the last user message.
+    Without thinking the generation prompt holds an empty think block, so the answer starts after it."""
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
-    out = ""
+    segments = []
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
         if role != "assistant":
-            out += f"<|im_start|>{role}\n{content}<|im_end|>\n"
+            segments.append((f"<|im_start|>{role}\n{content}<|im_end|>\n", False))
             continue
         reasoning = m.get("reasoning_content")
         if reasoning is None:
@@ -172,24 +184,31 @@ def chatml_prompt(messages, thinking: bool) -> str:
                 reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
                 content = content.split("</think>")[-1].lstrip("\n")
         if i > last_user and (i == len(messages) - 1 or reasoning):
-            out += f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
-        else:
-            out += f"<|im_start|>assistant\n{content}"
-        out += "<|im_end|>\n"
-    out += "<|im_start|>assistant\n"
-    return out if thinking else out + "<think>\n\n</think>\n\n"
+            content = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+        header = "<|im_start|>assistant\n"
+        if not thinking and content.startswith(EMPTY_THINK):
+            header, content = header + EMPTY_THINK, content[len(EMPTY_THINK):]
+        segments += [(header, False), (content + "<|im_end|>", True), ("\n", False)]
+    if generation_prompt:
+        segments.append(("<|im_start|>assistant\n" + ("" if thinking else EMPTY_THINK), False))
+    return segments
 
 
-def harmony_prompt(messages, reasoning_effort: str, date: str) -> str:
-    """GPT-OSS's harmony format: system header, optional developer instructions, then the turns."""
-    out = ("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
-           f"Knowledge cutoff: 2024-06\nCurrent date: {date}\n\nReasoning: {reasoning_effort}\n\n"
-           "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>")
-    for m in messages:
+def harmony_segments(messages, reasoning_effort: str, date: str, generation_prompt: bool) -> list:
+    """GPT-OSS's harmony format: system header, optional developer instructions, then the turns. An answer is
+    written to the final channel; the last one ends with <|return|> (what the model emits), earlier ones <|end|>."""
+    segments = [("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+                 f"Knowledge cutoff: 2024-06\nCurrent date: {date}\n\nReasoning: {reasoning_effort}\n\n"
+                 "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>",
+                 False)]
+    for i, m in enumerate(messages):
         if m["role"] == "system":
-            out += f"<|start|>developer<|message|># Instructions\n\n{m['content']}\n\n<|end|>"
+            segments.append((f"<|start|>developer<|message|># Instructions\n\n{m['content']}\n\n<|end|>", False))
         elif m["role"] == "user":
-            out += f"<|start|>user<|message|>{m['content']}<|end|>"
+            segments.append((f"<|start|>user<|message|>{m['content']}<|end|>", False))
         else:
-            out += f"<|start|>assistant<|channel|>final<|message|>{m['content']}<|end|>"
-    return out + "<|start|>assistant"
+            end = "<|return|>" if i == len(messages) - 1 and not generation_prompt else "<|end|>"
+            segments += [("<|start|>assistant", False), (f"<|channel|>final<|message|>{m['content']}{end}", True)]
+    if generation_prompt:
+        segments.append(("<|start|>assistant", False))
+    return segments

@@ -1,0 +1,343 @@
+"""Chat data -> tokenized training shards for train.py (SPEC section 5).
+
+    python prepare.py --target TARGET_DIR --data chats.jsonl [more.jsonl ...] --out data/
+    python prepare.py --target TARGET_DIR --data chats.jsonl --out data/ --regenerate   # the target's own answers
+
+Input: JSONL files, one conversation a line, as {"messages": [{"role": "system"|"user"|"assistant", "content"}]}
+or ShareGPT's {"conversations": [{"from": "system"|"human"|"gpt", "value"}]}. Each conversation is written in the
+target's chat format (tokenizer.chat_segments) and tokenized whole; the loss mask marks the assistant's answers
+(everything the model writes after the generation prompt, through its end-of-turn token).
+
+--regenerate replaces the last answer of each conversation by the target's own (greedy unless --temperature), as
+the DFlash and DFlare papers do, so that the draft learns the distribution it will be verified against; the
+sample is then the prompt's tokens followed by exactly the tokens the target generated, and only those train.
+
+Output in --out: per shard `shard_NNNNN.tokens.npy` (uint32, the samples back to back), `.mask.npy` (uint8, the loss
+mask), `.offsets.npy` (int64, where each sample starts, plus the end), then `shard_NNNNN.json` once the shard is
+complete; `index.json` lists them. Conversations are shuffled (--seed) before sharding; running the same command
+again skips the shards already written, so an interrupted run (a long --regenerate) resumes where it stopped.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import generate
+from model import InputError, load_checkpoint, read_config
+from tokenizer import BPETokenizer, chat_prompt, chat_segments, load_tokenizer, stop_token_ids
+
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "chatgpt": "assistant"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading conversations
+
+def parse_conversation(line: str, regenerate: bool) -> list:
+    """One JSONL line -> [{"role", "content"}]; raises ValueError saying what is wrong with it."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or not ("messages" in record or "conversations" in record):
+        raise ValueError('expected an object with "messages" or "conversations"')
+    sharegpt = "messages" not in record
+    turns = record["conversations"] if sharegpt else record["messages"]
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f'"{"conversations" if sharegpt else "messages"}" must be a non-empty list')
+    messages = []
+    for i, turn in enumerate(turns):
+        role = turn.get(role_key) if isinstance(turn, dict) else None
+        if role not in ROLES:
+            raise ValueError(f"turn {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(turn.get(content_key), str):
+            raise ValueError(f"turn {i}: {content_key!r} must be a string")
+        messages.append({"role": ROLES[role], "content": turn[content_key]})
+    if regenerate:
+        if not any(m["role"] == "user" for m in messages):
+            raise ValueError("no user turn to answer")
+    elif not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant turn to train on")
+    return messages
+
+
+def read_conversations(paths, regenerate: bool):
+    """All conversations of the JSONL files, and the problems found ("file:line: what"), in file order."""
+    conversations, problems = [], []
+    for path in paths:
+        if not Path(path).is_file():
+            raise InputError(f"data file {str(path)!r} does not exist")
+        n_before = len(conversations)
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    conversations.append(parse_conversation(line, regenerate))
+                except ValueError as e:
+                    problems.append(f"{path}:{number}: {e}")
+        if len(conversations) == n_before and not any(p.startswith(f"{path}:") for p in problems):
+            problems.append(f"{path}: empty file")
+    return conversations, problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizing
+
+def token_byte_lengths(tokenizer: BPETokenizer) -> np.ndarray:
+    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for i, b in tokenizer.bytes_of_id.items():
+        lengths[i] = len(b)
+    return lengths
+
+
+def tokenize_conversation(tokenizer: BPETokenizer, byte_lengths, messages, chat: dict):
+    """The whole rendered conversation tokenized at once -> (token ids, loss mask). A token is masked in when its
+    bytes overlap an answer segment's."""
+    segments = chat_segments(messages, generation_prompt=False, **chat)
+    if tokenizer.nfc:  # the tokenizer sees NFC text: measure the segments in the same bytes
+        segments = [(unicodedata.normalize("NFC", text), is_answer) for text, is_answer in segments]
+    ids = np.array(tokenizer.encode("".join(text for text, _ in segments)), dtype=np.int64)
+    ends = np.cumsum(byte_lengths[ids])
+    starts = ends - byte_lengths[ids]
+    mask = np.zeros(len(ids), dtype=np.uint8)
+    position = 0
+    for text, is_answer in segments:
+        n = len(text.encode("utf-8"))
+        if is_answer:
+            mask[(starts < position + n) & (ends > position)] = 1
+        position += n
+    assert position == ends[-1], "token bytes do not add up to the rendered text"
+    return ids, mask
+
+
+def regenerate_answers(target, tokenizer, conversations, chat: dict, stop_ids, args, progress):
+    """Replace each conversation's last answer by the target's: (prompt + generated ids, mask on the generated)."""
+    samples = []
+    for start in range(0, len(conversations), args.batch_size):
+        batch = conversations[start:start + args.batch_size]
+        # answer the conversation up to its last user turn's reply: drop a trailing assistant turn
+        prompts = [tokenizer.encode(chat_prompt(m[:-1] if m[-1]["role"] == "assistant" else m, **chat))
+                   for m in batch]
+        keep = [i for i, p in enumerate(prompts) if len(p) < args.max_seq_len]
+        samples += [None] * len(batch)  # None: prompt too long, counted in the summary
+        if keep:
+            target.setup_caches(len(keep), max(len(prompts[i]) for i in keep) + args.max_new_tokens)
+            answers, _ = generate.generate(target, [prompts[i] for i in keep], args.max_new_tokens,
+                                           generate.Sampling(args.temperature), stop_ids)
+            for i, answer in zip(keep, answers):
+                ids = np.array(prompts[i] + answer, dtype=np.int64)
+                mask = np.zeros(len(ids), dtype=np.uint8)
+                mask[len(prompts[i]):] = 1
+                samples[start + i] = (ids, mask)
+        progress(start + len(batch))
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards on disk
+
+def save_npy(path: Path, array):
+    """np.save to a temporary file, then rename: a shard file is either complete or absent."""
+    with open(path.with_name(path.name + ".tmp"), "wb") as f:
+        np.save(f, array)
+    os.replace(path.with_name(path.name + ".tmp"), path)
+
+
+def write_shard(folder: Path, name: str, samples: list, counts: dict) -> dict:
+    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(ids) for ids, _ in samples])
+    empty = np.zeros(0, dtype=np.int64)
+    save_npy(folder / f"{name}.tokens.npy", np.concatenate([empty] + [ids for ids, _ in samples]).astype(np.uint32))
+    save_npy(folder / f"{name}.mask.npy", np.concatenate([empty] + [mask for _, mask in samples]).astype(np.uint8))
+    save_npy(folder / f"{name}.offsets.npy", offsets)
+    meta = {"name": name, "samples": len(samples), "tokens": int(offsets[-1]),
+            "trained_tokens": int(sum(int(mask.sum()) for _, mask in samples)), **counts}
+    write_json(folder / f"{name}.json", meta)  # last: marks the shard complete
+    return meta
+
+
+def write_json(path: Path, obj):
+    path.with_name(path.name + ".tmp").write_text(json.dumps(obj, indent=2))
+    os.replace(path.with_name(path.name + ".tmp"), path)
+
+
+class PackedData:
+    """The samples of a prepared folder, read through memory maps: data[i] -> (token ids, loss mask)."""
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        if not (folder / "index.json").is_file():
+            raise InputError(f"{str(folder)!r} has no index.json: prepare the data with prepare.py first "
+                             f"(or finish an interrupted prepare.py run by starting it again)")
+        self.index = json.loads((folder / "index.json").read_text())
+        self.shards = []
+        for shard in self.index["shards"]:
+            self.shards.append([np.load(folder / f"{shard['name']}.{kind}.npy", mmap_mode="r")
+                                for kind in ("tokens", "mask", "offsets")] if shard["samples"] else None)
+        self.starts = np.cumsum([0] + [s["samples"] for s in self.index["shards"]])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, i):
+        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+        tokens, mask, offsets = self.shards[shard]
+        j = i - self.starts[shard]
+        return np.asarray(tokens[offsets[j]:offsets[j + 1]], dtype=np.int64), np.asarray(mask[offsets[j]:offsets[j + 1]])
+
+
+class Progress:
+    """A progress line on stderr: count, rate, time left."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total = label, total
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int):
+        now = time.perf_counter()
+        if now - self.last < 0.5 and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else 0.0
+        bar = "#" * int(20 * done / max(self.total, 1))
+        end = "\n" if done >= self.total else ""
+        print(f"\r{self.label} [{bar:<20}] {done}/{self.total} {rate:.1f}/s, {left:.0f} s left ", end=end,
+              file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Tokenize chat data into training shards for train.py.")
+    p.add_argument("--target", required=True, help="target checkpoint folder (tokenizer, chat format, weights)")
+    p.add_argument("--data", required=True, nargs="+", help="JSONL files of conversations")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--max_seq_len", type=int, default=3072, help="longer samples are cut to this many tokens")
+    p.add_argument("--shard_size", type=int, default=10000, help="conversations per shard")
+    p.add_argument("--seed", type=int, default=0, help="shuffling seed")
+    p.add_argument("--bad_lines", choices=["skip", "error"], default="skip",
+                   help="what to do with unreadable lines and files (they are reported either way)")
+    p.add_argument("--thinking", choices=("on", "off"), default="on", help="Qwen3 thinking mode chat format (as in "
+                                                                            "generate.py --chat)")
+    p.add_argument("--reasoning_effort", default="medium", choices=["low", "medium", "high"], help="GPT-OSS")
+    p.add_argument("--regenerate", action="store_true", help="replace the last answers by the target's own")
+    p.add_argument("--max_new_tokens", type=int, default=1024, help="--regenerate: longest answer")
+    p.add_argument("--temperature", type=float, default=0.0, help="--regenerate: 0 = greedy")
+    p.add_argument("--batch_size", type=int, default=16, help="--regenerate: conversations per forward")
+    p.add_argument("--device", default=None, help="--regenerate: cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="--regenerate: default bfloat16 on CUDA, float32 on CPU")
+    args = p.parse_args(argv)
+    for name in ("max_seq_len", "shard_size", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be at least 1")
+    if args.temperature < 0:
+        raise InputError("--temperature must be >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = read_config(args.target)
+    tokenizer = load_tokenizer(args.target)
+    if not isinstance(tokenizer, BPETokenizer):
+        raise InputError("prepare.py needs the target's tokenizer.json (byte-level BPE) to place the loss mask")
+    model_type = config.get("model_type", "")
+    chat = {"model_type": model_type, "thinking": args.thinking == "on", "reasoning_effort": args.reasoning_effort,
+            "date": datetime.date.today().isoformat()}
+    conversations, problems = read_conversations(args.data, args.regenerate)
+    for problem in problems[:20]:
+        print(f"bad input: {problem}", file=sys.stderr)
+    if len(problems) > 20:
+        print(f"bad input: ... and {len(problems) - 20} more", file=sys.stderr)
+    if problems and args.bad_lines == "error":
+        raise InputError(f"{len(problems)} bad lines or files in --data (listed above): fix them, or pass "
+                         f"--bad_lines skip to leave them out")
+    if not conversations:
+        raise InputError("no usable conversation in --data")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"target": str(Path(args.target).resolve()), "model_type": model_type,
+                "vocab_size": tokenizer.vocab_size,
+                "data": [[str(Path(p).resolve()), Path(p).stat().st_size] for p in args.data],
+                **{k: getattr(args, k) for k in ("max_seq_len", "shard_size", "seed", "thinking", "reasoning_effort",
+                                                 "regenerate")},
+                **({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature} if args.regenerate else {})}
+    if (out / "settings.json").is_file():
+        before = json.loads((out / "settings.json").read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise InputError(f"{str(out)!r} holds shards prepared with other settings ({', '.join(changed)}): "
+                             f"use another --out, or delete it to start over")
+    else:
+        write_json(out / "settings.json", settings)
+
+    order = np.random.default_rng(args.seed).permutation(len(conversations))
+    conversations = [conversations[i] for i in order]
+    n_shards = (len(conversations) + args.shard_size - 1) // args.shard_size
+
+    target = stop_ids = None
+    if args.regenerate:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        target = load_checkpoint(args.target, device, dtype)
+        stop_ids = stop_token_ids(args.target, config, tokenizer)
+    byte_lengths = token_byte_lengths(tokenizer)
+    shards = []
+    for k in range(n_shards):
+        name = f"shard_{k:05d}"
+        if (out / f"{name}.json").is_file():
+            shards.append(json.loads((out / f"{name}.json").read_text()))
+            print(f"{name}: already written, skipped", file=sys.stderr)
+            continue
+        batch = conversations[k * args.shard_size:(k + 1) * args.shard_size]
+        progress = Progress(f"{name} ({k + 1}/{n_shards})", len(batch))
+        if args.regenerate:
+            torch.manual_seed(args.seed + k)  # sampled answers do not depend on where a run resumed
+            tokenized = regenerate_answers(target, tokenizer, batch, chat, stop_ids, args, progress)
+        else:
+            tokenized = []
+            for i, messages in enumerate(batch):
+                tokenized.append(tokenize_conversation(tokenizer, byte_lengths, messages, chat))
+                progress(i + 1)
+        samples, counts = [], {"no_answer": 0, "truncated": 0}
+        for sample in tokenized:
+            if sample is None or not sample[1][:args.max_seq_len].any():
+                counts["no_answer"] += 1
+                continue
+            counts["truncated"] += len(sample[0]) > args.max_seq_len
+            samples.append((sample[0][:args.max_seq_len], sample[1][:args.max_seq_len]))
+        shards.append(write_shard(out, name, samples, counts))
+
+    n_samples = sum(s["samples"] for s in shards)
+    n_tokens = sum(s["tokens"] for s in shards)
+    n_trained = sum(s["trained_tokens"] for s in shards)
+    no_answer, truncated = (sum(s[key] for s in shards) for key in ("no_answer", "truncated"))
+    if not n_samples:
+        raise InputError("no sample kept: none has answer tokens within --max_seq_len (raise it)")
+    write_json(out / "index.json", {"settings": settings, "shards": shards, "samples": n_samples,
+                                    "tokens": n_tokens, "trained_tokens": n_trained})
+    print(f"prepared {n_samples} samples in {len(shards)} shards in {str(out)!r}: {n_tokens} tokens "
+          f"({n_tokens / max(n_samples, 1):.0f} per sample), {n_trained / max(n_tokens, 1):.1%} of them trained on "
+          f"(assistant answers)")
+    print(f"left out: {len(problems)} bad lines or files, {no_answer} samples without answer tokens within "
+          f"--max_seq_len{' (or prompts too long to answer)' if args.regenerate else ''}; cut to --max_seq_len: "
+          f"{truncated}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"error: {e}")
