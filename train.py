@@ -57,6 +57,14 @@ def anchor_rng(seed: int, split: int, epoch: int, index: int):
     return np.random.default_rng([seed, split, epoch, int(index)])
 
 
+def micro_batch(data, indices, args, split: int, epoch: int, device):
+    """The samples at indices (cut to --max_seq_len) with their anchors, as make_batch's tensors."""
+    samples = [(t[:args.max_seq_len], m[:args.max_seq_len]) for t, m in (data[i] for i in indices)]
+    anchors = [sample_anchors(m, args.block_size, args.num_anchors, anchor_rng(args.seed, split, epoch, i))
+               for i, (_, m) in zip(indices, samples)]
+    return make_batch(samples, anchors, args.block_size, args.gamma, device)
+
+
 def make_batch(samples, anchors, block_size: int, gamma: float, device):
     """Pad a micro-batch. Returns tokens [B, S], anchors [B, nb] and the label weights [B, nb, bs-1]
     (loss mask of the label x exp(-(k-1)/gamma); 0 for padding blocks, which sit at position 0)."""
@@ -111,7 +119,7 @@ def report(stats, block_size: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distributed helpers
+# Reductions over processes, schedule, evaluation
 
 def all_reduce_sum(t):
     if dist.is_initialized():
@@ -135,11 +143,7 @@ def evaluate(model, draft, target, data, eval_indices, args, rank, world, autoca
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     mine = eval_indices[rank::world]
     for start in range(0, len(mine), args.micro_batch_size):
-        idx = mine[start:start + args.micro_batch_size]
-        samples = [data[i] for i in idx]
-        anchors = [sample_anchors(m, args.block_size, args.num_anchors, anchor_rng(args.seed, 1, 0, i))
-                   for i, (_, m) in zip(idx, samples)]
-        tokens, anchor_pos, weights = make_batch(samples, anchors, args.block_size, args.gamma, device)
+        tokens, anchor_pos, weights = micro_batch(data, mine[start:start + args.micro_batch_size], args, 1, 0, device)
         loss_sum, s = block_loss(model, draft, target, tokens, anchor_pos, weights, autocast)
         stats += s
         sums += torch.stack([loss_sum.double(), weights.sum().double()])
@@ -305,14 +309,8 @@ def main(argv=None):
         epoch, position = divmod(step, steps_per_epoch)
         order = np.random.default_rng([args.seed, 0, epoch]).permutation(n_train)
         batch = order[position * args.batch_size:(position + 1) * args.batch_size]
-        micro_batches = []
-        for m in range(accumulation):
-            start = (m * world + rank) * args.micro_batch_size
-            idx = batch[start:start + args.micro_batch_size]
-            samples = [(t[:args.max_seq_len], mk[:args.max_seq_len]) for t, mk in (data[i] for i in idx)]
-            anchors = [sample_anchors(mk, args.block_size, args.num_anchors, anchor_rng(args.seed, 0, epoch, i))
-                       for i, (_, mk) in zip(idx, samples)]
-            micro_batches.append(make_batch(samples, anchors, args.block_size, args.gamma, device))
+        starts = [(m * world + rank) * args.micro_batch_size for m in range(accumulation)]
+        micro_batches = [micro_batch(data, batch[s:s + args.micro_batch_size], args, 0, epoch, device) for s in starts]
         # the loss is a sum over the whole batch divided by its total weight (known before any forward)
         total_weight = all_reduce_sum(sum(w.sum() for _, _, w in micro_batches).double()).clamp(min=1e-9)
         lr = learning_rate(step, total_steps, args)
