@@ -1223,6 +1223,16 @@ def test_interrupted_save_leaves_the_last_checkpoint(targets, train_data, tmp_pa
     assert "at step 2" in run_train(train_argv(targets, train_data, out, "--max_steps", 2, "--resume"))
 
 
+def test_train_from_an_existing_draft(targets, train_data, draft_folder, tmp_path):
+    argv = [str(a) for a in train_argv(targets, train_data, tmp_path / "run", "--init", draft_folder,
+                                       "--max_steps", 1)]
+    with pytest.raises(InputError, match="--block_size 4 differs from the --init draft's 8"):
+        train.main(argv)
+    run_train(argv + ["--block_size", "8"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dflash_config"] == \
+        json.loads((draft_folder / "config.json").read_text())["dflash_config"]
+
+
 def test_train_errors(targets, train_data, tmp_path):
     argv = train_argv(targets, train_data, tmp_path / "run")
     argv = [str(a) for a in argv]
