@@ -248,6 +248,53 @@ def test_tokenizer_matches_tokenizers_library(tmp_path, style):
     assert ours.token_id("<|im_end|>") == ref.token_to_id("<|im_end|>")
 
 
+def naive_bpe_merges(text, n_merges, pattern):
+    """Reference BPE training: recount every pair of every piece before each merge."""
+    from collections import Counter
+
+    words = [[bytes([b]) for b in piece.encode()] for piece in re.findall(pattern, text)]
+    merges = []
+    for _ in range(n_merges):
+        counts = Counter(pair for word in words for pair in zip(word, word[1:]))
+        if not counts:
+            break
+        # ties: the pair of the lowest ids (bytes first, then earlier merges), as train_bpe breaks them
+        rank = {m: 256 + i for i, m in enumerate(merges)}
+        ident = lambda t: t[0] if len(t) == 1 else rank[t]  # noqa: E731
+        best = max(counts, key=lambda p: (counts[p], -ident(p[0]), -ident(p[1])))
+        merges.append(best[0] + best[1])
+        for w, word in enumerate(words):
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            words[w] = out
+    return merges
+
+
+def test_trained_bpe_tokenizer(tmp_path):
+    from tokenizers import Tokenizer
+
+    from tokenizer import DEMO_PATTERN, train_bpe
+
+    spec = train_bpe(CORPUS, 600, ["<|im_start|>", "<|im_end|>"])
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    ours, reference = BPETokenizer(path), Tokenizer.from_file(str(path))
+    assert ours.vocab_size == 600 and ours.token_id("<|im_end|>") == 599
+    for text in UNICODE_SAMPLES + ["_private __dunder__ x_1 = a_b\n\tif x:\n        pass  "]:
+        ids = ours.encode(text)
+        assert ids == reference.encode(text).ids and ours.decode(ids) == text
+    # the merges are those of a plain recount-everything BPE
+    to_byte = {c: b for c, b in __import__("tokenizer").byte_level_alphabet().items()}
+    learned = [bytes(to_byte[c] for c in a + b) for a, b in spec["model"]["merges"][:120]]
+    assert learned == naive_bpe_merges(CORPUS, 120, DEMO_PATTERN)
+
+
 def test_sentencepiece_tokenizer_model(tmp_path):
     import sentencepiece
 

@@ -212,3 +212,67 @@ def harmony_segments(messages, reasoning_effort: str, date: str, generation_prom
     if generation_prompt:
         segments.append(("<|start|>assistant", False))
     return segments
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training a byte-level BPE tokenizer (for the embedded demo model), written as a tokenizer.json
+
+# GPT-2's pre-tokenizer in Python `re` syntax ([^\W\d_] = a letter), which tiktoken and tokenizers read the same way;
+# the final \S makes sure every character lands in some piece (tiktoken drops what no alternative matches)
+DEMO_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+|\S"""
+
+
+def train_bpe(text: str, vocab_size: int, special_tokens=(), pattern: str = DEMO_PATTERN) -> dict:
+    """Learn vocab_size - 256 - len(special_tokens) merges on text; returns the tokenizer.json content.
+
+    Pieces of the pre-tokenizer are counted once; each merge updates only the pieces that hold the merged pair."""
+    import re
+    from collections import Counter, defaultdict
+
+    pieces = Counter(re.findall(pattern, text))
+    words = [list(p.encode("utf-8")) for p in pieces]  # symbols: ids, bytes 0..255 then merges
+    counts = list(pieces.values())
+    pair_counts, where = Counter(), defaultdict(set)
+    for w, (word, count) in enumerate(zip(words, counts)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += count
+            where[pair].add(w)
+    merges = []
+    for new_id in range(256, vocab_size - len(special_tokens)):
+        if not pair_counts:
+            break
+        best = max(pair_counts, key=lambda p: (pair_counts[p], -p[0], -p[1]))
+        merges.append(best)
+        for w in where.pop(best):
+            word, count = words[w], counts[w]
+            for pair in zip(word, word[1:]):
+                pair_counts[pair] -= count
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    merged.append(new_id)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            words[w] = merged
+            for pair in zip(merged, merged[1:]):
+                pair_counts[pair] += count
+                where[pair].add(w)
+        pair_counts = Counter({p: c for p, c in pair_counts.items() if c > 0})
+    char_of_byte = {b: c for c, b in byte_level_alphabet().items()}
+    strings = [char_of_byte[b] for b in range(256)]
+    for a, b in merges:
+        strings.append(strings[a] + strings[b])
+    specials = [{"id": len(strings) + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": True} for i, t in enumerate(special_tokens)]
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": specials, "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                                                "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {s: i for i, s in enumerate(strings)},
+                      "merges": [[strings[a], strings[b]] for a, b in merges]}}
