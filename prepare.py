@@ -6,7 +6,9 @@
 Input: JSONL files, one conversation a line, as {"messages": [{"role": "system"|"user"|"assistant", "content"}]}
 or ShareGPT's {"conversations": [{"from": "system"|"human"|"gpt", "value"}]}. Each conversation is written in the
 target's chat format (tokenizer.chat_segments) and tokenized whole; the loss mask marks the assistant's answers
-(everything the model writes after the generation prompt, through its end-of-turn token).
+(everything the model writes after the generation prompt, through its end-of-turn token). For base models, lines
+{"prompt": text, "completion": text} are raw text, tokenized as generate.py tokenizes a raw prompt, with the loss
+on the completion ("completion" may be left out with --regenerate).
 
 --regenerate replaces the last answer of each conversation by the target's own (greedy unless --temperature), as
 the DFlash and DFlare papers do, so that the draft learns the distribution it will be verified against; the
@@ -40,14 +42,21 @@ ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assi
 # ---------------------------------------------------------------------------------------------------------------
 # Reading conversations
 
-def parse_conversation(line: str, regenerate: bool) -> list:
-    """One JSONL line -> [{"role", "content"}]; raises ValueError saying what is wrong with it."""
+def parse_conversation(line: str, regenerate: bool):
+    """One JSONL line -> [{"role", "content"}], or {"prompt", "completion"} for raw text; raises ValueError saying
+    what is wrong with it."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg})") from None
+    if isinstance(record, dict) and "prompt" in record:
+        if not isinstance(record["prompt"], str) or not isinstance(record.get("completion", ""), str):
+            raise ValueError('"prompt" and "completion" must be strings')
+        if not regenerate and not record.get("completion"):
+            raise ValueError('no "completion" to train on')
+        return {"prompt": record["prompt"], "completion": record.get("completion", "")}
     if not isinstance(record, dict) or not ("messages" in record or "conversations" in record):
-        raise ValueError('expected an object with "messages" or "conversations"')
+        raise ValueError('expected an object with "messages", "conversations" or "prompt"')
     sharegpt = "messages" not in record
     turns = record["conversations"] if sharegpt else record["messages"]
     role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
@@ -101,7 +110,11 @@ def token_byte_lengths(tokenizer: BPETokenizer) -> np.ndarray:
 
 def tokenize_conversation(tokenizer: BPETokenizer, byte_lengths, messages, chat: dict):
     """The whole rendered conversation tokenized at once -> (token ids, loss mask). A token is masked in when its
-    bytes overlap an answer segment's."""
+    bytes overlap an answer segment's. Raw {"prompt", "completion"}: each encoded on its own, as at inference."""
+    if isinstance(messages, dict):
+        prompt, completion = tokenizer.encode(messages["prompt"]), tokenizer.encode(messages["completion"])
+        return np.array(prompt + completion, dtype=np.int64), np.array([0] * len(prompt) + [1] * len(completion),
+                                                                        dtype=np.uint8)
     segments = chat_segments(messages, generation_prompt=False, **chat)
     if tokenizer.nfc:  # the tokenizer sees NFC text: measure the segments in the same bytes
         segments = [(unicodedata.normalize("NFC", text), is_answer) for text, is_answer in segments]
@@ -125,7 +138,8 @@ def regenerate_answers(target, tokenizer, conversations, chat: dict, stop_ids, a
     for start in range(0, len(conversations), args.batch_size):
         batch = conversations[start:start + args.batch_size]
         # answer the conversation up to its last user turn's reply: drop a trailing assistant turn
-        prompts = [tokenizer.encode(chat_prompt(m[:-1] if m[-1]["role"] == "assistant" else m, **chat))
+        prompts = [tokenizer.encode(m["prompt"] if isinstance(m, dict)
+                                    else chat_prompt(m[:-1] if m[-1]["role"] == "assistant" else m, **chat))
                    for m in batch]
         keep = [i for i, p in enumerate(prompts) if len(p) < args.max_seq_len]
         samples += [None] * len(batch)  # None: prompt too long, counted in the summary

@@ -1089,19 +1089,25 @@ def test_prepare_bad_input_is_reported_by_line(targets, tmp_path, capsys):
     data = write_jsonl(tmp_path / "chats.jsonl", [good[0], "{not json", good[1],
                                                   {"messages": [{"role": "robot", "content": "beep"}]},
                                                   {"messages": [{"role": "user", "content": "no answer"}]},
-                                                  {"text": "plain"}, "", good[2]])
+                                                  {"text": "plain"}, "", good[2], {"prompt": "x"},
+                                                  {"prompt": "def f(", "completion": "x):"}])
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     argv = ["--target", str(folder), "--data", str(data), str(empty), "--out", str(tmp_path / "out")]
-    with pytest.raises(InputError, match="5 bad lines or files in --data"):
+    with pytest.raises(InputError, match="6 bad lines or files in --data"):
         prepare.main(argv + ["--bad_lines", "error"])
     err = capsys.readouterr().err
     for expected in ["chats.jsonl:2: not valid JSON", "chats.jsonl:4: turn 0: unknown role 'robot'",
                      "chats.jsonl:5: no assistant turn to train on",
-                     'chats.jsonl:6: expected an object with "messages" or "conversations"', "empty.jsonl: empty file"]:
+                     'chats.jsonl:6: expected an object with "messages", "conversations" or "prompt"',
+                     'chats.jsonl:9: no "completion" to train on', "empty.jsonl: empty file"]:
         assert expected in err
     assert not (tmp_path / "out" / "index.json").exists()
-    prepare.main(argv)  # skip (the default): the three good lines are kept
-    assert "prepared 3 samples" in capsys.readouterr().out
+    prepare.main(argv)  # skip (the default): the four good lines are kept
+    assert "prepared 4 samples" in capsys.readouterr().out
+    tok = BPETokenizer(folder / "tokenizer.json")
+    raw = [prepare.PackedData(tmp_path / "out")[j] for j in range(4)]
+    raw = [(ids, mask) for ids, mask in raw if ids.tolist() == tok.encode("def f(") + tok.encode("x):")]
+    assert len(raw) == 1 and raw[0][1].tolist() == [0] * len(tok.encode("def f(")) + [1] * len(tok.encode("x):"))
     with pytest.raises(InputError, match="does not exist"):
         prepare.main(["--target", str(folder), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
     with pytest.raises(InputError, match="no usable conversation"):
@@ -1113,16 +1119,16 @@ def test_prepare_bad_input_is_reported_by_line(targets, tmp_path, capsys):
 def test_prepare_regenerate_uses_the_targets_own_answers(targets, targets32, tmp_path, reference_fusion):
     folder, _ = targets["qwen3"]
     records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "replaced"}]},
-               {"conversations": [{"from": "human", "value": "import os"}]}]
+               {"conversations": [{"from": "human", "value": "import os"}]}, {"prompt": "def f(x):"}]
     data = write_jsonl(tmp_path / "prompts.jsonl", records)
     prepare.main(["--target", str(folder), "--data", str(data), "--out", str(tmp_path / "out"), "--regenerate",
                   "--max_new_tokens", "12", "--batch_size", "2", "--seed", "3"])
     tok = BPETokenizer(folder / "tokenizer.json")
     packed = prepare.PackedData(tmp_path / "out")
-    order = np.random.default_rng(3).permutation(2)
+    order = np.random.default_rng(3).permutation(3)
+    chats = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "import os"}]]
     for j, i in enumerate(order):
-        prompt = tok.encode(chat_prompt(records[i].get("messages", [{"role": "user", "content": "import os"}])[:1],
-                                        "qwen3"))
+        prompt = tok.encode("def f(x):" if i == 2 else chat_prompt(chats[i], "qwen3"))
         answer, _ = decode(targets32["qwen3"], [prompt], 12, stop_ids=[tok.token_id("<|im_end|>")])
         ids, mask = packed[j]
         assert ids.tolist() == prompt + answer[0] and mask.tolist() == [0] * len(prompt) + [1] * len(answer[0])
