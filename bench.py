@@ -1,5 +1,6 @@
 """Benchmarks: autoregressive vs speculative decoding on prompt sets, and the GPU step timings.
 
+    python bench.py              # the embedded demo: AR vs DFlash vs DFlare (2 and 1 layers) on prompts/demo.jsonl
     python bench.py --checkpoint TARGET_DIR --draft DFLARE_DIR --draft DFLASH_DIR [--sets prompts/*.jsonl]
     python bench.py --gpu        # on a CUDA machine: Qwen3-8B-shaped random bf16 weights, compiled step timings
 
@@ -297,8 +298,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt set")
     args = p.parse_args(argv)
-    if not args.gpu and not args.checkpoint:
-        p.error("pass --checkpoint TARGET_DIR (and --draft DRAFT_DIR ...), or --gpu")
+    if not args.gpu and not args.checkpoint:  # the embedded demo pair, and its 1-layer DFlare
+        if not (generate.DEMO / "target" / "config.json").is_file():
+            p.error("pass --checkpoint TARGET_DIR (and --draft DRAFT_DIR ...), or --gpu (the embedded demo is "
+                    "missing: python demo.py builds it)")
+        args.checkpoint = str(generate.DEMO / "target")
+        args.draft = args.draft or [str(generate.DEMO / name) for name in ("dflash", "dflare", "dflare-1l")]
+        args.sets = args.sets or [str(HERE / "prompts" / "demo.jsonl")]
     if args.block_size is not None and args.block_size < 2:
         p.error(f"--block_size must be >= 2, got {args.block_size}")
     if args.max_new_tokens < 1 or args.batch_size < 1:

@@ -1,5 +1,6 @@
 """Generate text with a target model, alone or sped up by a DFlare / DFlash draft (SPEC section 4).
 
+    python generate.py                                                              # the embedded demo pair
     python generate.py --checkpoint TARGET_DIR --prompt "..."                      # autoregressive
     python generate.py --checkpoint TARGET_DIR --draft DRAFT_DIR --prompt "..."    # speculative
 
@@ -28,6 +29,9 @@ import torch
 from draft import Draft
 from model import InputError, Transformer, load_checkpoint, read_config
 from tokenizer import chat_prompt, load_tokenizer, stop_token_ids
+
+DEMO = Path(__file__).resolve().parent / "demo"  # the small model pair trained by demo.py
+DEMO_PROMPT = 'import os\n\n\ndef copy_file(src, dst):\n    """Copy the file src to dst."""\n'
 
 
 @dataclass
@@ -214,7 +218,10 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
                 active_rows, active = rows_active, torch.tensor(rows_active, device=device)
             block, n_accepted, next_token, input_pos = steps.speculative(target, draft, next_token, input_pos,
                                                                          active, sampling, block_size)
-            next_token, input_pos = next_token.clone(), input_pos.clone()  # CUDA graphs reuse output memory
+            next_token = next_token.clone()  # CUDA graphs reuse output memory
+            # a row that ended inside its last block sits up to bs-1 positions past its end; frozen there, its block
+            # would run past a cache sized prompt + max_new_tokens + bs. Active rows are never moved by this.
+            input_pos = input_pos.clamp(max=target.max_seq_length - block_size)
             rows = torch.cat([n_accepted[:, None], block], dim=1).tolist()  # the step's one host sync
             for row, (n, *block_tokens) in enumerate(rows):
                 if not out.done[row]:
@@ -244,7 +251,9 @@ def weight_bytes_per_step(model: Transformer) -> int:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Hugging Face model folder (config.json, *.safetensors)")
+    p.add_argument("--checkpoint", default=None,
+                   help="Hugging Face model folder (config.json, *.safetensors); default: the embedded demo pair "
+                        "(demo/target with demo/dflare, compared with AR)")
     p.add_argument("--draft", default=None,
                    help="DFlare / DFlash draft folder: speculative decoding (without it: autoregressive)")
     p.add_argument("--block_size", type=int, default=None,
@@ -273,6 +282,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
     args = p.parse_args(argv)
+    if args.checkpoint is None:
+        if not (DEMO / "target" / "config.json").is_file():
+            p.error(f"pass --checkpoint MODEL_DIR (the embedded demo in {DEMO} is missing: python demo.py builds it)")
+        args.checkpoint, args.draft = str(DEMO / "target"), args.draft or str(DEMO / "dflare")
+        args.compare_ar = True
+        args.prompt = args.prompt or [DEMO_PROMPT]
     if args.max_new_tokens < 1:
         p.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:

@@ -770,6 +770,13 @@ def test_finished_rows_stay_inside_the_cache(targets32, reference_fusion):
     draft.accepted[0], draft.accepted[1] = 6, 0  # ... and would run 7 positions a step; row 1 goes 1 a step
     tokens, _ = decode(target, prompts, 30, draft, 7, stop_ids=[stop])
     assert tokens == expected
+    # the longest row reaches max_new_tokens inside a block of 7 (6 tokens past its end) while the other runs on
+    prompts = prompts[::-1]
+    expected, _ = decode(target, prompts, 30)
+    draft = scripted_draft(target, prompts, decode(target, prompts, 60)[0], 7, length=120)
+    draft.accepted[0], draft.accepted[1] = 6, 0
+    tokens, _ = decode(target, prompts, 30, draft, 7)
+    assert tokens == expected
 
 
 @pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear")])
@@ -1347,3 +1354,34 @@ def test_trained_draft_reaches_high_tau_on_a_learnable_target(tok_file, tmp_path
     for row, start in zip(rows, (4, 7)):
         assert row["identical_to_ar"] and row["text"] == "".join(str((start + j) % 10) for j in range(40))
         assert row["tau"] > 6.0, row["acceptance_lengths"]  # block 8: at most 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded demo pair (demo.py builds it; generate.py and bench.py use it when given no --checkpoint)
+
+def test_demo_target_is_a_transformers_checkpoint():
+    """demo.save_target writes a Hugging Face Qwen3 folder: transformers reads it and computes our logits."""
+    import transformers
+
+    folder = generate.DEMO / "target"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = load_checkpoint(folder, dtype=torch.float32)
+    tokens = torch.tensor([load_tokenizer(folder).encode(generate.DEMO_PROMPT + "    with open(src) as f:\n")])
+    ours.setup_caches(1, tokens.shape[1])
+    logits, _ = ours(tokens, torch.arange(tokens.shape[1])[None])
+    with torch.no_grad():
+        torch.testing.assert_close(logits, hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_demo_runs_by_default_and_is_lossless(capsys, reference_fusion):
+    rows = run_cli(capsys, "--json", "--max_new_tokens", 48)  # no --checkpoint: demo/target + demo/dflare vs AR
+    assert len(rows) == 1 and rows[0]["identical_to_ar"] and rows[0]["tau"] > 2, rows
+    folder = generate.DEMO / "target"
+    tok = load_tokenizer(folder)
+    prompts = bench.read_prompt_set(bench.HERE / "prompts" / "demo.jsonl", tok, "qwen3", thinking=False)[:4]
+    target = load_checkpoint(folder, dtype=torch.float32)
+    expected, _ = decode(target, prompts, 32)
+    for name in ("dflare", "dflash", "dflare-1l"):
+        draft = Draft.from_pretrained(generate.DEMO / name, dtype=torch.float32)
+        tokens, stats = decode(target, prompts, 32, draft, draft.args.block_size)
+        assert tokens == expected, name
