@@ -27,11 +27,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import prepare
 import train
-from model import InputError, ModelArgs, Transformer
+from model import InputError, ModelArgs, Transformer, save_folder
 from tokenizer import BPETokenizer, train_bpe
 
 DEMO = Path(__file__).resolve().parent / "demo"
@@ -112,10 +111,7 @@ def save_target(model: Transformer, folder: Path):
               "torch_dtype": "bfloat16"}
     state = {("model." + k if k != "lm_head.weight" else k): v.to(torch.bfloat16).contiguous()
              for k, v in model.state_dict().items() if not (a.tie_word_embeddings and k == "lm_head.weight")}
-    save_file(state, folder / "model.safetensors.tmp", metadata={"format": "pt"})
-    (folder / "config.json.tmp").write_text(json.dumps(config, indent=2))
-    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
-    os.replace(folder / "config.json.tmp", folder / "config.json")
+    save_folder(folder, state, config)
 
 
 def code_prompts(files, count: int, rng, max_chars: int = 600) -> list:

@@ -14,19 +14,15 @@ Three ways to run it, all through `Draft.run_layers`:
     decoding (static shapes, compilable; `generate.speculative_step` drives them);
   - `Draft.forward` (training): many blocks of a sequence in one forward under one block attention mask.
 """
-import json
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from fuse_kernel import fuse_layers
 from model import MLP, InputError, KVCache, ModelArgs, RMSNorm, SafetensorsFolder, apply_rope, read_config, \
-    rope_tables
+    rope_tables, save_folder
 
 
 @dataclass
@@ -230,15 +226,9 @@ class Draft(nn.Module):
         return draft
 
     def save_pretrained(self, folder, dtype: torch.dtype | None = None):
-        """config.json + model.safetensors (tensors in dtype, default as they are), each written to a temporary
-        file and renamed into place."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """config.json + model.safetensors (tensors in dtype, default as they are), written atomically."""
         state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, folder / "model.safetensors.tmp", metadata={"format": "pt"})
-        (folder / "config.json.tmp").write_text(json.dumps(self.args.to_config(), indent=2))
-        os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
-        os.replace(folder / "config.json.tmp", folder / "config.json")
+        save_folder(folder, state, self.args.to_config())
 
     # --- the forward ------------------------------------------------------------------------------------------
 

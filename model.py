@@ -6,6 +6,7 @@ chosen decoder layers (`capture`) can be returned for the draft model.
 """
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "gpt_oss")
 
@@ -420,6 +422,17 @@ class SafetensorsFolder:
         if f not in self.handles:
             self.handles[f] = safe_open(f, "pt")
         return self.handles[f].get_tensor(name)
+
+
+def save_folder(folder, state: dict, config: dict):
+    """config.json + model.safetensors, each written to a temporary file and renamed into place, so that a crash
+    leaves the previous files (or none), never a half-written one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, folder / "model.safetensors.tmp", metadata={"format": "pt"})
+    (folder / "config.json.tmp").write_text(json.dumps(config, indent=2))
+    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
+    os.replace(folder / "config.json.tmp", folder / "config.json")
 
 
 def deinterleave(w):

@@ -1267,9 +1267,9 @@ def test_interrupted_save_leaves_the_last_checkpoint(targets, train_data, tmp_pa
 
         return write
 
-    import draft as draft_module
+    import model as model_module
 
-    for module, name in [(draft_module, "save_file"), (train.torch, "save")]:
+    for module, name in [(model_module, "save_file"), (train.torch, "save")]:
         with monkeypatch.context() as m:
             m.setattr(module, name, killed_while_writing(getattr(module, name)))
             with pytest.raises(KeyboardInterrupt):
