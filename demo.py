@@ -129,6 +129,13 @@ def code_prompts(files, count: int, rng, max_chars: int = 600) -> list:
     return prompts
 
 
+def demo_prompts(train_files, held_out, draft_count):
+    """(20 held-out evaluation prompts, draft_count draft-training prompts), drawn from one seeded generator in this
+    order every time, so a rebuild draws the same draft prompts whether or not prompts/demo.jsonl exists."""
+    rng = np.random.default_rng(0)
+    return code_prompts(held_out, 20, rng), code_prompts(train_files, draft_count, rng)
+
+
 def write_jsonl(path: Path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -163,12 +170,12 @@ def main(argv=None):
         tokens = np.concatenate([np.array(tokenizer.encode(read(f)) + [eot], dtype=np.uint16) for f in train_files])
         log(f"corpus: {len(train_files)} files, {len(tokens) / 1e6:.1f} M tokens")
         save_target(pretrain_target(tokens, args), target_dir)
-    rng = np.random.default_rng(0)
+    eval_prompts, draft_prompts = demo_prompts(train_files, held_out, args.draft_prompts)
     if not PROMPTS.is_file():
-        write_jsonl(PROMPTS, code_prompts(held_out, 20, rng))
+        write_jsonl(PROMPTS, eval_prompts)
     data = DEMO / "data"
     if not (data / "index.json").is_file():
-        write_jsonl(DEMO / "draft_prompts.jsonl", code_prompts(train_files, args.draft_prompts, rng))
+        write_jsonl(DEMO / "draft_prompts.jsonl", draft_prompts)
         prepare.main(["--target", str(target_dir), "--data", str(DEMO / "draft_prompts.jsonl"), "--out", str(data),
                       "--regenerate", "--max_new_tokens", str(args.max_new_tokens), "--batch_size", "64",
                       "--shard_size", "1000"])

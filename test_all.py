@@ -1385,3 +1385,19 @@ def test_demo_runs_by_default_and_is_lossless(capsys, reference_fusion):
         draft = Draft.from_pretrained(generate.DEMO / name, dtype=torch.float32)
         tokens, stats = decode(target, prompts, 32, draft, draft.args.block_size)
         assert tokens == expected, name
+
+
+@pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7), reason="the demo's prompts were cut from Python 3.11.7's "
+                    "standard library; another version's sources give other prompts")
+def test_demo_rebuild_draws_the_committed_prompts():
+    """demo.py draws the prompts the committed pair was built from: the held-out set in prompts/demo.jsonl and the
+    draft-training prompts (pinned by their hash; demo/draft_prompts.jsonl is not committed)."""
+    import hashlib
+
+    import demo
+
+    eval_prompts, draft_prompts = demo.demo_prompts(*demo.stdlib_files(), demo.parse_args([]).draft_prompts)
+    assert eval_prompts == [json.loads(line) for line in demo.PROMPTS.read_text().splitlines()]
+    text = "".join(json.dumps(r) + "\n" for r in draft_prompts)
+    assert hashlib.sha256(text.encode()).hexdigest() == \
+        "e4d0d8adc7666111a1cd7e7954bb97e0a790c2be0df887c20d16efa859ebb4d0"
