@@ -1,7 +1,7 @@
 """The embedded demo: a small Qwen3-style code model trained here on the Python standard library, and DFlare and
 DFlash drafts trained on its own outputs, all with this project's scripts, on CPU, offline.
 
-    python demo.py               # rebuild demo/ from scratch (about 80 minutes on 2 CPU cores)
+    python demo.py               # rebuild demo/ from scratch (65 to 80 minutes on 2 CPU cores)
     python generate.py           # with no --checkpoint: the demo pair, speculative vs autoregressive
 
 Steps (each skipped when its output exists, so an interrupted build continues):
