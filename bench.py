@@ -20,7 +20,7 @@ import torch
 
 import generate
 from draft import Draft
-from model import InputError, ModelArgs, Transformer, load_checkpoint, read_config
+from model import InputError, ModelArgs, Transformer, hf_name, load_checkpoint, read_config
 from tokenizer import chat_prompt, load_tokenizer, stop_token_ids
 
 HERE = Path(__file__).resolve().parent
@@ -251,7 +251,7 @@ def time_dflash_reference(target: Transformer, block_size: int, context: int, n_
         hf_target = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(num_hidden_layers=a.num_hidden_layers,
                                                                            **common))
     # share our tensors (no copy); only the rotary buffers need real memory
-    state = {k if k == "lm_head.weight" else "model." + k: v for k, v in target.state_dict().items()}
+    state = {hf_name(k): v for k, v in target.state_dict().items()}
     hf_target.load_state_dict(state, assign=True)
     with torch.device(device):
         hf_target.model.rotary_emb = transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding(hf_target.config)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import prepare
 import train
-from model import InputError, ModelArgs, Transformer, save_folder
+from model import InputError, ModelArgs, Transformer, hf_name, save_folder
 from tokenizer import BPETokenizer, train_bpe
 
 DEMO = Path(__file__).resolve().parent / "demo"
@@ -109,7 +109,7 @@ def save_target(model: Transformer, folder: Path):
               "max_position_embeddings": a.max_position_embeddings, "tie_word_embeddings": a.tie_word_embeddings,
               "attention_bias": False, "eos_token_id": a.eos_token_id[0], "bos_token_id": a.eos_token_id[0],
               "torch_dtype": "bfloat16"}
-    state = {("model." + k if k != "lm_head.weight" else k): v.to(torch.bfloat16).contiguous()
+    state = {hf_name(k): v.to(torch.bfloat16).contiguous()
              for k, v in model.state_dict().items() if not (a.tie_word_embeddings and k == "lm_head.weight")}
     save_folder(folder, state, config)
 

@@ -440,9 +440,14 @@ def deinterleave(w):
     return torch.cat([w[:, 0::2], w[:, 1::2]], dim=1)
 
 
+def hf_name(name: str) -> str:
+    """The Hugging Face name of our parameter `name` (before any layout conversion): all but lm_head sit in model."""
+    return name if name == "lm_head.weight" else "model." + name
+
+
 def read_hf_tensor(ckpt: SafetensorsFolder, name: str, args: ModelArgs, checkpoint_dir):
     """The tensor for our parameter `name`, read from its Hugging Face name(s) and converted to our layout."""
-    hf = name if name == "lm_head.weight" else "model." + name
+    hf = hf_name(name)
 
     def get(key):
         if key not in ckpt:
