@@ -21,7 +21,7 @@ import torch
 import generate
 from draft import Draft
 from model import InputError, ModelArgs, Transformer, hf_name, load_checkpoint, read_config
-from tokenizer import chat_prompt, load_tokenizer, stop_token_ids
+from tokenizer import chat_prompt, check_chat_tokens, load_tokenizer, stop_token_ids
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SETS = [HERE / "prompts" / f"{name}.jsonl" for name in ("math", "code", "chat")]
@@ -38,6 +38,8 @@ def read_prompt_set(path, tokenizer, model_type: str, thinking: bool) -> list:
             continue
         try:
             record = json.loads(line)
+            if "prompt" not in record:
+                check_chat_tokens(tokenizer, model_type)
             text = record["prompt"] if "prompt" in record else chat_prompt(record["messages"], model_type,
                                                                            thinking=thinking)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -90,7 +92,7 @@ def print_table(title: str, rows: list, greedy: bool):
 
 
 def bench_sets(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = generate.pick_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     config = read_config(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)

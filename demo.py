@@ -40,7 +40,7 @@ TARGET_ARGS = ModelArgs(model_type="qwen3", vocab_size=2048, hidden_size=192, nu
                         num_attention_heads=4, num_key_value_heads=2, head_dim=48, intermediate_size=512,
                         rope_theta=10000.0, max_position_embeddings=1024, tie_word_embeddings=True,
                         layer_types=("full_attention",) * 8, eos_token_id=[2046])
-# the drafts: name -> train.py flags (DFlash taps the SPEC's default layers, DFlare every layer but the last)
+# the drafts: name -> train.py flags (DFlash taps the default layers of DESIGN.md 2, DFlare every layer but the last)
 DRAFTS = {"dflare": ["--fusion", "layerwise", "--num_layers", "2", "--target_layer_ids", *"0123456"],
           "dflash": ["--fusion", "linear", "--num_layers", "2"],
           "dflare-1l": ["--fusion", "layerwise", "--num_layers", "1", "--target_layer_ids", *"0123456"]}

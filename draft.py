@@ -1,12 +1,13 @@
-"""The block-diffusion draft: DFlare (layer-wise fusion) and DFlash (one shared linear fusion). SPEC sections 2, 3.
+"""The block-diffusion draft: DFlare (layer-wise fusion) and DFlash (one shared linear fusion); DESIGN.md 2, 3.
 
 A draft is D Qwen3-style decoder layers and a final RMSNorm, with no embedding or LM head of its own: it embeds with
 the target's `embed_tokens` and reads logits through the target's `lm_head`. For a block at anchor position p it sees
   - noise tokens [anchor, MASK, ..., MASK] at positions p .. p+bs-1 (queries, and keys/values of the block), and
   - context: the target's captured hidden states X [B, C, T, H] of every position < p, fused into one input per
     draft layer and projected into keys/values (RoPE at their own positions).
-Block queries see all context positions < p and the whole block (no causal mask inside it). Positions 1..bs-1 of
-the output are the guesses for tokens p+1 .. p+bs-1.
+Block queries see all context positions < p and the whole block (no causal mask inside it; the causal or sliding
+window layers of some z-lab drafts see less, `Draft.layer_masks`). Positions 1..bs-1 of the output are the guesses
+for tokens p+1 .. p+bs-1.
 
 Three ways to run it, all through `Draft.run_layers`:
   - `draft_block_logits`: stateless reference, a whole context and one block;
@@ -21,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fuse_kernel import fuse_layers
-from model import MLP, InputError, KVCache, ModelArgs, RMSNorm, SafetensorsFolder, apply_rope, read_config, \
-    rope_tables, save_folder
+from model import CONFIG_DEFAULTS, MLP, UNSUPPORTED_FIELDS, InputError, KVCache, ModelArgs, RMSNorm, \
+    SafetensorsFolder, apply_rope, attention_layer_types, read_config, refuse_unsupported_fields, rope_settings, \
+    rope_tables, save_folder, sliding_window_size
 
 
 @dataclass
@@ -36,41 +38,95 @@ class DraftArgs:
     vocab_size: int
     target_layer_ids: tuple
     mask_token_id: int
-    num_target_layers: int  # decoder layers of the target the draft was made for
+    num_target_layers: int  # decoder layers of the target the draft was made for (0: not recorded)
     fusion: str = "layerwise"  # "layerwise" (DFlare) or "linear" (DFlash)
     block_size: int = 16
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1e6
     max_position_embeddings: int = 40960
-    rope_scaling: dict | None = None
+    rope_scaling: dict | None = None  # as in ModelArgs: None for plain RoPE
+    attention_bias: bool = False  # biases on q/k/v/o (and k/v_proj_target)
+    layer_types: tuple = ()  # per layer "full_attention" (the default) or "sliding_attention"
+    sliding_window: int = 0  # keys a sliding layer sees; 0: no window
+    is_causal: bool | None = None  # None: sliding layers are causal inside the block, full ones bidirectional
 
     def to_config(self) -> dict:
         """config.json in the published draft format (Qwen3 fields plus block_size and dflash_config)."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("target_layer_ids", "mask_token_id", "fusion")}
+        skip = ("target_layer_ids", "mask_token_id", "fusion", "rope_scaling", "layer_types", "is_causal")
+        fields = {k: v for k, v in asdict(self).items() if k not in skip}
         return {"architectures": ["DFlareDraftModel" if self.fusion == "layerwise" else "DFlashDraftModel"],
                 "model_type": "qwen3", **fields, "tie_word_embeddings": False,
+                **({"rope_scaling": self.rope_scaling} if self.rope_scaling else {}),
+                **({"layer_types": list(self.layer_types)} if self.layer_types else {}),
+                **({"is_causal": self.is_causal} if self.is_causal is not None else {}),
+                "use_sliding_window": bool(self.sliding_window),
                 "dflash_config": {"target_layer_ids": list(self.target_layer_ids),
                                   "mask_token_id": self.mask_token_id}}
 
     @classmethod
     def from_config(cls, config: dict, fusion: str) -> "DraftArgs":
+        """A published draft's config.json. block_size, mask_token_id, target_layer_ids and num_target_layers come
+        from dflash_config first, the top level second, as the reference implementations read them; every other
+        field as transformers reads a config of the draft's model_type (the same defaults)."""
+        model_type = config.get("model_type", "qwen3")
+        if model_type not in CONFIG_DEFAULTS:
+            raise InputError(f"draft config.json has model_type {model_type!r}; supported: "
+                             f"{', '.join(CONFIG_DEFAULTS)}")
+        refuse_unsupported_fields(config, "draft config.json")
         dflash = config.get("dflash_config") or {}
-        try:
-            n_heads = config["num_attention_heads"]
-            return cls(hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
-                       num_hidden_layers=config["num_hidden_layers"], num_attention_heads=n_heads,
-                       num_key_value_heads=config.get("num_key_value_heads") or n_heads,
-                       head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
-                       vocab_size=config.get("vocab_size", 0),
-                       target_layer_ids=tuple(dflash.get("target_layer_ids") or config["target_layer_ids"]),
-                       mask_token_id=dflash.get("mask_token_id", config.get("mask_token_id")),
-                       num_target_layers=config.get("num_target_layers", 0), fusion=fusion,
-                       block_size=config.get("block_size", 16), rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-                       rope_theta=config.get("rope_theta",
-                                             (config.get("rope_parameters") or {}).get("rope_theta", 1e6)),
-                       max_position_embeddings=config.get("max_position_embeddings", 40960))
-        except KeyError as e:
-            raise InputError(f"draft config.json lacks {e.args[0]!r}") from None
+        unknown = sorted(set(dflash) - DFLASH_CONFIG_FIELDS - set(UNSUPPORTED_FIELDS))
+        if unknown:
+            raise InputError(f"draft config.json's dflash_config sets {', '.join(unknown)}, which this implementation "
+                             f"does not know: a newer draft design than it supports")
+
+        def draft_field(name, default=None):
+            return dflash.get(name, config.get(name, default))
+
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+                   if k not in config]
+        if missing:
+            raise InputError(f"draft config.json lacks {', '.join(missing)}")
+        mask_token_id = draft_field("mask_token_id")
+        if mask_token_id is None:
+            raise InputError("draft config.json has no mask_token_id (in dflash_config or at the top level): add the "
+                             "id of the mask token the draft was trained with")
+        n_layers, n_heads = config["num_hidden_layers"], config["num_attention_heads"]
+        num_target_layers = draft_field("num_target_layers") or 0
+        target_layer_ids = draft_field("target_layer_ids")
+        if target_layer_ids is None:
+            if not num_target_layers:
+                raise InputError("draft config.json has neither target_layer_ids nor num_target_layers (in "
+                                 "dflash_config or at the top level): add the target layers the draft reads")
+            target_layer_ids = default_target_layer_ids(num_target_layers, n_layers)
+        layer_types = attention_layer_types(config, model_type)
+        if fusion == "layerwise" and (set(layer_types) != {"full_attention"} or config.get("is_causal")):
+            raise InputError(f"draft config.json asks for {'causal' if config.get('is_causal') else 'sliding'} "
+                             f"draft layers, which the DFlare reference does not define: use full_attention layers")
+        defaults = CONFIG_DEFAULTS[model_type]
+        rope_theta, rope_scaling = rope_settings(config, model_type)
+        return cls(hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+                   num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                   num_key_value_heads=config.get("num_key_value_heads") or n_heads,
+                   head_dim=config.get("head_dim", defaults["head_dim"]) or config["hidden_size"] // n_heads,
+                   vocab_size=config.get("vocab_size", 0), target_layer_ids=tuple(target_layer_ids),
+                   mask_token_id=mask_token_id, num_target_layers=num_target_layers, fusion=fusion,
+                   block_size=int(draft_field("block_size", 16)),
+                   rms_norm_eps=config.get("rms_norm_eps", defaults["rms_norm_eps"]), rope_theta=rope_theta,
+                   max_position_embeddings=config.get("max_position_embeddings", defaults["max_position_embeddings"]),
+                   rope_scaling=rope_scaling, attention_bias=config.get("attention_bias", defaults["attention_bias"]),
+                   layer_types=layer_types if set(layer_types) != {"full_attention"} else (),
+                   sliding_window=sliding_window_size(config, model_type), is_causal=config.get("is_causal"))
+
+    def layer_attention(self) -> list:
+        """(causal, window) per draft layer, as z-lab's DFlash reads layer_types / is_causal / sliding_window."""
+        kinds = self.layer_types or ("full_attention",) * self.num_hidden_layers
+        return [(kind == "sliding_attention" if self.is_causal is None else self.is_causal,
+                 self.sliding_window if kind == "sliding_attention" else 0) for kind in kinds]
+
+
+# What a dflash_config may hold: the draft's own fields, and training settings that do not change its numerics
+DFLASH_CONFIG_FIELDS = {"target_layer_ids", "mask_token_id", "block_size", "num_target_layers", "num_anchors",
+                        "loss_decay_gamma", "attention_backend"}
 
 
 def default_target_layer_ids(num_target_layers: int, count: int) -> tuple:
@@ -86,15 +142,16 @@ class DraftAttention(nn.Module):
         super().__init__()
         self.args = args
         n_heads, n_kv, hd, H = args.num_attention_heads, args.num_key_value_heads, args.head_dim, args.hidden_size
-        self.q_proj = nn.Linear(H, n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(H, n_kv * hd, bias=False)
-        self.v_proj = nn.Linear(H, n_kv * hd, bias=False)
-        self.o_proj = nn.Linear(n_heads * hd, H, bias=False)
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(H, n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(H, n_kv * hd, bias=bias)
+        self.v_proj = nn.Linear(H, n_kv * hd, bias=bias)
+        self.o_proj = nn.Linear(n_heads * hd, H, bias=bias)
         self.q_norm = RMSNorm(hd, args.rms_norm_eps)
         self.k_norm = RMSNorm(hd, args.rms_norm_eps)
         if args.fusion == "layerwise":  # DFlare: the context has projections of its own
-            self.k_proj_target = nn.Linear(H, n_kv * hd, bias=False)
-            self.v_proj_target = nn.Linear(H, n_kv * hd, bias=False)
+            self.k_proj_target = nn.Linear(H, n_kv * hd, bias=bias)
+            self.v_proj_target = nn.Linear(H, n_kv * hd, bias=bias)
         self.context_cache = None
 
     def keys_values(self, x, cos, sin, context: bool):
@@ -143,6 +200,7 @@ class Draft(nn.Module):
             self.layer_fusion_weights = nn.Parameter(torch.zeros(D, T))
         else:
             self.fc = nn.Linear(T * H, H, bias=False)
+        self.layer_attention = args.layer_attention()
         self.max_seq_length = 0
 
     # --- creating, loading, saving ---------------------------------------------------------------------------
@@ -162,6 +220,7 @@ class Draft(nn.Module):
                          mask_token_id=target_args.vocab_size - 1 if mask_token_id is None else mask_token_id,
                          num_target_layers=n, fusion=fusion, block_size=block_size,
                          rms_norm_eps=target_args.rms_norm_eps, rope_theta=target_args.rope_theta,
+                         rope_scaling=target_args.rope_scaling,
                          max_position_embeddings=target_args.max_position_embeddings)
         draft = cls(args)
         draft.check_target(target_args)
@@ -194,22 +253,25 @@ class Draft(nn.Module):
         bad = [i for i in a.target_layer_ids if not 0 <= i < target_args.num_hidden_layers]
         if bad:
             problems.append(f"target_layer_ids {bad} are beyond the target's {target_args.num_hidden_layers} layers")
+        elif a.num_target_layers and a.num_target_layers != target_args.num_hidden_layers:
+            problems.append(f"made for a target of {a.num_target_layers} layers, this one has "
+                            f"{target_args.num_hidden_layers}")
         if problems:
             raise InputError("draft does not fit this target: " + "; ".join(problems)
                              + " (pass the target the draft was trained for)")
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", dtype=torch.bfloat16) -> "Draft":
-        """Load a z-lab DFlash or AngelSlim DFlare draft folder (or one saved by save_pretrained)."""
+        """Load a z-lab DFlash or AngelSlim DFlare draft folder (or one saved by save_pretrained). Strict: every
+        tensor of the folder is used and every numeric config field honoured, or loading fails saying which."""
         config = read_config(folder)
         ckpt = SafetensorsFolder(folder)
         names = {name.removeprefix("model."): name for name in ckpt.file_of}
         fusion = "layerwise" if "layer_fusion_weights" in names else "linear"
-        newer = sorted({t for t in config.get("layer_types") or [] if t != "full_attention"}
-                       | {n.split(".")[-2] for n in names if "candidate_selector" in n or "_conv." in n})
+        newer = sorted({n.split(".")[-2] for n in names if "candidate_selector" in n or "_conv." in n})
         if newer:
-            raise InputError(f"draft {str(folder)!r} uses {', '.join(newer)}: a newer DFlash draft design (sliding "
-                             f"or convolution layers, candidate selector) that this implementation does not support")
+            raise InputError(f"draft {str(folder)!r} has {', '.join(newer)} tensors: a newer DFlash draft design "
+                             f"(convolution layers, candidate selector) that this implementation does not support")
         with torch.device("meta"):  # no random init of weights that are about to be replaced
             draft = cls(DraftArgs.from_config(config, fusion))
         state = {}
@@ -222,6 +284,7 @@ class Draft(nn.Module):
                 raise InputError(f"draft tensor {name!r} in {str(folder)!r} has shape {tuple(tensor.shape)}, "
                                  f"but config.json implies {tuple(param.shape)}")
             state[name] = tensor.to(device, torch.float32 if name == "layer_fusion_weights" else dtype)
+        ckpt.check_all_used(f"draft {str(folder)!r}")
         draft.load_state_dict(state, assign=True)
         return draft
 
@@ -248,11 +311,26 @@ class Draft(nn.Module):
         return [layer.self_attn.keys_values(ctx[:, :, min(d, ctx.shape[2] - 1)], cos, sin, context=True)
                 for d, layer in enumerate(self.layers)]
 
-    def run_layers(self, target, noise_tokens, cos, sin, context_kv, mask):
-        """Noise tokens [B, Q] through the draft; mask [B, 1, Q, L + Q] over [context | noise] keys.
-        Returns logits [B, Q, V] through the target's lm_head."""
+    def layer_masks(self, mask, query_pos, key_pos):
+        """One attention mask per draft layer. mask [B, 1, Q, K] is what a layer may see at most: the context
+        before the block's anchor and the block itself. Causal and sliding-window layers see less, decided by the
+        absolute positions of the queries query_pos [B, Q] and of the keys key_pos [B, K]."""
+        q, k = query_pos[:, None, :, None], key_pos[:, None, None, :]
+        masks = {}
+        for causal, window in set(self.layer_attention):
+            narrowed = mask
+            if causal:
+                narrowed = narrowed & (k <= q)
+            if window:
+                narrowed = narrowed & ((q - k < window) if causal else ((q - k).abs() < window))
+            masks[causal, window] = narrowed
+        return [masks[kind] for kind in self.layer_attention]
+
+    def run_layers(self, target, noise_tokens, cos, sin, context_kv, masks):
+        """Noise tokens [B, Q] through the draft; masks: one [B, 1, Q, L + Q] per layer over [context | noise]
+        keys. Returns logits [B, Q, V] through the target's lm_head."""
         x = target.embed_tokens(noise_tokens)
-        for layer, (k, v) in zip(self.layers, context_kv):
+        for layer, (k, v), mask in zip(self.layers, context_kv, masks):
             x = layer(x, cos, sin, k, v, mask)
         return target.lm_head(self.norm(x))
 
@@ -293,8 +371,9 @@ class Draft(nn.Module):
         key_pos = torch.arange(self.max_seq_length, device=block_tokens.device)
         context_mask = (key_pos < anchor_pos[:, None])[:, None, None, :].expand(B, 1, bs, -1)
         mask = torch.cat([context_mask, context_mask.new_ones(B, 1, bs, bs)], dim=-1)
+        masks = self.layer_masks(mask, positions, torch.cat([key_pos.expand(B, -1), positions], dim=1))
         caches = [(l.self_attn.context_cache.k_cache, l.self_attn.context_cache.v_cache) for l in self.layers]
-        return self.run_layers(target, block_tokens, cos, sin, caches, mask)[:, 1:]
+        return self.run_layers(target, block_tokens, cos, sin, caches, masks)[:, 1:]
 
     # --- training -------------------------------------------------------------------------------------------
 
@@ -318,8 +397,9 @@ class Draft(nn.Module):
         context_mask = ctx_pos[None, None, :] < anchor_of_query[:, :, None]  # [B, Q, S]
         block_mask = (block_of_query[:, None] == block_of_query[None, :]).expand(B, -1, -1)  # [B, Q, Q]
         mask = torch.cat([context_mask, block_mask], dim=-1)[:, None]
+        masks = self.layer_masks(mask, positions, torch.cat([ctx_pos.expand(B, S), positions], dim=1))
         logits = self.run_layers(target, block_tokens.reshape(B, nb * bs), cos[positions], sin[positions],
-                                 context_kv, mask)
+                                 context_kv, masks)
         return logits.view(B, nb, bs, -1)[:, :, 1:]
 
 
@@ -332,4 +412,6 @@ def draft_block_logits(draft: Draft, target, context_hidden, block_tokens, start
     cos, sin = (t.to(context_hidden.device)[None].expand(B, -1, -1) for t in rope_tables(draft.args, C + bs))
     context_kv = draft.context_keys_values(context_hidden, cos[:, :C], sin[:, :C])
     mask = torch.ones(B, 1, bs, C + bs, dtype=torch.bool, device=context_hidden.device)
-    return draft.run_layers(target, block_tokens, cos[:, C:], sin[:, C:], context_kv, mask)[:, 1:]
+    key_pos = torch.arange(C + bs, device=context_hidden.device).expand(B, -1)
+    masks = draft.layer_masks(mask, key_pos[:, C:], key_pos)
+    return draft.run_layers(target, block_tokens, cos[:, C:], sin[:, C:], context_kv, masks)[:, 1:]

@@ -1,4 +1,4 @@
-"""DFlare layer fusion in one Triton kernel, its backward, and the plain PyTorch reference (SPEC section 2).
+"""DFlare layer fusion in one Triton kernel, its backward, and the plain PyTorch reference (DESIGN.md section 2).
 
     out[n, d] = rmsnorm(sum_t softmax(W[d])_t * X[n, t]) * gamma        X [N, T, H], W [D, T], out [N, D, H]
 
@@ -12,8 +12,13 @@ X is the frozen target's: the backward returns gradients for W and gamma only.
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:  # Triton has no wheels for macOS and Windows: the PyTorch fusion runs there
+    HAVE_TRITON = False
 
 
 def fuse_layers_reference(x, fusion_logits, gamma, eps):
@@ -25,70 +30,71 @@ def fuse_layers_reference(x, fusion_logits, gamma, eps):
     return (normed * gamma.to(compute)).to(x.dtype)
 
 
-@triton.jit
-def _fusion_weights(w_ptr, d, T, BLOCK_T: tl.constexpr):
-    """softmax(W[d]) as a [BLOCK_T] fp32 vector (zeros past T)."""
-    offs_t = tl.arange(0, BLOCK_T)
-    w = tl.load(w_ptr + d * T + offs_t, mask=offs_t < T, other=float("-inf")).to(tl.float32)
-    w = tl.exp(w - tl.max(w, axis=0))
-    return w / tl.sum(w, axis=0)
+if HAVE_TRITON:
+    @triton.jit
+    def _fusion_weights(w_ptr, d, T, BLOCK_T: tl.constexpr):
+        """softmax(W[d]) as a [BLOCK_T] fp32 vector (zeros past T)."""
+        offs_t = tl.arange(0, BLOCK_T)
+        w = tl.load(w_ptr + d * T + offs_t, mask=offs_t < T, other=float("-inf")).to(tl.float32)
+        w = tl.exp(w - tl.max(w, axis=0))
+        return w / tl.sum(w, axis=0)
 
 
-@triton.jit
-def _mix(x_ptr, n, weights, T, H, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """sum_t weights[t] * X[n, t, :] as a [BLOCK_H] fp32 vector."""
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_t = tl.arange(0, BLOCK_T)
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for t in range(T):
-        w_t = tl.sum(tl.where(offs_t == t, weights, 0.0), axis=0)
-        x = tl.load(x_ptr + (n * T + t) * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
-        acc += w_t * x
-    return acc
+    @triton.jit
+    def _mix(x_ptr, n, weights, T, H, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+        """sum_t weights[t] * X[n, t, :] as a [BLOCK_H] fp32 vector."""
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_t = tl.arange(0, BLOCK_T)
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for t in range(T):
+            w_t = tl.sum(tl.where(offs_t == t, weights, 0.0), axis=0)
+            x = tl.load(x_ptr + (n * T + t) * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
+            acc += w_t * x
+        return acc
 
 
-@triton.jit
-def _fuse_forward_kernel(x_ptr, w_ptr, gamma_ptr, out_ptr, T, H, D, eps,
-                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    d = tl.program_id(0)
-    n = tl.program_id(1)
-    offs_h = tl.arange(0, BLOCK_H)
-    mixed = _mix(x_ptr, n, _fusion_weights(w_ptr, d, T, BLOCK_T), T, H, BLOCK_T, BLOCK_H)
-    rstd = 1.0 / tl.sqrt(tl.sum(mixed * mixed, axis=0) / H + eps)
-    gamma = tl.load(gamma_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
-    out = mixed * rstd * gamma
-    tl.store(out_ptr + (n * D + d) * H + offs_h, out.to(out_ptr.dtype.element_ty), mask=offs_h < H)
+    @triton.jit
+    def _fuse_forward_kernel(x_ptr, w_ptr, gamma_ptr, out_ptr, T, H, D, eps,
+                             BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+        d = tl.program_id(0)
+        n = tl.program_id(1)
+        offs_h = tl.arange(0, BLOCK_H)
+        mixed = _mix(x_ptr, n, _fusion_weights(w_ptr, d, T, BLOCK_T), T, H, BLOCK_T, BLOCK_H)
+        rstd = 1.0 / tl.sqrt(tl.sum(mixed * mixed, axis=0) / H + eps)
+        gamma = tl.load(gamma_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
+        out = mixed * rstd * gamma
+        tl.store(out_ptr + (n * D + d) * H + offs_h, out.to(out_ptr.dtype.element_ty), mask=offs_h < H)
 
 
-@triton.jit
-def _fuse_backward_kernel(x_ptr, w_ptr, gamma_ptr, grad_out_ptr, grad_mix_ptr, grad_gamma_ptr,
-                          N, T, H, D, eps, TOKENS_PER_PROGRAM,
-                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """For draft layer d and a chunk of tokens: partial sums over the chunk of
-    dL/d(mixture weight t) = <dL/dmixed, X[n, t]> and of dL/dgamma = grad_out * normed."""
-    d = tl.program_id(0)
-    chunk = tl.program_id(1)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_t = tl.arange(0, BLOCK_T)
-    weights = _fusion_weights(w_ptr, d, T, BLOCK_T)
-    gamma = tl.load(gamma_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
-    grad_mix = tl.zeros([BLOCK_T], dtype=tl.float32)
-    grad_gamma = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for i in range(TOKENS_PER_PROGRAM):
-        n = chunk * TOKENS_PER_PROGRAM + i
-        if n < N:
-            mixed = _mix(x_ptr, n, weights, T, H, BLOCK_T, BLOCK_H)
-            rstd = 1.0 / tl.sqrt(tl.sum(mixed * mixed, axis=0) / H + eps)
-            g = tl.load(grad_out_ptr + (n * D + d) * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
-            grad_gamma += g * mixed * rstd
-            gy = g * gamma
-            # RMSNorm backward: d mixed = rstd * (gy - mixed * <gy, mixed> * rstd^2 / H)
-            grad_mixed = rstd * (gy - mixed * (tl.sum(gy * mixed, axis=0) * rstd * rstd / H))
-            for t in range(T):
-                x = tl.load(x_ptr + (n * T + t) * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
-                grad_mix += tl.where(offs_t == t, tl.sum(grad_mixed * x, axis=0), 0.0)
-    tl.store(grad_mix_ptr + (chunk * D + d) * T + offs_t, grad_mix, mask=offs_t < T)
-    tl.store(grad_gamma_ptr + (chunk * D + d) * H + offs_h, grad_gamma, mask=offs_h < H)
+    @triton.jit
+    def _fuse_backward_kernel(x_ptr, w_ptr, gamma_ptr, grad_out_ptr, grad_mix_ptr, grad_gamma_ptr,
+                              N, T, H, D, eps, TOKENS_PER_PROGRAM,
+                              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+        """For draft layer d and a chunk of tokens: partial sums over the chunk of
+        dL/d(mixture weight t) = <dL/dmixed, X[n, t]> and of dL/dgamma = grad_out * normed."""
+        d = tl.program_id(0)
+        chunk = tl.program_id(1)
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_t = tl.arange(0, BLOCK_T)
+        weights = _fusion_weights(w_ptr, d, T, BLOCK_T)
+        gamma = tl.load(gamma_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
+        grad_mix = tl.zeros([BLOCK_T], dtype=tl.float32)
+        grad_gamma = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for i in range(TOKENS_PER_PROGRAM):
+            n = chunk * TOKENS_PER_PROGRAM + i
+            if n < N:
+                mixed = _mix(x_ptr, n, weights, T, H, BLOCK_T, BLOCK_H)
+                rstd = 1.0 / tl.sqrt(tl.sum(mixed * mixed, axis=0) / H + eps)
+                g = tl.load(grad_out_ptr + (n * D + d) * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
+                grad_gamma += g * mixed * rstd
+                gy = g * gamma
+                # RMSNorm backward: d mixed = rstd * (gy - mixed * <gy, mixed> * rstd^2 / H)
+                grad_mixed = rstd * (gy - mixed * (tl.sum(gy * mixed, axis=0) * rstd * rstd / H))
+                for t in range(T):
+                    x = tl.load(x_ptr + (n * T + t) * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
+                    grad_mix += tl.where(offs_t == t, tl.sum(grad_mixed * x, axis=0), 0.0)
+        tl.store(grad_mix_ptr + (chunk * D + d) * T + offs_t, grad_mix, mask=offs_t < T)
+        tl.store(grad_gamma_ptr + (chunk * D + d) * H + offs_h, grad_gamma, mask=offs_h < H)
 
 
 TOKENS_PER_PROGRAM = 64
@@ -127,10 +133,10 @@ class FuseLayers(torch.autograd.Function):
 
 
 def fuse_layers(x, fusion_logits, gamma, eps):
-    """The DFlare fusion [N, T, H] -> [N, D, H]: the Triton kernel on CUDA or under TRITON_INTERPRET=1,
-    the PyTorch reference otherwise. Inside torch.compile the reference is traced: Inductor fuses it into a
+    """The DFlare fusion [N, T, H] -> [N, D, H]: the Triton kernel on CUDA or under TRITON_INTERPRET=1 (when
+    Triton is installed), the PyTorch reference otherwise. Inside torch.compile the reference is traced: Inductor fuses it into a
     kernel of its own, and the graph needs no opaque custom call."""
-    if (x.is_cuda or triton_interpreted()) and not torch.compiler.is_compiling():
+    if HAVE_TRITON and (x.is_cuda or triton_interpreted()) and not torch.compiler.is_compiling():
         return FuseLayers.apply(x, fusion_logits, gamma, eps)
     return fuse_layers_reference(x, fusion_logits, gamma, eps)
 
@@ -158,6 +164,6 @@ def benchmark(N=16384, T=36, H=4096, D=8, dtype=torch.bfloat16):
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        raise SystemExit("error: the fusion benchmark needs a CUDA GPU (the tests check the kernel on CPU)")
+    if not torch.cuda.is_available() or not HAVE_TRITON:
+        raise SystemExit("error: the fusion benchmark needs a CUDA GPU and Triton (the tests check the kernel on CPU)")
     benchmark()

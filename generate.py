@@ -1,4 +1,4 @@
-"""Generate text with a target model, alone or sped up by a DFlare / DFlash draft (SPEC section 4).
+"""Generate text with a target model, alone or sped up by a DFlare / DFlash draft (DESIGN.md section 4).
 
     python generate.py                                                              # the embedded demo pair
     python generate.py --checkpoint TARGET_DIR --prompt "..."                      # autoregressive
@@ -27,8 +27,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from draft import Draft
-from model import InputError, Transformer, load_checkpoint, read_config
-from tokenizer import chat_prompt, load_tokenizer, stop_token_ids
+from model import InputError, Transformer, is_draft, load_checkpoint, read_config
+from tokenizer import chat_prompt, check_chat_tokens, load_tokenizer, stop_token_ids
 
 DEMO = Path(__file__).resolve().parent / "demo"  # the small model pair trained by demo.py
 DEMO_PROMPT = 'import os\n\n\ndef copy_file(src, dst):\n    """Copy the file src to dst."""\n'
@@ -82,7 +82,7 @@ def decode_one_token(target: Transformer, token, input_pos, sampling: Sampling):
 
 def speculative_step(target: Transformer, draft: Draft, anchor_token, anchor_pos, active, sampling: Sampling,
                      block_size: int):
-    """One draft-block + verify step for every row, on static shapes (SPEC section 4).
+    """One draft-block + verify step for every row, on static shapes (DESIGN.md section 4).
 
     anchor_token, anchor_pos [B]: each row's last committed token (not yet seen by the target) and its position;
     active [B] bool: finished rows stay where they are. The draft's context cache must hold every position before
@@ -314,22 +314,52 @@ def parse_args(argv=None):
 def encode_prompts(args, tokenizer, model_type: str) -> list:
     texts = args.prompt
     if args.chat:
+        check_chat_tokens(tokenizer, model_type)
         texts = [chat_prompt(([{"role": "system", "content": args.system}] if args.system else [])
                              + [{"role": "user", "content": t}], model_type, thinking=args.thinking == "on",
                              reasoning_effort=args.reasoning_effort) for t in texts]
-    return [tokenizer.encode(t) for t in texts]
+    prompts = [tokenizer.encode(t) for t in texts]
+    for text, ids in zip(args.prompt, prompts):
+        if not ids:  # nothing to prefill, and no last token to continue from
+            raise InputError(f"--prompt {text!r} encodes to no tokens: give a prompt with some text")
+    return prompts
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device as a torch.device (default: cuda if available, else cpu), refused if this machine lacks it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown --device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name!r} is not supported: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("CUDA is not available here: use --device cpu")
+    n = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= n:
+        raise InputError(f"--device {name}: this machine has no such GPU: use cuda:0 to cuda:{n - 1}")
+    return device
 
 
 def cache_length(args, longest_prompt: int, max_position_embeddings: int, block_size: int = 0) -> int:
     """KV cache length: the prompt, the new tokens and, when speculating, the block drafted past the last one."""
     needed = longest_prompt + args.max_new_tokens + block_size
+    block = f" + block size ({block_size})" if block_size else ""
+    over = needed - max_position_embeddings
+    if over > 0:
+        fixes = ([f"lower --max_new_tokens to {args.max_new_tokens - over}"] if over < args.max_new_tokens else []) \
+            + ([f"shorten the prompt by {over} tokens"] if over < longest_prompt else [])
+        raise InputError(f"prompt ({longest_prompt} tokens) + --max_new_tokens ({args.max_new_tokens}){block} = "
+                         f"{needed} exceeds the model's context of {max_position_embeddings} tokens: "
+                         + (" or ".join(fixes) or f"take {over} tokens off the prompt and --max_new_tokens together"))
     if args.max_seq_len is None:
         return max(needed, min(-(-needed // 256) * 256, max_position_embeddings))
     if longest_prompt > args.max_seq_len:
         raise InputError(f"prompt has {longest_prompt} tokens, longer than --max_seq_len {args.max_seq_len}: "
                          f"shorten the prompt or raise --max_seq_len")
     if needed > args.max_seq_len:
-        block = f" + block size ({block_size})" if block_size else ""
         raise InputError(f"prompt ({longest_prompt} tokens) + --max_new_tokens ({args.max_new_tokens}){block} "
                          f"exceeds --max_seq_len {args.max_seq_len}: raise --max_seq_len or lower --max_new_tokens")
     return args.max_seq_len
@@ -338,6 +368,9 @@ def cache_length(args, longest_prompt: int, max_position_embeddings: int, block_
 def load_draft(folder, target: Transformer, device, dtype) -> Draft:
     if not Path(folder, "config.json").is_file():
         raise InputError(f"--draft {str(folder)!r} is not a draft folder (no config.json)")
+    if not is_draft(folder):
+        raise InputError(f"--draft {str(folder)!r} is a target model, not a draft: pass a DFlash / DFlare draft "
+                         f"folder as --draft, and the target as --checkpoint")
     draft = Draft.from_pretrained(folder, device, dtype)
     draft.check_target(target.args)
     return draft
@@ -351,11 +384,15 @@ def acceptance_histogram(lengths: list, block_size: int) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
     config = read_config(args.checkpoint)
+    if is_draft(args.checkpoint):
+        raise InputError(f"--checkpoint {args.checkpoint!r} is a draft: pass it as --draft, with its target model "
+                         f"as --checkpoint")
     tokenizer = load_tokenizer(args.checkpoint)
+    prompts = encode_prompts(args, tokenizer, config.get("model_type"))  # before loading: a bad prompt fails fast
     t0 = time.perf_counter()
     model = load_checkpoint(args.checkpoint, device, dtype)
     draft = load_draft(args.draft, model, device, dtype) if args.draft else None
@@ -369,7 +406,6 @@ def main(argv=None):
     log(f"loaded {args.checkpoint}{' + draft ' + str(args.draft) if draft else ''} ({model.args.model_type}, "
         f"{dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
     stop_ids = stop_token_ids(args.checkpoint, config, tokenizer)
-    prompts = encode_prompts(args, tokenizer, model.args.model_type)
     if len(prompts) == 1:
         prompts = prompts * args.batch_size
     batch_size = min(args.batch_size, len(prompts))

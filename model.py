@@ -1,6 +1,6 @@
 """Target models: Qwen3 dense, Qwen3-MoE and GPT-OSS in one small Transformer.
 
-Configured from a Hugging Face `config.json` and loaded straight from its safetensors files (SPEC section 1).
+Configured from a Hugging Face `config.json` and loaded straight from its safetensors files (DESIGN.md section 1).
 Static KV caches indexed by absolute position, so a compiled decode step never changes shape, and the outputs of
 chosen decoder layers (`capture`) can be returned for the draft model.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "gpt_oss")
@@ -35,7 +35,7 @@ class ModelArgs:
     intermediate_size: int  # dense MLP width (Qwen3) / expert width (GPT-OSS)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1e6
-    rope_scaling: dict | None = None  # YaRN parameters, or None for plain RoPE
+    rope_scaling: dict | None = None  # {rope_type: linear / yarn / llama3, its parameters}, None for plain RoPE
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -64,21 +64,15 @@ class ModelArgs:
                    if k not in config]
         if missing:
             raise InputError(f"config.json lacks {', '.join(missing)}: is this a {model_type} checkpoint?")
+        refuse_unsupported_fields(config, "config.json")
+        quantization = (config.get("quantization_config") or {}).get("quant_method")
+        if quantization not in (None, "mxfp4") or (quantization == "mxfp4" and model_type != "gpt_oss"):
+            raise InputError(f"config.json says the weights are quantized with {quantization!r}, which this "
+                             f"implementation does not read: use the unquantized (bf16) checkpoint")
+        defaults = CONFIG_DEFAULTS[model_type]
         n_layers = config["num_hidden_layers"]
         n_heads = config["num_attention_heads"]
-        # transformers 5.x writes rope_parameters; released checkpoints have rope_theta / rope_scaling
-        rope = dict(config.get("rope_parameters") or {})
-        rope.update(config.get("rope_scaling") or {})
-        rope_theta = config.get("rope_theta", rope.get("rope_theta", 150000.0 if model_type == "gpt_oss" else 1e6))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "yarn"):
-            raise InputError(f"config.json asks for RoPE type {rope_type!r}; supported: default, yarn")
-        layer_types = config.get("layer_types")
-        if not layer_types:
-            window_from = config.get("max_window_layers", n_layers) if config.get("use_sliding_window") else n_layers
-            layer_types = ["sliding_attention" if i >= window_from else "full_attention" for i in range(n_layers)]
-            if model_type == "gpt_oss":
-                layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+        rope_theta, rope_scaling = rope_settings(config, model_type)
         eos = config.get("eos_token_id")
         args = cls(
             model_type=model_type,
@@ -87,16 +81,16 @@ class ModelArgs:
             num_hidden_layers=n_layers,
             num_attention_heads=n_heads,
             num_key_value_heads=config.get("num_key_value_heads") or n_heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+            head_dim=config.get("head_dim", defaults["head_dim"]) or config["hidden_size"] // n_heads,
             intermediate_size=config.get("intermediate_size", 0),
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope if rope_type == "yarn" else None,
-            max_position_embeddings=config.get("max_position_embeddings", 32768),
+            rms_norm_eps=config.get("rms_norm_eps", defaults["rms_norm_eps"]),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=config.get("max_position_embeddings", defaults["max_position_embeddings"]),
             tie_word_embeddings=config.get("tie_word_embeddings", False),
-            attention_bias=config.get("attention_bias", model_type == "gpt_oss"),
-            layer_types=tuple(layer_types),
-            sliding_window=config.get("sliding_window") or 0,
+            attention_bias=config.get("attention_bias", defaults["attention_bias"]),
+            layer_types=attention_layer_types(config, model_type),
+            sliding_window=sliding_window_size(config, model_type),
             eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         )
         if model_type == "qwen3_moe":
@@ -123,8 +117,83 @@ class ModelArgs:
         return args
 
 
+# What transformers assumes for fields a config.json leaves out (the reference implementations read configs through
+# transformers, so a missing field must mean the same here).
+CONFIG_DEFAULTS = {
+    "qwen3": dict(rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, attention_bias=False, head_dim=128,
+                  max_position_embeddings=32768, sliding_window=4096),
+    "qwen3_moe": dict(rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, attention_bias=False,
+                      head_dim=None, max_position_embeddings=32768, sliding_window=4096),
+    "gpt_oss": dict(rope_theta=150000.0, rms_norm_eps=1e-5, attention_bias=True, head_dim=64,
+                    max_position_embeddings=131072, sliding_window=128,
+                    rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                  "truncate": False, "original_max_position_embeddings": 4096}),
+}
+
+# Keys each RoPE scaling needs besides rope_type (YaRN's factor may instead come from max_position_embeddings)
+ROPE_TYPES = {"default": (), "linear": ("factor",), "yarn": ("original_max_position_embeddings",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+# config.json fields that change the numerics and that this implementation does not have, with their neutral
+# values: any other value is refused rather than ignored (checked at the top level and in dflash_config)
+UNSUPPORTED_FIELDS = {
+    "output_multiplier": (None, 1, 1.0), "input_embedding_scale": (None, 1, 1.0),
+    "final_logit_softcapping": (None, 0, 0.0), "attn_logit_softcapping": (None, 0, 0.0),
+    "attention_sink_bias": (None, False), "partial_rotary_factor": (None, 1, 1.0), "hidden_act": (None, "silu"),
+}
+
+
+def refuse_unsupported_fields(config: dict, where: str):
+    sections = [config, config.get("dflash_config") or {}, config.get("rope_scaling") or {},
+                config.get("rope_parameters") or {}]
+    found = sorted({f"{name}={section[name]!r}" for section in sections for name, neutral in
+                    UNSUPPORTED_FIELDS.items() if name in section and section[name] not in neutral})
+    if found:
+        raise InputError(f"{where} sets {', '.join(found)}, which this implementation does not support (it would "
+                         f"compute something else than the model was trained with)")
+
+
+def rope_settings(config: dict, model_type: str):
+    """(rope_theta, rope_scaling) of a config.json; rope_scaling is None for plain RoPE, else a dict with its
+    rope_type. transformers 5.x writes rope_parameters; released checkpoints have rope_theta / rope_scaling."""
+    defaults = CONFIG_DEFAULTS[model_type]
+    rope = dict(config.get("rope_parameters") or {})
+    rope.update(config.get("rope_scaling") or {})
+    if "rope_parameters" not in config and "rope_scaling" not in config:
+        rope = dict(defaults["rope_scaling"] or {})
+    theta = config.get("rope_theta", rope.get("rope_theta", defaults["rope_theta"]))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise InputError(f"config.json asks for RoPE type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+    missing = [k for k in ROPE_TYPES[rope_type] if rope.get(k) is None]
+    if missing:
+        raise InputError(f"config.json's {rope_type} RoPE scaling lacks {', '.join(missing)}")
+    return float(theta), ({**rope, "rope_type": rope_type} if rope_type != "default" else None)
+
+
+def attention_layer_types(config: dict, model_type: str) -> tuple:
+    """"full_attention" / "sliding_attention" per layer, derived as transformers derives them when absent."""
+    n_layers = config["num_hidden_layers"]
+    if config.get("layer_types"):
+        return tuple(config["layer_types"])
+    if model_type == "gpt_oss":
+        return tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers))
+    window_from = config.get("max_window_layers", 28) if config.get("use_sliding_window") else n_layers
+    return tuple("sliding_attention" if i >= window_from else "full_attention" for i in range(n_layers))
+
+
+def sliding_window_size(config: dict, model_type: str) -> int:
+    """Keys a sliding layer sees (0: no window). Qwen3 configs have a window only with use_sliding_window."""
+    if model_type in ("qwen3", "qwen3_moe") and not config.get("use_sliding_window"):
+        return 0
+    return config.get("sliding_window", CONFIG_DEFAULTS[model_type]["sliding_window"]) or 0
+
+
 def read_config(checkpoint_dir) -> dict:
     path = Path(checkpoint_dir)
+    if path.is_file():
+        raise InputError(f"{str(path)!r} is a file: pass the model's folder (the one holding config.json and the "
+                         f"*.safetensors weights)")
     if not path.is_dir():
         raise InputError(f"checkpoint folder {str(path)!r} does not exist (pass a Hugging Face model folder)")
     config_file = path / "config.json"
@@ -148,15 +217,26 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
-def rope_tables(args: ModelArgs, max_seq_length: int, head_dim: int | None = None):
-    """cos and sin of every (position, frequency) pair, [max_seq_length, head_dim // 2] in fp32."""
+def rope_tables(args, max_seq_length: int, head_dim: int | None = None):
+    """cos and sin of every (position, frequency) pair, [max_seq_length, head_dim // 2] in fp32. args: ModelArgs or
+    DraftArgs (rope_theta, rope_scaling, max_position_embeddings)."""
     dim = head_dim or args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    scale = 1.0
-    if args.rope_scaling is not None:  # YaRN: interpolate the slow frequencies, keep the fast ones
-        rs = args.rope_scaling
-        factor = rs["factor"]
+    wavelength_base = args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv_freq = 1.0 / wavelength_base
+    rs, scale = args.rope_scaling or {"rope_type": "default"}, 1.0
+    if rs["rope_type"] == "linear":  # positions divided by factor
+        inv_freq = inv_freq / rs["factor"]
+    elif rs["rope_type"] == "llama3":  # Llama 3.1: slow frequencies / factor, fast ones kept, a smooth blend between
+        original_len, factor = rs["original_max_position_embeddings"], rs["factor"]
+        low, high = rs["low_freq_factor"], rs["high_freq_factor"]
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (original_len / wavelength - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelength < original_len / high, inv_freq,
+                               torch.where(wavelength > original_len / low, inv_freq / factor, blended))
+    elif rs["rope_type"] == "yarn":  # interpolate the slow frequencies, keep the fast ones, scale the attention
         original_len = rs["original_max_position_embeddings"]
+        factor = rs.get("factor") or args.max_position_embeddings / original_len
 
         def correction_dim(rotations):
             return dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(args.rope_theta))
@@ -165,9 +245,14 @@ def rope_tables(args: ModelArgs, max_seq_length: int, head_dim: int | None = Non
         if rs.get("truncate", True):
             low, high = math.floor(low), math.ceil(high)
         low, high = max(low, 0), min(high, dim - 1)
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
-        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
-        scale = rs.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+        kept = 1 - ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        inv_freq = 1.0 / (factor * wavelength_base) * (1 - kept) + inv_freq * kept
+
+        def mscale(m=1.0):
+            return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+        scale = rs.get("attention_factor") or (mscale(rs["mscale"]) / mscale(rs["mscale_all_dim"])
+                                               if rs.get("mscale") and rs.get("mscale_all_dim") else mscale())
     angles = torch.outer(torch.arange(max_seq_length, dtype=torch.float32), inv_freq)
     return angles.cos() * scale, angles.sin() * scale
 
@@ -399,7 +484,11 @@ class SafetensorsFolder:
         folder = Path(folder)
         index_file = folder / "model.safetensors.index.json"
         if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index_file.read_bytes())["weight_map"]
+            except (ValueError, KeyError, TypeError):  # not JSON (ValueError), or JSON without a weight_map
+                raise InputError(f"{index_file} is not a safetensors index: corrupt or incomplete download, "
+                                 f"download it again") from None
             for shard in sorted(set(weight_map.values())):
                 if not (folder / shard).is_file():
                     raise InputError(f"{index_file} names shard {shard!r}, which is missing from {str(folder)!r}")
@@ -410,18 +499,50 @@ class SafetensorsFolder:
                 raise InputError(f"{str(folder)!r} has no *.safetensors weights (download the model's weights)")
             self.file_of = {}
             for f in files:
-                with safe_open(f, "pt") as handle:
-                    self.file_of.update({name: f for name in handle.keys()})
+                try:
+                    with safe_open(f, "pt") as handle:
+                        self.file_of.update({name: f for name in handle.keys()})
+                except SafetensorError as e:
+                    raise self.unreadable(f, e) from None
         self.handles = {}
+        self.used = set()  # names read so far: loading checks that every tensor was used
 
     def __contains__(self, name):
         return name in self.file_of
 
     def get(self, name):
+        self.used.add(name)
         f = self.file_of[name]
-        if f not in self.handles:
-            self.handles[f] = safe_open(f, "pt")
-        return self.handles[f].get_tensor(name)
+        try:  # safe_open checks the header against the file's size; get_tensor can still refuse a tensor's data
+            if f not in self.handles:
+                self.handles[f] = safe_open(f, "pt")
+            return self.handles[f].get_tensor(name)
+        except SafetensorError as e:
+            raise self.unreadable(f, e) from None
+
+    @staticmethod
+    def unreadable(f, e: SafetensorError) -> InputError:
+        return InputError(f"{f} is unreadable ({e}): corrupt or incomplete download, download it again")
+
+    def check_all_used(self, where: str, redundant=lambda name: name.endswith("rotary_emb.inv_freq")):
+        """Refuse a checkpoint with tensors loading did not read (except known-redundant ones, e.g. RoPE tables
+        that are recomputed): ignoring them would silently compute another model."""
+        unused = sorted(name for name in set(self.file_of) - self.used if not redundant(name))
+        if unused:
+            shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+            raise InputError(f"{where} holds {len(unused)} tensors that its config.json does not describe ({shown}): "
+                             f"a different architecture or format than config.json says")
+
+
+def is_draft(folder) -> bool:
+    """Whether a model folder holds a DFlash / DFlare draft, not a target: its config.json says so, or its tensors
+    (fusion weights, and no embedding table of its own)."""
+    config = read_config(folder)
+    architectures = str(config.get("architectures"))
+    if "dflash_config" in config or "block_size" in config or "DFlash" in architectures or "DFlare" in architectures:
+        return True
+    names = {name.removeprefix("model.") for name in SafetensorsFolder(folder).file_of}
+    return bool(names & {"layer_fusion_weights", "fc.weight"}) and "embed_tokens.weight" not in names
 
 
 def save_folder(folder, state: dict, config: dict):
@@ -431,6 +552,9 @@ def save_folder(folder, state: dict, config: dict):
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state, folder / "model.safetensors.tmp", metadata={"format": "pt"})
     (folder / "config.json.tmp").write_text(json.dumps(config, indent=2))
+    # safetensors writes through a temporary file of its own, created 0600: give the weights the mode a new file
+    # gets (0666 less the umask), the config's
+    os.chmod(folder / "model.safetensors.tmp", os.stat(folder / "config.json.tmp").st_mode & 0o777)
     os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
     os.replace(folder / "config.json.tmp", folder / "config.json")
 
@@ -478,6 +602,9 @@ def load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Trans
     """Build the Transformer described by checkpoint_dir/config.json and load its safetensors weights."""
     args = ModelArgs.from_hf_config(read_config(checkpoint_dir))
     ckpt = SafetensorsFolder(checkpoint_dir)
+    if args.tie_word_embeddings and "lm_head.weight" in ckpt and "model.embed_tokens.weight" in ckpt:
+        # transformers unties them when the checkpoint holds both and they differ; the same tensor stays tied
+        args.tie_word_embeddings = torch.equal(ckpt.get("lm_head.weight"), ckpt.get("model.embed_tokens.weight"))
     with torch.device("meta"):
         model = Transformer(args)
     state = {}
@@ -487,6 +614,7 @@ def load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Trans
             raise InputError(f"tensor for {name!r} in {str(checkpoint_dir)!r} has shape {tuple(tensor.shape)}, "
                              f"but config.json implies {tuple(param.shape)}")
         state[name] = tensor.to(device=device, dtype=dtype)
+    ckpt.check_all_used(f"checkpoint {str(checkpoint_dir)!r}")
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -1,4 +1,4 @@
-"""Chat data -> tokenized training shards for train.py (SPEC section 5).
+"""Chat data -> tokenized training shards for train.py (DESIGN.md section 5).
 
     python prepare.py --target TARGET_DIR --data chats.jsonl [more.jsonl ...] --out data/
     python prepare.py --target TARGET_DIR --data chats.jsonl --out data/ --regenerate   # the target's own answers
@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 import time
 import unicodedata
 from pathlib import Path
@@ -32,8 +33,8 @@ import numpy as np
 import torch
 
 import generate
-from model import InputError, load_checkpoint, read_config
-from tokenizer import BPETokenizer, chat_prompt, chat_segments, load_tokenizer, stop_token_ids
+from model import InputError, is_draft, load_checkpoint, read_config
+from tokenizer import BPETokenizer, chat_prompt, chat_segments, check_chat_tokens, load_tokenizer, stop_token_ids
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "chatgpt": "assistant"}
@@ -85,12 +86,19 @@ def read_conversations(paths, regenerate: bool):
         if not Path(path).is_file():
             raise InputError(f"data file {str(path)!r} does not exist")
         n_before = len(conversations)
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is one bad line, not a failed file
+            if b"\0" in f.read(4096):  # JSON text never holds a NUL byte: weights, an archive, UTF-16...
+                problems.append(f"{path}: binary data, not JSONL text")
+                continue
+            f.seek(0)
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    conversations.append(parse_conversation(line, regenerate))
+                    conversations.append(parse_conversation(line.decode("utf-8"), regenerate))
+                except UnicodeDecodeError as e:
+                    problems.append(f"{path}:{number}: not UTF-8 text (byte {line[e.start]:#04x} at column "
+                                    f"{e.start + 1})")
                 except ValueError as e:
                     problems.append(f"{path}:{number}: {e}")
         if len(conversations) == n_before and not any(p.startswith(f"{path}:") for p in problems):
@@ -179,6 +187,21 @@ def write_shard(folder: Path, name: str, samples: list, counts: dict) -> dict:
     return meta
 
 
+def output_folder(path) -> Path:
+    """--out, created if needed and checked writable now: a run should fail before its work, not at its first save."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file: pass a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write to --out {str(out)!r} ({e.strerror}): pass a folder you can write "
+                         f"to") from None
+    return out
+
+
 def write_json(path: Path, obj):
     path.with_name(path.name + ".tmp").write_text(json.dumps(obj, indent=2))
     os.replace(path.with_name(path.name + ".tmp"), path)
@@ -195,9 +218,18 @@ class PackedData:
         self.index = json.loads((folder / "index.json").read_text())
         self.shards = []
         for shard in self.index["shards"]:
-            self.shards.append([np.load(folder / f"{shard['name']}.{kind}.npy", mmap_mode="r")
-                                for kind in ("tokens", "mask", "offsets")] if shard["samples"] else None)
+            self.shards.append([self.load(folder, shard["name"], kind) for kind in ("tokens", "mask", "offsets")]
+                               if shard["samples"] else None)
         self.starts = np.cumsum([0] + [s["samples"] for s in self.index["shards"]])
+
+    @staticmethod
+    def load(folder: Path, name: str, kind: str):
+        path = folder / f"{name}.{kind}.npy"
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError):  # missing, cut short (header or data), or not .npy at all
+            raise InputError(f"shard file {path} is missing, truncated or corrupt: delete {folder / name}.json and "
+                             f"run prepare.py again with the same flags to write that shard again") from None
 
     def __len__(self):
         return int(self.starts[-1])
@@ -264,6 +296,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     config = read_config(args.target)
+    if is_draft(args.target):
+        raise InputError(f"--target {args.target!r} is a draft, not a target model: pass the target model's folder")
     tokenizer = load_tokenizer(args.target)
     if not isinstance(tokenizer, BPETokenizer):
         raise InputError("prepare.py needs the target's tokenizer.json (byte-level BPE) to place the loss mask")
@@ -280,8 +314,9 @@ def main(argv=None):
                          f"--bad_lines skip to leave them out")
     if not conversations:
         raise InputError("no usable conversation in --data")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if any(isinstance(c, list) for c in conversations):  # chats, not raw {"prompt", "completion"} records
+        check_chat_tokens(tokenizer, model_type)
+    out = output_folder(args.out)
     settings = {"target": str(Path(args.target).resolve()), "model_type": model_type,
                 "vocab_size": tokenizer.vocab_size,
                 "data": [[str(Path(p).resolve()), Path(p).stat().st_size] for p in args.data],
@@ -303,7 +338,7 @@ def main(argv=None):
 
     target = stop_ids = None
     if args.regenerate:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = generate.pick_device(args.device)
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
         target = load_checkpoint(args.target, device, dtype)
         stop_ids = stop_token_ids(args.target, config, tokenizer)

