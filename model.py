@@ -161,7 +161,7 @@ def rope_settings(config: dict, model_type: str):
     rope.update(config.get("rope_scaling") or {})
     if "rope_parameters" not in config and "rope_scaling" not in config:
         rope = dict(defaults["rope_scaling"] or {})
-    theta = config.get("rope_theta", rope.get("rope_theta", defaults["rope_theta"]))
+    theta = rope.get("rope_theta", config.get("rope_theta", defaults["rope_theta"]))  # as transformers: rope's own
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise InputError(f"config.json asks for RoPE type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")

@@ -237,6 +237,8 @@ ROPE_CASES = {
     "yarn mscale": {"rope_theta": 1e4, "rope_scaling": {"type": "yarn", "factor": 40.0, "mscale": 1.0,
                                                         "mscale_all_dim": 0.707, "beta_fast": 16,
                                                         "original_max_position_embeddings": 4096}},
+    "theta in two places": {"rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 2.0,
+                                                                "rope_theta": 150000.0}},
     "llama3": {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                         "high_freq_factor": 4.0,
                                                         "original_max_position_embeddings": 8192}},
@@ -253,7 +255,8 @@ def test_rope_scalings_match_transformers(case):
               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128,
               "max_position_embeddings": 32768, **ROPE_CASES[case]}
     cos, sin = rope_tables(ModelArgs.from_hf_config(config), 6000)
-    hf_config = transformers.Qwen3Config(**{k: v for k, v in config.items() if k != "model_type"})
+    hf_config = transformers.Qwen3Config(**{k: v for k, v in json.loads(json.dumps(config)).items()
+                                            if k != "model_type"})
     rotary = transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding(hf_config)
     ref_cos, ref_sin = rotary(torch.zeros(1), torch.arange(6000)[None])
     torch.testing.assert_close(cos, ref_cos[0, :, :64], rtol=0, atol=1e-6)
@@ -1324,7 +1327,7 @@ def reference_model(config, reference_drafts):
     import transformers
 
     dflash_class, dflare_class = reference_drafts
-    fields = {k: v for k, v in config.items() if k != "model_type"}
+    fields = {k: v for k, v in json.loads(json.dumps(config)).items() if k != "model_type"}  # transformers edits it
     ref_config = transformers.AutoConfig.for_model(config["model_type"], **fields)
     ref_config._attn_implementation = "sdpa"
     return (dflare_class if "DFlare" in config["architectures"][0] else dflash_class)(ref_config).float().eval()
