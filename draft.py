@@ -59,7 +59,7 @@ class DraftArgs:
                 **({"rope_scaling": self.rope_scaling} if self.rope_scaling else {}),
                 **({"layer_types": list(self.layer_types)} if self.layer_types else {}),
                 **({"is_causal": self.is_causal} if self.is_causal is not None else {}),
-                "use_sliding_window": bool(self.sliding_window),
+                "use_sliding_window": bool(self.layer_types and self.sliding_window),
                 "dflash_config": {"target_layer_ids": list(self.target_layer_ids),
                                   "mask_token_id": self.mask_token_id}}
 
