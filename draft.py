@@ -66,12 +66,10 @@ class DraftArgs:
     @classmethod
     def from_config(cls, config: dict, fusion: str) -> "DraftArgs":
         """A published draft's config.json. block_size, mask_token_id, target_layer_ids and num_target_layers come
-        from dflash_config first, the top level second, as the reference implementations read them; every other
-        field as transformers reads a config of the draft's model_type (the same defaults)."""
-        model_type = config.get("model_type", "qwen3")
-        if model_type not in CONFIG_DEFAULTS:
-            raise InputError(f"draft config.json has model_type {model_type!r}; supported: "
-                             f"{', '.join(CONFIG_DEFAULTS)}")
+        from dflash_config first, the top level second; every other field as transformers' Qwen3Config reads it,
+        whatever model_type says: the reference classes (z-lab's DFlashDraftModel, AngelSlim's
+        QwenDFlareDraftModel) load their configs as Qwen3Config. (z-lab's gpt-oss-20b-DFlash says gpt_oss; read as
+        GptOssConfig it would get alternating sliding layers that its own loader does not build.)"""
         refuse_unsupported_fields(config, "draft config.json")
         dflash = config.get("dflash_config") or {}
         unknown = sorted(set(dflash) - DFLASH_CONFIG_FIELDS - set(UNSUPPORTED_FIELDS))
@@ -98,15 +96,15 @@ class DraftArgs:
                 raise InputError("draft config.json has neither target_layer_ids nor num_target_layers (in "
                                  "dflash_config or at the top level): add the target layers the draft reads")
             target_layer_ids = default_target_layer_ids(num_target_layers, n_layers)
-        layer_types = attention_layer_types(config, model_type)
+        layer_types = attention_layer_types(config, "qwen3")
         if fusion == "layerwise" and (set(layer_types) != {"full_attention"} or config.get("is_causal")):
             raise InputError(f"draft config.json asks for {'causal' if config.get('is_causal') else 'sliding'} "
                              f"draft layers, which the DFlare reference does not define: use full_attention layers")
-        defaults = CONFIG_DEFAULTS[model_type]
-        rope_theta, rope_scaling = rope_settings(config, model_type)
+        defaults = CONFIG_DEFAULTS["qwen3"]
+        rope_theta, rope_scaling = rope_settings(config, "qwen3")
         return cls(hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
                    num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                   num_key_value_heads=config.get("num_key_value_heads") or n_heads,
+                   num_key_value_heads=config.get("num_key_value_heads", defaults["num_key_value_heads"]) or n_heads,
                    head_dim=config.get("head_dim", defaults["head_dim"]) or config["hidden_size"] // n_heads,
                    vocab_size=config.get("vocab_size", 0), target_layer_ids=tuple(target_layer_ids),
                    mask_token_id=mask_token_id, num_target_layers=num_target_layers, fusion=fusion,
@@ -115,7 +113,7 @@ class DraftArgs:
                    max_position_embeddings=config.get("max_position_embeddings", defaults["max_position_embeddings"]),
                    rope_scaling=rope_scaling, attention_bias=config.get("attention_bias", defaults["attention_bias"]),
                    layer_types=layer_types if set(layer_types) != {"full_attention"} else (),
-                   sliding_window=sliding_window_size(config, model_type), is_causal=config.get("is_causal"))
+                   sliding_window=sliding_window_size(config, "qwen3"), is_causal=config.get("is_causal"))
 
     def layer_attention(self) -> list:
         """(causal, window) per draft layer, as z-lab's DFlash reads layer_types / is_causal / sliding_window."""
@@ -125,8 +123,8 @@ class DraftArgs:
 
 
 # What a dflash_config may hold: the draft's own fields, and training settings that do not change its numerics
-DFLASH_CONFIG_FIELDS = {"target_layer_ids", "mask_token_id", "block_size", "num_target_layers", "num_anchors",
-                        "loss_decay_gamma", "attention_backend"}
+DFLASH_CONFIG_FIELDS = {"target_layer_ids", "mask_token_id", "mask_token", "block_size", "num_target_layers",
+                        "num_anchors", "loss_decay_gamma", "attention_backend"}
 
 
 def default_target_layer_ids(num_target_layers: int, count: int) -> tuple:
@@ -311,11 +309,15 @@ class Draft(nn.Module):
         return [layer.self_attn.keys_values(ctx[:, :, min(d, ctx.shape[2] - 1)], cos, sin, context=True)
                 for d, layer in enumerate(self.layers)]
 
-    def layer_masks(self, mask, query_pos, key_pos):
-        """One attention mask per draft layer. mask [B, 1, Q, K] is what a layer may see at most: the context
-        before the block's anchor and the block itself. Causal and sliding-window layers see less, decided by the
-        absolute positions of the queries query_pos [B, Q] and of the keys key_pos [B, K]."""
-        q, k = query_pos[:, None, :, None], key_pos[:, None, None, :]
+    def layer_masks(self, mask, context_pos, block_pos):
+        """One attention mask per draft layer. mask [B, 1, Q, L + Q] over [context | blocks] keys is what a layer
+        may see at most: the context before the block's anchor and the block itself. Causal and sliding-window
+        layers see less, decided by absolute positions: context_pos [L] of the context keys, block_pos [B, Q] of
+        the block tokens (the queries, and the other keys)."""
+        if set(self.layer_attention) == {(False, 0)}:  # every layer full and bidirectional: nothing to narrow
+            return [mask] * len(self.layers)
+        q = block_pos[:, None, :, None]
+        k = torch.cat([context_pos.expand(block_pos.shape[0], -1), block_pos], dim=1)[:, None, None, :]
         masks = {}
         for causal, window in set(self.layer_attention):
             narrowed = mask
@@ -330,7 +332,7 @@ class Draft(nn.Module):
         """Noise tokens [B, Q] through the draft; masks: one [B, 1, Q, L + Q] per layer over [context | noise]
         keys. Returns logits [B, Q, V] through the target's lm_head."""
         x = target.embed_tokens(noise_tokens)
-        for layer, (k, v), mask in zip(self.layers, context_kv, masks):
+        for layer, (k, v), mask in zip(self.layers, context_kv, masks, strict=True):
             x = layer(x, cos, sin, k, v, mask)
         return target.lm_head(self.norm(x))
 
@@ -371,7 +373,7 @@ class Draft(nn.Module):
         key_pos = torch.arange(self.max_seq_length, device=block_tokens.device)
         context_mask = (key_pos < anchor_pos[:, None])[:, None, None, :].expand(B, 1, bs, -1)
         mask = torch.cat([context_mask, context_mask.new_ones(B, 1, bs, bs)], dim=-1)
-        masks = self.layer_masks(mask, positions, torch.cat([key_pos.expand(B, -1), positions], dim=1))
+        masks = self.layer_masks(mask, key_pos, positions)
         caches = [(l.self_attn.context_cache.k_cache, l.self_attn.context_cache.v_cache) for l in self.layers]
         return self.run_layers(target, block_tokens, cos, sin, caches, masks)[:, 1:]
 
@@ -397,7 +399,7 @@ class Draft(nn.Module):
         context_mask = ctx_pos[None, None, :] < anchor_of_query[:, :, None]  # [B, Q, S]
         block_mask = (block_of_query[:, None] == block_of_query[None, :]).expand(B, -1, -1)  # [B, Q, Q]
         mask = torch.cat([context_mask, block_mask], dim=-1)[:, None]
-        masks = self.layer_masks(mask, positions, torch.cat([ctx_pos.expand(B, S), positions], dim=1))
+        masks = self.layer_masks(mask, ctx_pos, positions)
         logits = self.run_layers(target, block_tokens.reshape(B, nb * bs), cos[positions], sin[positions],
                                  context_kv, masks)
         return logits.view(B, nb, bs, -1)[:, :, 1:]
@@ -412,6 +414,6 @@ def draft_block_logits(draft: Draft, target, context_hidden, block_tokens, start
     cos, sin = (t.to(context_hidden.device)[None].expand(B, -1, -1) for t in rope_tables(draft.args, C + bs))
     context_kv = draft.context_keys_values(context_hidden, cos[:, :C], sin[:, :C])
     mask = torch.ones(B, 1, bs, C + bs, dtype=torch.bool, device=context_hidden.device)
-    key_pos = torch.arange(C + bs, device=context_hidden.device).expand(B, -1)
-    masks = draft.layer_masks(mask, key_pos[:, C:], key_pos)
+    positions = torch.arange(C + bs, device=context_hidden.device)
+    masks = draft.layer_masks(mask, positions[:C], positions[C:].expand(B, -1))
     return draft.run_layers(target, block_tokens, cos[:, C:], sin[:, C:], context_kv, masks)[:, 1:]

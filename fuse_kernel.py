@@ -39,7 +39,6 @@ if HAVE_TRITON:
         w = tl.exp(w - tl.max(w, axis=0))
         return w / tl.sum(w, axis=0)
 
-
     @triton.jit
     def _mix(x_ptr, n, weights, T, H, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
         """sum_t weights[t] * X[n, t, :] as a [BLOCK_H] fp32 vector."""
@@ -52,7 +51,6 @@ if HAVE_TRITON:
             acc += w_t * x
         return acc
 
-
     @triton.jit
     def _fuse_forward_kernel(x_ptr, w_ptr, gamma_ptr, out_ptr, T, H, D, eps,
                              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -64,7 +62,6 @@ if HAVE_TRITON:
         gamma = tl.load(gamma_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
         out = mixed * rstd * gamma
         tl.store(out_ptr + (n * D + d) * H + offs_h, out.to(out_ptr.dtype.element_ty), mask=offs_h < H)
-
 
     @triton.jit
     def _fuse_backward_kernel(x_ptr, w_ptr, gamma_ptr, grad_out_ptr, grad_mix_ptr, grad_gamma_ptr,
@@ -134,8 +131,8 @@ class FuseLayers(torch.autograd.Function):
 
 def fuse_layers(x, fusion_logits, gamma, eps):
     """The DFlare fusion [N, T, H] -> [N, D, H]: the Triton kernel on CUDA or under TRITON_INTERPRET=1 (when
-    Triton is installed), the PyTorch reference otherwise. Inside torch.compile the reference is traced: Inductor fuses it into a
-    kernel of its own, and the graph needs no opaque custom call."""
+    Triton is installed), the PyTorch reference otherwise. Inside torch.compile the reference is traced: Inductor
+    fuses it into a kernel of its own, and the graph needs no opaque custom call."""
     if HAVE_TRITON and (x.is_cuda or triton_interpreted()) and not torch.compiler.is_compiling():
         return FuseLayers.apply(x, fusion_logits, gamma, eps)
     return fuse_layers_reference(x, fusion_logits, gamma, eps)

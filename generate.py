@@ -128,8 +128,8 @@ def speculative_sampling(draft_tokens, draft_probs, target_probs):
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target_probs)  # p == q up to rounding
     replacement = (residual / torch.empty_like(residual).exponential_(1)).argmax(-1)  # [B, bs]
     drafts_padded = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1)
-    is_draft = torch.arange(n_draft + 1, device=draft_tokens.device) < n_accepted[:, None]
-    return torch.where(is_draft, drafts_padded, replacement), n_accepted
+    from_draft = torch.arange(n_draft + 1, device=draft_tokens.device) < n_accepted[:, None]
+    return torch.where(from_draft, drafts_padded, replacement), n_accepted
 
 
 class Steps(NamedTuple):

@@ -80,7 +80,7 @@ class ModelArgs:
             hidden_size=config["hidden_size"],
             num_hidden_layers=n_layers,
             num_attention_heads=n_heads,
-            num_key_value_heads=config.get("num_key_value_heads") or n_heads,
+            num_key_value_heads=config.get("num_key_value_heads", defaults["num_key_value_heads"]) or n_heads,
             head_dim=config.get("head_dim", defaults["head_dim"]) or config["hidden_size"] // n_heads,
             intermediate_size=config.get("intermediate_size", 0),
             rms_norm_eps=config.get("rms_norm_eps", defaults["rms_norm_eps"]),
@@ -113,7 +113,8 @@ class ModelArgs:
             args.swiglu_limit = config.get("swiglu_limit", 7.0)
             args.swiglu_alpha = config.get("swiglu_alpha", 1.702)
         if "sliding_attention" in args.layer_types and not args.sliding_window:
-            raise InputError("config.json has sliding_attention layers but no sliding_window")
+            raise InputError("config.json has sliding_attention layers but no sliding_window: add the window size "
+                             "(keys a sliding layer sees) to config.json")
         return args
 
 
@@ -121,10 +122,10 @@ class ModelArgs:
 # transformers, so a missing field must mean the same here).
 CONFIG_DEFAULTS = {
     "qwen3": dict(rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, attention_bias=False, head_dim=128,
-                  max_position_embeddings=32768, sliding_window=4096),
+                  num_key_value_heads=32, max_position_embeddings=32768, sliding_window=4096),
     "qwen3_moe": dict(rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, attention_bias=False,
-                      head_dim=None, max_position_embeddings=32768, sliding_window=4096),
-    "gpt_oss": dict(rope_theta=150000.0, rms_norm_eps=1e-5, attention_bias=True, head_dim=64,
+                      head_dim=None, num_key_value_heads=4, max_position_embeddings=32768, sliding_window=4096),
+    "gpt_oss": dict(rope_theta=150000.0, rms_norm_eps=1e-5, attention_bias=True, head_dim=64, num_key_value_heads=8,
                     max_position_embeddings=131072, sliding_window=128,
                     rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                   "truncate": False, "original_max_position_embeddings": 4096}),
@@ -154,17 +155,19 @@ def refuse_unsupported_fields(config: dict, where: str):
 
 
 def rope_settings(config: dict, model_type: str):
-    """(rope_theta, rope_scaling) of a config.json; rope_scaling is None for plain RoPE, else a dict with its
-    rope_type. transformers 5.x writes rope_parameters; released checkpoints have rope_theta / rope_scaling."""
+    """(rope_theta, rope_scaling) of a config.json, read as transformers reads it: rope_scaling (released
+    checkpoints) replaces rope_parameters (transformers 5.x) when both are there, and a rope_theta inside it wins
+    over the top-level one. rope_scaling comes back None for plain RoPE, else as a dict with its rope_type."""
     defaults = CONFIG_DEFAULTS[model_type]
-    rope = dict(config.get("rope_parameters") or {})
-    rope.update(config.get("rope_scaling") or {})
-    if "rope_parameters" not in config and "rope_scaling" not in config:
-        rope = dict(defaults["rope_scaling"] or {})
-    theta = rope.get("rope_theta", config.get("rope_theta", defaults["rope_theta"]))  # as transformers: rope's own
+    rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or defaults["rope_scaling"] or {})
+    theta = rope.get("rope_theta", config.get("rope_theta", defaults["rope_theta"]))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise InputError(f"config.json asks for RoPE type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+    if rope_type in ("yarn", "llama3"):  # the pretraining context: a top-level field wins, else the model's own
+        rope["original_max_position_embeddings"] = config.get("original_max_position_embeddings") or rope.get(
+            "original_max_position_embeddings") or config.get("max_position_embeddings",
+                                                               defaults["max_position_embeddings"])
     missing = [k for k in ROPE_TYPES[rope_type] if rope.get(k) is None]
     if missing:
         raise InputError(f"config.json's {rope_type} RoPE scaling lacks {', '.join(missing)}")
@@ -175,10 +178,16 @@ def attention_layer_types(config: dict, model_type: str) -> tuple:
     """"full_attention" / "sliding_attention" per layer, derived as transformers derives them when absent."""
     n_layers = config["num_hidden_layers"]
     if config.get("layer_types"):
-        return tuple(config["layer_types"])
+        kinds = tuple(config["layer_types"])
+        if len(kinds) != n_layers or not set(kinds) <= {"full_attention", "sliding_attention"}:
+            raise InputError(f"config.json's layer_types must name full_attention or sliding_attention for each of "
+                             f"its {n_layers} layers, got {list(kinds)}")
+        return kinds
     if model_type == "gpt_oss":
         return tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers))
-    window_from = config.get("max_window_layers", 28) if config.get("use_sliding_window") else n_layers
+    if not config.get("use_sliding_window"):
+        return ("full_attention",) * n_layers
+    window_from = 0 if model_type == "qwen3_moe" else config.get("max_window_layers", 28)  # Qwen3-MoE: every layer
     return tuple("sliding_attention" if i >= window_from else "full_attention" for i in range(n_layers))
 
 
@@ -187,6 +196,15 @@ def sliding_window_size(config: dict, model_type: str) -> int:
     if model_type in ("qwen3", "qwen3_moe") and not config.get("use_sliding_window"):
         return 0
     return config.get("sliding_window", CONFIG_DEFAULTS[model_type]["sliding_window"]) or 0
+
+
+def read_json(path, fix: str = "corrupt or incomplete download, download it again") -> dict:
+    """A JSON file we did not write in this run (a model folder's, prepared data's): one that does not parse is
+    damaged, and the message says how to get a good one."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except ValueError:  # not JSON, or not UTF-8
+        raise InputError(f"{path} is not valid JSON: {fix}") from None
 
 
 def read_config(checkpoint_dir) -> dict:
@@ -199,10 +217,7 @@ def read_config(checkpoint_dir) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise InputError(f"{str(path)!r} has no config.json: is it a Hugging Face model folder?")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{config_file} is not valid JSON: {e}") from None
+    return read_json(config_file)
 
 
 class RMSNorm(nn.Module):

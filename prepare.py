@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 import generate
-from model import InputError, is_draft, load_checkpoint, read_config
+from model import InputError, is_draft, load_checkpoint, read_config, read_json
 from tokenizer import BPETokenizer, chat_prompt, chat_segments, check_chat_tokens, load_tokenizer, stop_token_ids
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -188,13 +188,14 @@ def write_shard(folder: Path, name: str, samples: list, counts: dict) -> dict:
 
 
 def output_folder(path) -> Path:
-    """--out, created if needed and checked writable now: a run should fail before its work, not at its first save."""
+    """--out, checked now (a run should fail before its work, not at its first save) and left as it is: the folder,
+    or the nearest existing one above it, must take a new file."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file: pass a folder")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         raise InputError(f"cannot write to --out {str(out)!r} ({e.strerror}): pass a folder you can write "
@@ -215,7 +216,7 @@ class PackedData:
         if not (folder / "index.json").is_file():
             raise InputError(f"{str(folder)!r} has no index.json: prepare the data with prepare.py first "
                              f"(or finish an interrupted prepare.py run by starting it again)")
-        self.index = json.loads((folder / "index.json").read_text())
+        self.index = read_json(folder / "index.json", "delete it and run prepare.py again with the same flags")
         self.shards = []
         for shard in self.index["shards"]:
             self.shards.append([self.load(folder, shard["name"], kind) for kind in ("tokens", "mask", "offsets")]
@@ -295,6 +296,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    out = output_folder(args.out)
     config = read_config(args.target)
     if is_draft(args.target):
         raise InputError(f"--target {args.target!r} is a draft, not a target model: pass the target model's folder")
@@ -316,7 +318,6 @@ def main(argv=None):
         raise InputError("no usable conversation in --data")
     if any(isinstance(c, list) for c in conversations):  # chats, not raw {"prompt", "completion"} records
         check_chat_tokens(tokenizer, model_type)
-    out = output_folder(args.out)
     settings = {"target": str(Path(args.target).resolve()), "model_type": model_type,
                 "vocab_size": tokenizer.vocab_size,
                 "data": [[str(Path(p).resolve()), Path(p).stat().st_size] for p in args.data],
@@ -330,6 +331,7 @@ def main(argv=None):
             raise InputError(f"{str(out)!r} holds shards prepared with other settings ({', '.join(changed)}): "
                              f"use another --out, or delete it to start over")
     else:
+        out.mkdir(parents=True, exist_ok=True)
         write_json(out / "settings.json", settings)
 
     order = np.random.default_rng(args.seed).permutation(len(conversations))

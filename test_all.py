@@ -245,19 +245,34 @@ ROPE_CASES = {
 }
 
 
+ROPE_CASES.update({
+    "rope_scaling replaces rope_parameters": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+                                             "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                                             "rope_theta": 1e4},
+    "yarn without its original context": {"rope_theta": 1e4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+    "none given": {},
+    "rope_scaling null": {"rope_scaling": None},
+})
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gpt_oss"])  # GPT-OSS: YaRN when the config gives no RoPE
 @pytest.mark.parametrize("case", ROPE_CASES)
-def test_rope_scalings_match_transformers(case):
+def test_rope_scalings_match_transformers(case, model_type):
+    import types
+
     import transformers
 
-    from model import ModelArgs, rope_tables
+    from model import rope_settings, rope_tables
 
-    config = {"model_type": "qwen3", "vocab_size": 8, "hidden_size": 256, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128,
-              "max_position_embeddings": 32768, **ROPE_CASES[case]}
-    cos, sin = rope_tables(ModelArgs.from_hf_config(config), 6000)
-    hf_config = transformers.Qwen3Config(**{k: v for k, v in json.loads(json.dumps(config)).items()
-                                            if k != "model_type"})
-    rotary = transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding(hf_config)
+    config = {"vocab_size": 8, "hidden_size": 256, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 128, "max_position_embeddings": 32768, **ROPE_CASES[case]}
+    theta, scaling = rope_settings(config, model_type)
+    args = types.SimpleNamespace(rope_theta=theta, rope_scaling=scaling, head_dim=128,
+                                 max_position_embeddings=config["max_position_embeddings"])
+    cos, sin = rope_tables(args, 6000)
+    rotary_class = {"qwen3": transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding,
+                    "gpt_oss": transformers.models.gpt_oss.modeling_gpt_oss.GptOssRotaryEmbedding}[model_type]
+    rotary = rotary_class(transformers.AutoConfig.for_model(model_type, **json.loads(json.dumps(config))))
     ref_cos, ref_sin = rotary(torch.zeros(1), torch.arange(6000)[None])
     torch.testing.assert_close(cos, ref_cos[0, :, :64], rtol=0, atol=1e-6)
     torch.testing.assert_close(sin, ref_sin[0, :, :64], rtol=0, atol=1e-6)
@@ -279,6 +294,10 @@ def test_target_loading_is_strict(targets, tmp_path):
                             ({"partial_rotary_factor": 0.5}, "sets partial_rotary_factor=0.5"),
                             ({"quantization_config": {"quant_method": "fp8"}}, "quantized with 'fp8'"),
                             ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "RoPE type 'dynamic'"),
+                            ({"layer_types": ["full_attention"] * 2}, "name full_attention or sliding_attention for "
+                                                                      "each of its 3 layers"),
+                            ({"layer_types": ["full_attention", "chunked_attention", "full_attention"]},
+                             "got ['full_attention', 'chunked_attention', 'full_attention']"),
                             ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
                              "llama3 RoPE scaling lacks low_freq_factor")]:
         (tmp_path / "extra" / "config.json").write_text(json.dumps({**config, **change}))
@@ -848,6 +867,15 @@ def test_corrupt_weights_name_the_file(targets, draft_folder, tmp_path, how):
                    cli("--checkpoint", folder, "--draft", draft))
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "generation_config.json"])
+def test_corrupt_json_files_name_the_file(targets, tmp_path, name):
+    folder, _ = targets["qwen3"]
+    target = copy_folder(folder, tmp_path / "target")
+    (target / name).write_bytes(random.Random(0).randbytes(300))
+    one_line_error("^" + re.escape(f"{target / name} is not valid JSON: corrupt or incomplete download, download it "
+                                   f"again") + "$", generate.main, cli("--checkpoint", target, "--prompt", "hi"))
+
+
 def test_corrupt_sharded_checkpoint(targets, tmp_path):
     _, hf = targets["qwen3_moe"]
     hf.save_pretrained(tmp_path / "model", max_shard_size="100KB")
@@ -989,9 +1017,10 @@ def test_runs_without_triton(targets, draft_folder):
             "--max_new_tokens", "8", "--json"]
     code = ("import runpy, sys; sys.modules['triton'] = None; import fuse_kernel; assert not fuse_kernel.HAVE_TRITON;"
             f" sys.argv = {argv!r}; runpy.run_path('generate.py', run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # with Triton, the (interpreted) kernel would run
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    with_triton = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE)
+    with_triton = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE, env=env)
     assert json.loads(result.stdout)["tokens"] == json.loads(with_triton.stdout)["tokens"]
 
 
@@ -1032,9 +1061,19 @@ def test_default_target_layers():
     assert default_target_layer_ids(3, 5) == (1,)
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+def sliding_variant(draft):
+    """z-lab's newer layout on a 2-layer DFlash draft: a causal layer with a window of 3 keys, then a full one."""
+    draft.args.layer_types, draft.args.sliding_window = ("sliding_attention", "full_attention"), 3
+    draft.layer_attention = draft.args.layer_attention()
+    assert draft.layer_attention == [(True, 3), (False, 0)]
+    return draft
+
+
+@pytest.mark.parametrize("fusion", FUSIONS + ["linear, sliding"])
 def test_cached_step_matches_reference(target32, fusion):
-    draft = make_draft(target32, fusion)
+    draft = make_draft(target32, fusion.split(",")[0])
+    if "sliding" in fusion:
+        sliding_variant(draft)
     bs, T, H = 4, 3, target32.args.hidden_size
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 40, T, H, generator=g)  # captured states of every position, per row
@@ -1065,10 +1104,8 @@ def test_cached_step_matches_reference(target32, fusion):
 @pytest.mark.parametrize("fusion", FUSIONS + ["linear, sliding"])
 def test_training_forward_matches_blocks_and_masks(target32, fusion):
     draft = make_draft(target32, fusion.split(",")[0])
-    if "sliding" in fusion:  # z-lab's newer layout: a causal layer with a window of 3 keys, then a full one
-        draft.args.layer_types, draft.args.sliding_window = ("sliding_attention", "full_attention"), 3
-        draft.layer_attention = draft.args.layer_attention()
-        assert draft.layer_attention == [(True, 3), (False, 0)]
+    if "sliding" in fusion:
+        sliding_variant(draft)
     bs, T, H = 4, 3, target32.args.hidden_size
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(1, 20, T, H, generator=g)
@@ -1224,11 +1261,13 @@ def test_draft_config_is_read_as_the_reference_reads_it(tmp_path, reference_draf
     ("layerwise", {"layer_types": ["sliding_attention", "full_attention"], "use_sliding_window": True}, {},
      "asks for sliding draft layers, which the DFlare reference does not define"),
     ("layerwise", {"is_causal": True}, {}, "asks for causal draft layers"),
+    ("linear", {"layer_types": ["sliding_attention"]}, {}, "layer_types must name full_attention or sliding_attention "
+                                                           "for each of its 2 layers"),
     ("linear", {}, {"layers.0.self_attn.q_proj.bias": torch.zeros(64)},
      "holds 1 tensors that its config.json does not describe (layers.0.self_attn.q_proj.bias)"),
     ("layerwise", {"attention_bias": True}, {}, "lacks tensor 'layers.0.self_attn.q_proj.bias'"),
 ], ids=["no_mask", "multiplier", "softcap", "embedding_scale", "sink_bias", "unknown", "dflare_sliding",
-        "dflare_causal", "unused_tensor", "missing_bias"])
+        "dflare_causal", "short_layer_types", "unused_tensor", "missing_bias"])
 def test_draft_loading_is_strict(tmp_path, fusion, config_change, state_change, message):
     folder = edited_draft_folder(tmp_path / "d", fusion, config_change, **state_change)
     with pytest.raises(InputError, match=re.escape(message)):
@@ -1307,9 +1346,10 @@ QWEN3_8B_DFLARE = {
     "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.57.3", "use_cache": True,
     "use_sliding_window": False, "vocab_size": 151936}
 PUBLISHED_DRAFTS = {"Qwen3-8B-DFlash-b16": QWEN3_8B_DFLASH, "gpt-oss-20b-DFlash": GPT_OSS_20B_DFLASH,
-                    # the same draft if its config names the qwen3 type (full layers, YaRN through Qwen3's RoPE)
-                    "gpt-oss-20b-DFlash as qwen3": {**GPT_OSS_20B_DFLASH, "model_type": "qwen3",
-                                                    "layer_types": ["full_attention"] * 8},
+                    # not a published config: z-lab's newer layout, causal sliding-window layers between full ones
+                    "dflash with sliding layers": {**GPT_OSS_20B_DFLASH, "model_type": "qwen3",
+                                                   "layer_types": ["sliding_attention", "full_attention"] * 4,
+                                                   "use_sliding_window": True, "sliding_window": 128},
                     "Qwen3-8b-dflare": QWEN3_8B_DFLARE,
                     # not a published config: a DFlare draft with biases (k/v_proj_target too) and YaRN
                     "dflare with biases and YaRN": {**QWEN3_8B_DFLARE, "attention_bias": True,
@@ -1322,29 +1362,25 @@ def shrunk(config, hidden=128, intermediate=160):
             "num_key_value_heads": heads}
 
 
-def reference_model(config, reference_drafts):
-    """The reference implementation's draft for a config.json (as its from_pretrained would build it), fp32."""
-    import transformers
-
+def reference_class(folder, reference_drafts):
     dflash_class, dflare_class = reference_drafts
-    fields = {k: v for k, v in json.loads(json.dumps(config)).items() if k != "model_type"}  # transformers edits it
-    ref_config = transformers.AutoConfig.for_model(config["model_type"], **fields)
-    ref_config._attn_implementation = "sdpa"
-    return (dflare_class if "DFlare" in config["architectures"][0] else dflash_class)(ref_config).float().eval()
+    config = json.loads((folder / "config.json").read_text())
+    return dflare_class if "DFlare" in config["architectures"][0] else dflash_class
 
 
 def reference_draft_folder(folder, config, reference_drafts, seed=0):
     """A look-alike of a published draft folder: config.json as given, and the reference model's own tensors
-    (randomised) in model.safetensors. Returns the reference model."""
+    (randomised) in model.safetensors. Returns the reference model as its own from_pretrained loads the folder."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    cls = reference_class(folder, reference_drafts)
     torch.manual_seed(seed)
-    ref = reference_model(config, reference_drafts)
+    ref = cls(cls.config_class.from_pretrained(folder))
     with torch.no_grad():
         for name, p in ref.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else torch.randn_like(p) * 0.1)
-    folder.mkdir()
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(config))
-    return ref
+    return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 @pytest.mark.parametrize("name", PUBLISHED_DRAFTS)
@@ -1384,8 +1420,8 @@ def test_published_drafts_match_their_reference_code(name, reference_drafts, tmp
     # what we save loads back the same, and into the reference implementation as the same model
     draft.save_pretrained(tmp_path / "saved")
     assert Draft.from_pretrained(tmp_path / "saved", dtype=torch.float32).args == a
-    saved = reference_model(json.loads((tmp_path / "saved" / "config.json").read_text()), reference_drafts)
-    saved.load_state_dict(load_file(tmp_path / "saved" / "model.safetensors"))
+    saved = reference_class(tmp_path / "saved", reference_drafts).from_pretrained(
+        tmp_path / "saved", dtype=torch.float32, attn_implementation="sdpa").eval()
     with torch.no_grad():
         torch.testing.assert_close(reference_logits(saved), expected, rtol=1e-5, atol=1e-5 * scale)
 

@@ -5,14 +5,13 @@ through sentencepiece. Chat prompts are written exactly as the models' own templ
 Qwen3 (thinking on or off) and harmony for GPT-OSS.
 """
 import datetime
-import json
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 import tiktoken
 
-from model import InputError
+from model import InputError, read_json
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -39,7 +38,7 @@ class BPETokenizer:
     """
 
     def __init__(self, path):
-        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+        spec = read_json(path)
         bpe = spec.get("model") or {}
         if bpe.get("type") != "BPE" or bpe.get("byte_fallback"):
             raise InputError(f"{path} is not a byte-level BPE tokenizer (use its tokenizer.model instead)")
@@ -158,7 +157,7 @@ def stop_token_ids(checkpoint_dir, config: dict, tokenizer) -> list:
     """End-of-turn tokens: generation_config.json's and config.json's eos ids, plus the chat format's own."""
     ids = []
     gen_file = Path(checkpoint_dir) / "generation_config.json"
-    for source in (json.loads(gen_file.read_text()) if gen_file.is_file() else {}, config):
+    for source in (read_json(gen_file) if gen_file.is_file() else {}, config):
         eos = source.get("eos_token_id")
         ids += [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     for text in ("<|im_end|>", "<|endoftext|>", "<|return|>", "<|call|>"):

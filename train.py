@@ -350,6 +350,7 @@ def main(argv=None):
                 save_checkpoint(out, draft, optimizer, step, args, dtype)
             log(f"saved step {step} to {out}")
     if world > 1:
+        dist.barrier()  # rank 0 may still be saving: a process group torn down while a peer works can abort (gloo)
         dist.destroy_process_group()
 
 
@@ -358,7 +359,10 @@ def interrupted(out: Path) -> str:
     if not (out / "train_state.pt").is_file():
         return (f"interrupted before the first checkpoint: nothing in {str(out)!r} to --resume from yet (checkpoints "
                 f"come every --save_every steps)")
-    step = torch.load(out / "train_state.pt", map_location="cpu", mmap=True, weights_only=True)["step"]
+    try:
+        step = torch.load(out / "train_state.pt", map_location="cpu", mmap=True, weights_only=True)["step"]
+    except Exception:  # cut short by this very Ctrl-C, or damaged: still one line, no traceback
+        return f"interrupted: the checkpoint in {str(out)!r} is unreadable; start again without --resume"
     return (f"interrupted: the last checkpoint (step {step}) is in {str(out)!r}; the same command with --resume "
             f"continues from it")
 
