@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import generate
 from draft import Draft
@@ -174,6 +175,16 @@ def copy_bandwidth(device, n_bytes: int) -> float:
     return 2 * n_bytes / time_ms(lambda: x.clone(), device, 10) / 1e6
 
 
+def draft_block_bytes(draft: Draft, target: Transformer) -> int:
+    """Weight bytes a draft block reads: the draft's layers and final norm, and the target's lm_head (every block
+    position's logits); not the context fusion and projections (fc / layer_fusion_weights, hidden_norm,
+    k/v_proj_target), which only write_context reads."""
+    context_only = ("fc.", "layer_fusion_weights", "hidden_norm.", "_proj_target.")
+    own = sum(p.numel() * p.element_size() for name, p in draft.named_parameters()
+              if not any(part in name for part in context_only))
+    return own + target.lm_head.weight.numel() * target.lm_head.weight.element_size()
+
+
 @torch.no_grad()
 def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=torch.bfloat16, compile=True,
                 context=1024, block_size=16, tau=6.5, iters=50):
@@ -220,7 +231,7 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
         step_ms = time_ms(lambda: steps.speculative(target, draft, token[:, 0], pos, active, sampling, block_size),
                           device, iters)
         projected = tau * ar_ms / step_ms
-        draft_bytes = sum(p.numel() * p.element_size() for p in draft.parameters())
+        draft_bytes = draft_block_bytes(draft, target)
         print(f"{f'{name} draft block':<34} {draft_ms:>8.3f} {draft_bytes / draft_ms / 1e6:>16.0f}")
         print(f"{f'verify ({block_size} tokens, capture {len(ids)})':<34} {verify_ms:>8.3f} "
               f"{weight_bytes / verify_ms / 1e6:>16.0f}")
@@ -319,9 +330,11 @@ def main(argv=None):
     if args.gpu:
         if not torch.cuda.is_available():
             raise InputError("--gpu needs a CUDA device; on CPU run the prompt-set benchmark with --checkpoint")
-        for compile in (False, True):
-            bench_steps(compile=compile)
-            torch.cuda.empty_cache()
+        # no math-kernel fallback: an attention call the fused kernels refuse fails here, loudly
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            for compile in (False, True):
+                bench_steps(compile=compile)
+                torch.cuda.empty_cache()
         return None
     return bench_sets(args)
 

@@ -19,12 +19,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fuse_kernel import fuse_layers
 from model import CONFIG_DEFAULTS, MLP, UNSUPPORTED_FIELDS, InputError, KVCache, ModelArgs, RMSNorm, \
-    SafetensorsFolder, apply_rope, attention_layer_types, read_config, refuse_unsupported_fields, rope_settings, \
-    rope_tables, save_folder, sliding_window_size
+    SafetensorsFolder, apply_rope, attention, attention_layer_types, read_config, refuse_unsupported_fields, \
+    rope_settings, rope_tables, save_folder, sliding_window_size
 
 
 @dataclass
@@ -167,7 +166,7 @@ class DraftAttention(nn.Module):
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
         k, v = self.keys_values(x, cos, sin, context=False)
         k, v = torch.cat([context_k, k], dim=2), torch.cat([context_v, v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = attention(q, k, v, mask.repeat(1, 1, q.shape[1] // k.shape[1], 1))  # the mask in attention's folded order
         return self.o_proj(y.transpose(1, 2).reshape(B, Q, -1))
 
 

@@ -66,12 +66,14 @@ def sample(logits, s: Sampling):
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
-def prefill(target: Transformer, tokens, input_pos, draft=None):
-    """Run the prompt [B, S] through the target; with a draft, also cache the prompt's context rows in it."""
-    logits, hidden = target(tokens, input_pos, capture=draft.args.target_layer_ids if draft is not None else ())
+def prefill(target: Transformer, tokens, input_pos, last, draft=None):
+    """Run the prompt [B, S] through the target; with a draft, also cache the prompt's context rows in it.
+    Returns the logits [B, V] at each row's last prompt token (index last [B] into S): no other position's."""
+    logits, hidden = target(tokens, input_pos, capture=draft.args.target_layer_ids if draft is not None else (),
+                            logits_at=last)
     if draft is not None:
         draft.write_context(hidden, input_pos)
-    return logits
+    return logits[:, 0]
 
 
 def decode_one_token(target: Transformer, token, input_pos, sampling: Sampling):
@@ -197,8 +199,7 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
 
     synchronize(device)
     t0 = time.perf_counter()
-    logits = steps.prefill(target, tokens, positions, draft)
-    next_token = sample(logits[torch.arange(B, device=device), lengths - 1], sampling)
+    next_token = sample(steps.prefill(target, tokens, positions, lengths - 1, draft), sampling)
     out = Outputs(B, max_new_tokens, stop_ids, on_token)
     for row, t in enumerate(next_token.tolist()):
         out.add(row, [t])

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 from safetensors.torch import save_file
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "gpt_oss")
@@ -311,7 +312,9 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.zeros(n_heads))
         self.kv_cache = None
 
-    def forward(self, x, input_pos, cos, sin, mask):
+    def forward(self, x, input_pos, cos, sin, mask, cached: bool):
+        """x [B, S, H] at positions input_pos [B, S]; mask [B, 1, rep * S, L] in the folded query order of
+        `attention`. cached: the keys are the KV cache's (L = max_seq_length), else the S tokens' own."""
         B, S, _ = x.shape
         hd = self.args.head_dim
         q = self.q_proj(x).view(B, S, -1, hd)
@@ -321,23 +324,59 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
-        k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, max_seq_length, D]
+        if cached:
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, max_seq_length, D]
         if self.args.attention_sinks:
             y = attention_with_sinks(q, k, v, mask, self.sinks)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            y = attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
 
+def attention(q, k, v, mask):
+    """Softmax attention of q [B, H, S, D] over k, v [B, H_kv, L, D] under a boolean mask [B, 1, rep * S, L].
+
+    The rep = H / H_kv query heads that share a key/value head are folded into the query length ([B, H_kv, rep * S,
+    D]; row r * S + s is head g * rep + r at position s), so the fused SDPA kernels take the mask: with enable_gqa a
+    masked call falls back to the math kernel on CUDA, and repeating K/V to every head would copy the cache."""
+    B, H, S, D = q.shape
+    q = q.reshape(B, k.shape[1], H // k.shape[1] * S, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, S, D)
+
+
+# flex_attention runs fused only when compiled (called inside a compiled step, it is simply inlined)
+compiled_flex_attention = torch.compile(flex_attention)
+
+
 def attention_with_sinks(q, k, v, mask, sinks):
-    """Softmax attention whose denominator also holds exp(sink) per head (GPT-OSS); computed in fp32."""
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, S, L]
+    """Softmax attention whose denominator also holds exp(sink) per head (GPT-OSS). Shapes as in `attention`.
+
+    With the scores' log-sum-exp lse, adding exp(sink) to the denominator scales the output by sigmoid(lse - sink).
+    On CUDA the compiled flex_attention returns lse without ever holding the scores; on CPU (where compiled
+    flex_attention cannot return lse) the scores are computed in fp32, folded as in `attention` (no K/V copy)."""
+    if q.is_cuda:
+        return attention_with_sinks_by_lse(q, k, v, mask, sinks, compiled_flex_attention)
+    B, H, S, D = q.shape
+    q = q.reshape(B, k.shape[1], H // k.shape[1] * S, D)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * D ** -0.5  # [B, H_kv, rep * S, L]
     scores = scores.masked_fill(~mask, float("-inf"))
-    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    return (probs @ v.float()).to(q.dtype)
+    sink = sinks.float().view(k.shape[1], -1, 1).expand(-1, -1, S).reshape(1, k.shape[1], -1, 1)
+    top = torch.maximum(scores.amax(-1, keepdim=True), sink)
+    weights = torch.exp(scores - top)
+    probs = weights / (weights.sum(-1, keepdim=True) + torch.exp(sink - top))
+    return (probs @ v.float()).to(q.dtype).view(B, H, S, D)
+
+
+def attention_with_sinks_by_lse(q, k, v, mask, sinks, flex=flex_attention):
+    """attention_with_sinks through flex_attention's log-sum-exp (the CUDA path; eager flex runs it on CPU too)."""
+    B, H, S, D = q.shape
+    rep = H // k.shape[1]
+
+    def masked(score, b, h, q_idx, kv_idx):
+        return torch.where(mask[b, 0, h % rep * S + q_idx, kv_idx], score, float("-inf"))
+
+    out, aux = flex(q, k, v, score_mod=masked, enable_gqa=True, return_aux=AuxRequest(lse=True))
+    return (out.float() * torch.sigmoid(aux.lse - sinks.float()[:, None])[..., None]).to(q.dtype)
 
 
 class MLP(nn.Module):
@@ -423,8 +462,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, input_pos, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), input_pos, cos, sin, mask)
+    def forward(self, x, input_pos, cos, sin, mask, cached: bool):
+        x = x + self.self_attn(self.input_layernorm(x), input_pos, cos, sin, mask, cached)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -456,25 +495,44 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def forward(self, tokens, input_pos, capture: tuple = ()):
-        """tokens, input_pos [B, S] (each row at its own absolute positions).
+    def forward(self, tokens, input_pos, capture: tuple = (), logits_at=None):
+        """tokens, input_pos [B, S] (each row at its own absolute positions), through the KV caches.
 
-        Returns logits [B, S, V] and, when capture lists layer ids, those layers' outputs [B, S, T, H]
-        (layer i's output = transformers' hidden_states[i + 1]), else None.
+        Returns logits and, when capture lists layer ids, those layers' outputs [B, S, T, H] (layer i's output =
+        transformers' hidden_states[i + 1]), else None. Logits are [B, S, V], or with logits_at [B] (an index into
+        S per row, e.g. a prompt's last token) [B, 1, V]: a long prompt's other positions need none.
         """
+        x, hidden = self.run_layers(tokens, input_pos, self.rope_cos[input_pos], self.rope_sin[input_pos],
+                                    torch.arange(self.max_seq_length, device=tokens.device), capture, cached=True)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
+        return self.lm_head(self.norm(x)), hidden
+
+    def hidden_states(self, tokens, layer_ids):
+        """Training: the outputs of layers layer_ids [B, S, T, H] for whole sequences at positions 0..S-1. The tokens
+        attend to each other (no KV cache is read or written) and only the layers up to the deepest of layer_ids run
+        (no logits)."""
+        S = tokens.shape[1]
+        positions = torch.arange(S, device=tokens.device)
+        cos, sin = (t.to(tokens.device)[None] for t in rope_tables(self.args, S))
+        return self.run_layers(tokens, positions.expand(tokens.shape[0], -1), cos, sin, positions, layer_ids,
+                               cached=False, n_layers=max(layer_ids) + 1)[1]
+
+    def run_layers(self, tokens, input_pos, cos, sin, key_pos, capture, cached: bool, n_layers=None):
+        """The first n_layers decoder layers (all by default) on tokens at input_pos [B, S], keys at key_pos [L]
+        (the KV caches' positions when cached, else the tokens'). Returns the last hidden states and the captured
+        ones (or None)."""
         x = self.embed_tokens(tokens)
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [B, S, head_dim // 2]
-        key_pos = torch.arange(self.max_seq_length, device=tokens.device)
-        query_pos = input_pos[:, None, :, None]  # [B, 1, S, 1]
-        causal = key_pos <= query_pos  # [B, 1, S, max_seq_length]; stale entries beyond a row's position are masked
+        rep = self.args.num_attention_heads // self.args.num_key_value_heads
+        query_pos = input_pos.repeat(1, rep)[:, None, :, None]  # [B, 1, rep * S, 1]: `attention`'s folded order
+        causal = key_pos <= query_pos  # [B, 1, rep * S, L]; stale cache entries beyond a row's position are masked
         sliding = causal & (key_pos > query_pos - self.args.sliding_window)
         captured = []
-        for i, layer in enumerate(self.layers):
-            x = layer(x, input_pos, cos, sin, sliding if layer.sliding else causal)
+        for i, layer in enumerate(self.layers[:n_layers]):
+            x = layer(x, input_pos, cos, sin, sliding if layer.sliding else causal, cached)
             if i in capture:
                 captured.append(x)
-        logits = self.lm_head(self.norm(x))
-        return logits, (torch.stack(captured, dim=2) if capture else None)
+        return x, (torch.stack(captured, dim=2) if capture else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

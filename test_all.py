@@ -192,6 +192,56 @@ def test_incremental_decode_equals_full_forward(targets, model_type):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4 * full.abs().max().item())
 
 
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_logits_only_where_used_and_hidden_states_for_training(targets32, model_type):
+    """Prefill computes logits at each row's last prompt token only; training's capture runs no cache and no layer
+    past the deepest captured one, and gives forward's captured states."""
+    model = targets32[model_type]
+    B, S = 2, 20
+    tokens = torch.randint(0, model.args.vocab_size, (B, S), generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(S).expand(B, S)
+    model.setup_caches(B, 32)
+    with torch.no_grad():
+        full, hidden = model(tokens, positions, capture=(0, 1))
+        model.setup_caches(B, 32)
+        last = torch.tensor([19, 7])
+        picked, _ = model(tokens, positions, logits_at=last)
+        torch.testing.assert_close(picked[:, 0], full[torch.arange(B), last], rtol=1e-5, atol=1e-5)
+        caches = [layer.self_attn.kv_cache.k_cache.clone() for layer in model.layers]
+        deepest = model.layers[-1]
+        model.layers[-1] = None  # a layer past the deepest captured one must not run
+        try:
+            states = model.hidden_states(tokens, (0, 1) if model_type != "gpt_oss" else (0,))
+        finally:
+            model.layers[-1] = deepest
+    torch.testing.assert_close(states, hidden[:, :, :states.shape[2]], rtol=1e-5, atol=1e-5)
+    for layer, before in zip(model.layers, caches):  # nothing written to the caches
+        assert torch.equal(layer.self_attn.kv_cache.k_cache, before)
+
+
+def test_attention_without_the_math_kernel_or_kv_copies():
+    """`attention` (query heads folded onto their K/V head) = SDPA with enable_gqa; the sinks attention on CPU and
+    through flex_attention's log-sum-exp (the CUDA path, run eagerly here) = the plain formulation: K/V repeated to
+    every head, fp32 softmax over [scores | sink]."""
+    from model import attention, attention_with_sinks, attention_with_sinks_by_lse
+
+    g = torch.Generator().manual_seed(0)
+    B, H, H_kv, S, L, D = 2, 8, 2, 5, 24, 16
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in [(H, S), (H_kv, L), (H_kv, L)])
+    sinks = torch.randn(H, generator=g) * 2
+    positions = torch.tensor([[10, 11, 12, 13, 14], [3, 4, 5, 6, 7]])[:, None, :, None]
+    mask = (torch.arange(L) <= positions) & (torch.arange(L) > positions - 4)  # [B, 1, S, L]: causal, window 4
+    folded = mask.repeat(1, 1, H // H_kv, 1)  # [B, 1, rep * S, L], row r * S + s
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(attention(q, k, v, folded), expected, rtol=1e-5, atol=1e-5)
+    k_all, v_all = k.repeat_interleave(H // H_kv, dim=1), v.repeat_interleave(H // H_kv, dim=1)
+    scores = (q @ k_all.transpose(-1, -2) * D ** -0.5).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(torch.cat([scores, sinks.view(1, H, 1, 1).expand(B, H, S, 1)], dim=-1), dim=-1)
+    expected = probs[..., :-1] @ v_all
+    torch.testing.assert_close(attention_with_sinks(q, k, v, folded, sinks), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention_with_sinks_by_lse(q, k, v, folded, sinks), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_sharded_checkpoint_loads_like_single_file(targets, tmp_path):
     folder, hf = targets["qwen3_moe"]
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
@@ -1743,6 +1793,13 @@ def test_bench_step_timings_run_on_cpu(capsys, reference_fusion):
     assert results["DFlare 2L"]["projected_speedup"] == pytest.approx(6.5 * results["ar_ms"]
                                                                       / results["DFlare 2L"]["step_ms"])
     assert "projected speedup at tau 6.5" in capsys.readouterr().out
+    # a draft block reads the draft's layers and norm and the target's lm_head, not the context projections
+    target = Transformer(args)
+    for fusion, context_only in [("layerwise", ("layer_fusion_weights", "hidden_norm.weight", "k_proj_target",
+                                                "v_proj_target")), ("linear", ("fc.weight", "hidden_norm.weight"))]:
+        draft = Draft.for_target(args, num_layers=2, fusion=fusion)
+        read = sum(v.numel() for k, v in draft.state_dict().items() if not any(c in k for c in context_only))
+        assert bench.draft_block_bytes(draft, target) == 4 * (read + 64 * 32)  # fp32; lm_head [64, 32]
 
 
 # ---------------------------------------------------------------------------------------------------------------
