@@ -5,8 +5,10 @@ Run: TRITON_INTERPRET=1 python -m pytest -q test_all.py
 """
 import argparse
 import base64
+import functools
 import glob
 import json
+import math
 import os
 import random
 import re
@@ -17,11 +19,13 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors in the interpreter
 
 import pytest
 import torch
+import triton
 from safetensors.torch import load_file, save_file
 
 import generate
@@ -1039,11 +1043,13 @@ def test_saved_weights_get_the_mode_of_a_new_file(tmp_path, umask, mode):
 # The DFlare fusion kernel (Triton, run by the interpreter on CPU) against the PyTorch reference
 
 from draft import Draft, default_target_layer_ids, draft_block_logits  # noqa: E402
+import fuse_kernel  # noqa: E402
 from fuse_kernel import FuseLayers, fuse_layers_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("N,T,H,D,dtype", [(7, 3, 48, 2, torch.float32), (9, 5, 100, 3, torch.float32),
-                                           (6, 4, 64, 2, torch.bfloat16)])
+                                           (6, 4, 64, 2, torch.bfloat16),
+                                           (69, 3, 32, 3, torch.float32)])  # backward: 2 token chunks, 1 partial
 def test_fuse_kernel_matches_reference(N, T, H, D, dtype):
     g = torch.Generator().manual_seed(N)
     x = torch.randn(N, T, H, generator=g).to(dtype)
@@ -1058,6 +1064,178 @@ def test_fuse_kernel_matches_reference(N, T, H, D, dtype):
     for ours, theirs in [(out, ref), *zip(grads, ref_grads)]:
         scale = theirs.float().abs().max().item()
         torch.testing.assert_close(ours.float(), theirs.float(), rtol=rtol, atol=rtol * scale)
+
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+GPU_NAMES = {90: "sm_90a", 80: "sm_80"}  # Triton builds sm_90a code for capability 9.0
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def recorded_launches(N, T, H, D, x_dtype, weight_dtype, backward):
+    """(kernel, grid, args, kwargs) of each kernel launch of FuseLayers' forward (and backward) for x [N, T, H] and D
+    draft layers: run on meta tensors, with the kernels recording their launches instead of running."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, grid, args, kwargs))
+
+    kernels = {name: Recorder(getattr(fuse_kernel, name)) for name in ("_fuse_forward_kernel", "_fuse_backward_kernel")}
+    with mock.patch.multiple(fuse_kernel, **kernels):
+        x = torch.empty(N, T, H, dtype=x_dtype, device="meta")
+        logits = torch.empty(D, T, dtype=weight_dtype, device="meta", requires_grad=backward)
+        gamma = torch.empty(H, dtype=weight_dtype, device="meta", requires_grad=backward)
+        out = fuse_kernel.FuseLayers.apply(x, logits, gamma, 1e-6)
+        if backward:
+            out.backward(torch.empty_like(out))
+    return launches
+
+
+@pytest.mark.parametrize("N", [1, 14_564, 65_536, 10**6])
+def test_launch_grids_put_tokens_on_axis_0(N):
+    """CUDA grids take 2^31 - 1 programs on axis 0 but 65,535 on axes 1 and 2: the tokens go on axis 0."""
+    T, H, D = 36, 4096, 8
+    launches = recorded_launches(N, T, H, D, torch.bfloat16, torch.float32, backward=True)
+    assert [kernel.fn.__name__ for kernel, *_ in launches] == ["_fuse_forward_kernel", "_fuse_backward_kernel"]
+    for (kernel, grid, _, _), rows in zip(launches, [N, triton.cdiv(N, fuse_kernel.TOKENS_PER_PROGRAM)]):
+        assert math.prod(grid) == rows * D, (kernel.fn.__name__, grid)  # a program per (token or chunk, layer)
+        assert grid[0] % rows == 0, (kernel.fn.__name__, grid)  # the tokens on axis 0
+        assert all(size <= limit for size, limit in zip(grid, CUDA_GRID_LIMITS)), (kernel.fn.__name__, grid)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compiles. Under TRITON_INTERPRET=1 Triton's own library functions (tl.max, tl.sum) are interpreted
+# ones, which do not compile: the compiles run in a child process with the interpreter off.
+
+def without_interpreter(call):
+    """The JSON result of `call` (a call of a function of this module) in a child Python without the interpreter."""
+    code = f"import json, test_all; print(json.dumps(test_all.{call}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
+                            env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@functools.cache
+def jit_binder(kernel, capability):
+    """Triton's JIT binder of the kernel (launch arguments -> specialisation) on a GPU of this compute capability."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    return backend, create_function_from_signature(kernel.signature, kernel.params, backend)
+
+
+def compile_key(kernel, args, kwargs, capability):
+    """What the compiled code depends on, from Triton's JIT binder, the one a launch goes through: pointer dtypes,
+    constexprs, the integer specialisation (value 1, divisible by 16) and options. Pointers count as 16-byte aligned,
+    as torch allocations are. Returns (key, the binder's output, the backend)."""
+    from triton.runtime.jit import MockTensor
+
+    backend, binder = jit_binder(kernel, capability)
+    bound, specialization, options = binder(*[MockTensor(a.dtype) if torch.is_tensor(a) else a for a in args], **kwargs)
+    key = (kernel.fn.__name__, capability, tuple(specialization), tuple(sorted(options.items())))
+    return key, (bound, specialization, options), backend
+
+
+def compile_launch(kernel, args, kwargs, capability):
+    """(key, CompiledKernel): the recorded launch built as the JIT would build it on a GPU of that capability."""
+    from triton.compiler import ASTSource
+
+    key, (bound, specialization, options), backend = compile_key(kernel, args, kwargs, capability)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, dict(kwargs), bound, specialization, options)
+    return key, triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=backend.target,
+                               options=options.__dict__)
+
+
+def describe(key):
+    """A compile key in one line: kernel, GPU, pointer dtypes, specialised ints, constexprs, options."""
+    name, capability, specialization, options = key
+    kernel = getattr(fuse_kernel, name)
+    args = [f"{arg}={value}" if ty == "constexpr" else ty if ty.startswith("*") else
+            f"{arg}:{ty}{'%16' if value == 'D' else ''}" for arg, (ty, value) in zip(kernel.arg_names, specialization)]
+    return f"{name} {GPU_NAMES[capability]} {' '.join(args)} {' '.join(f'{k}={v}' for k, v in options)}"
+
+
+def ptxas_usage(ptx, capability):
+    """(registers, spill store bytes, spill load bytes) of the PTX's kernel, from `ptxas -v`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        result = subprocess.run([PTXAS, "-v", f"--gpu-name={GPU_NAMES[capability]}", path, "-o", os.devnull],
+                                capture_output=True, text=True)
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, f"ptxas failed for {GPU_NAMES[capability]}:\n{report}"
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert registers and spills, report
+    return int(registers[1]), int(spills[1]), int(spills[2])
+
+
+# The drafts' real shapes: H of Qwen3-4B, Qwen3-8B and GPT-OSS-20B, T = 5..36 captured target layers, D = 1..8 draft
+# layers, N from one token to a long training batch. Dtypes (x; fusion logits and gamma): generate.py runs the draft
+# in the target's dtype, train.py keeps fp32 weights under bf16 autocast or in fp32, and alone runs the backward
+DRAFT_SHAPES = [(N, T, H, D) for N in (1, 100, 16384) for T in range(5, 37) for H in (2560, 4096, 2880)
+                for D in range(1, 9)]
+INFERENCE_DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32)]
+TRAINING_DTYPES = [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)]
+
+
+def kernel_builds():
+    """Every distinct compile of the kernels that real drafts launch, built for each GPU and run through ptxas:
+    [(description, registers, spill store bytes, spill load bytes)]."""
+    launches = {}  # one launch per compile key: equal keys give equal code
+    for N, T, H, D in DRAFT_SHAPES:
+        for dtypes, backward in [(d, False) for d in INFERENCE_DTYPES] + [(d, True) for d in TRAINING_DTYPES]:
+            for kernel, _, args, kwargs in recorded_launches(N, T, H, D, *dtypes, backward):
+                for capability in GPU_NAMES:
+                    launches.setdefault(compile_key(kernel, args, kwargs, capability)[0], (kernel, args, kwargs))
+    builds = []
+    for (_, capability, *_), (kernel, args, kwargs) in launches.items():
+        key, compiled = compile_launch(kernel, args, kwargs, capability)
+        builds.append((describe(key), *ptxas_usage(compiled.asm["ptx"], capability)))
+    return builds
+
+
+def test_kernels_compile_for_h100():
+    """The kernels build for H100 (sm_90a) and A100 (sm_80) in every variant that real drafts launch, with no
+    register spills (the kernels keep a [BLOCK_H] row per vector in registers: too many warps or too few spill)."""
+    builds = without_interpreter("kernel_builds()")
+    table = "\n".join(f"{name}: {registers} registers, spills {stores} B stored / {loads} B loaded"
+                      for name, registers, stores, loads in builds)
+    print(table)
+    assert set(GPU_NAMES.values()) == {name.split()[1] for name, *_ in builds}
+    assert all(stores == loads == 0 for _, _, stores, loads in builds), table
+
+
+# The pointers whose offsets grow with the token: n * T * H passes 2^31 from N = 14,564 at T=36, H=4096
+TOKEN_POINTERS = {"_fuse_forward_kernel": ("x_ptr", "out_ptr"), "_fuse_backward_kernel": ("x_ptr", "grad_out_ptr")}
+
+
+def offset_widths():
+    """{kernel: {pointer: [integer type of each scalar offset added to the pointer argument]}} in the TTIR of the
+    kernels compiled for the benchmark shape."""
+    widths = {}
+    for kernel, _, args, kwargs in recorded_launches(16384, 36, 4096, 8, torch.bfloat16, torch.float32, True):
+        ttir = compile_launch(kernel, args, kwargs, 90)[1].asm["ttir"]
+        widths[kernel.fn.__name__] = {
+            pointer: re.findall(rf"tt\.addptr %{pointer}, %\S+ : !tt\.ptr<\w+>, (i\d+)", ttir)
+            for pointer in TOKEN_POINTERS[kernel.fn.__name__]}
+    return widths
+
+
+def test_kernel_offsets_are_64_bit():
+    """The token-indexed offsets are 64-bit in the compiled code (a tensor past 2^31 elements is too big to test)."""
+    widths = without_interpreter("offset_widths()")
+    assert widths.keys() == TOKEN_POINTERS.keys()
+    for kernel, pointers in widths.items():
+        for pointer, types in pointers.items():
+            assert types and set(types) == {"i64"}, (kernel, pointer, types)
 
 
 def test_runs_without_triton(targets, draft_folder):
