@@ -1,8 +1,9 @@
-"""Benchmarks: autoregressive vs speculative decoding on prompt sets, and the GPU step timings.
+"""Benchmarks: autoregressive vs speculative decoding on prompt sets, the GPU step timings, peak memory.
 
     python bench.py              # the embedded demo: AR vs DFlash vs DFlare (2 and 1 layers) on prompts/demo.jsonl
     python bench.py --checkpoint TARGET_DIR --draft DFLARE_DIR --draft DFLASH_DIR [--sets prompts/*.jsonl]
     python bench.py --gpu        # on a CUDA machine: Qwen3-8B-shaped random bf16 weights, compiled step timings
+    python bench.py --memory     # peak memory of a training step, a prefill and decoding at Qwen3's vocabulary
 
 Prompt sets are JSONL files, one prompt per line: {"prompt": "raw text"} or {"messages": [{"role": ..., "content":
 ...}]} (formatted with the target's chat template). For every set the table gives, per decoder, tau (tokens
@@ -10,16 +11,21 @@ committed per draft+verify step), decode tokens/s, the speedup over autoregressi
 run, and how many greedy outputs are token-identical to autoregressive decoding.
 """
 import argparse
+import dataclasses
 import json
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import generate
+import train
 from draft import Draft
 from model import InputError, ModelArgs, Transformer, hf_name, load_checkpoint, read_config
 from tokenizer import chat_prompt, check_chat_tokens, load_tokenizer, stop_token_ids
@@ -291,15 +297,87 @@ def time_dflash_reference(target: Transformer, block_size: int, context: int, n_
     return stats.time_per_output_token * stats.num_output_tokens * 1000 / len(stats.acceptance_lengths)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Peak memory (--memory)
+
+# Qwen3's vocabulary and depth on a narrow target: the vocabulary-sized tensors (logits, embeddings) at full size
+MEMORY_TARGET = dataclasses.replace(QWEN3_8B, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=32, intermediate_size=384)
+
+
+def bench_memory(target_args=MEMORY_TARGET, device="cpu", seq_len=3072, num_anchors=512, prompt_len=4096,
+                 new_tokens=64, block_size=16):
+    """Print the peak memory of a training step (the README recipe's micro-batch: one sequence of seq_len tokens
+    with num_anchors blocks, forward and backward), of a prefill of prompt_len tokens and of speculative decoding
+    (a prompt of block_size tokens, caches for a prompt_len context), each in a fresh process so that the peaks do
+    not mix. Returns {row: (peak RSS, peak CUDA memory allocated) in GB}."""
+    cache_len = prompt_len + new_tokens + block_size
+    rows = {f"training step ({seq_len} tokens, {num_anchors} blocks of {block_size})":
+            (memory_training_step, target_args, device, seq_len, num_anchors, block_size),
+            f"prefill ({prompt_len} tokens)":
+            (memory_generate, target_args, device, prompt_len, 1, cache_len, False, block_size),
+            f"decoding ({new_tokens} tokens after {block_size}, speculative)":
+            (memory_generate, target_args, device, block_size, new_tokens, cache_len, True, block_size)}
+    print(f"peak memory, each in a fresh process; {device}; random target: vocabulary {target_args.vocab_size}, "
+          f"hidden {target_args.hidden_size}, {target_args.num_hidden_layers} layers; 2-layer DFlare draft")
+    results = {}
+    for name, (fn, *args) in rows.items():
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results[name] = rss, cuda = pool.submit(peak_memory, fn, *args).result()
+        print(f"{name:<46} {rss:>6.2f} GB RSS" + (f" {cuda:>6.2f} GB CUDA allocated" if cuda else ""))
+    return results
+
+
+def peak_memory(fn, *args):
+    """fn(*args), then this process's peak RSS and peak CUDA memory allocated (0 without CUDA), in GB."""
+    import resource  # Unix only
+
+    fn(*args)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes / KB
+    return rss / 1e9, torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+
+
+def memory_models(target_args, device, block_size):
+    """A random target (bf16 on CUDA, fp32 on CPU), a new 2-layer DFlare draft (fp32) and the compute dtype."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    target = random_model(lambda: Transformer(target_args), device, dtype)
+    return target, Draft.for_target(target_args, num_layers=2, block_size=block_size).to(device), dtype
+
+
+def memory_training_step(target_args, device, seq_len, num_anchors, block_size):
+    """train.block_loss and its backward on one sequence of random tokens, all of them answer tokens."""
+    target, draft, dtype = memory_models(target_args, device, block_size)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, target_args.vocab_size, seq_len)
+    anchors = np.sort(rng.choice(seq_len - block_size + 1, num_anchors, replace=False))
+    batch = train.make_batch([(tokens, np.ones(seq_len, np.float32))], [anchors], block_size, 7.0, device)
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+    loss, _ = train.block_loss(draft, draft, target, *batch, autocast)
+    loss.backward()
+
+
+def memory_generate(target_args, device, prompt_len, new_tokens, cache_len, speculative: bool, block_size):
+    """new_tokens after a random prompt of prompt_len tokens, with caches of cache_len positions; autoregressive
+    for one new token is the prefill alone."""
+    target, draft, dtype = memory_models(target_args, device, block_size)
+    target.setup_caches(1, cache_len)
+    draft.to(dtype).setup_caches(1, cache_len)
+    prompt = np.random.default_rng(0).integers(0, target_args.vocab_size, prompt_len).tolist()
+    generate.generate(target, [prompt], new_tokens, generate.Sampling(), draft=draft if speculative else None,
+                      block_size=block_size)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="time the compiled steps on Qwen3-8B-shaped random weights")
+    p.add_argument("--memory", action="store_true", help="peak memory of a training step, a prefill and decoding")
     p.add_argument("--checkpoint", help="target model folder")
     p.add_argument("--draft", action="append", help="draft folder; repeat to compare several")
     p.add_argument("--sets", nargs="+", help="JSONL prompt sets (default: prompts/{math,code,chat}.jsonl)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each set (0 = all)")
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--block_size", type=int, default=None, help="tokens per block, capped at each draft's own (default: the draft's)")
+    p.add_argument("--block_size", type=int, default=None,
+                   help="tokens per block, capped at each draft's own (default: the draft's)")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--thinking", choices=("on", "off"), default="off", help="Qwen3 thinking mode for chat prompts")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -311,7 +389,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt set")
     args = p.parse_args(argv)
-    if not args.gpu and not args.checkpoint:  # the embedded demo pair, and its 1-layer DFlare
+    if not args.gpu and not args.memory and not args.checkpoint:  # the embedded demo pair, and its 1-layer DFlare
         if not (generate.DEMO / "target" / "config.json").is_file():
             p.error("pass --checkpoint TARGET_DIR (and --draft DRAFT_DIR ...), or --gpu (the embedded demo is "
                     "missing: python demo.py builds it)")
@@ -336,6 +414,8 @@ def main(argv=None):
                 bench_steps(compile=compile)
                 torch.cuda.empty_cache()
         return None
+    if args.memory:
+        return bench_memory(device=str(generate.pick_device(args.device)))
     return bench_sets(args)
 
 

@@ -13,17 +13,25 @@ Three ways to run it, all through `Draft.run_layers`:
   - `draft_block_logits`: stateless reference, a whole context and one block;
   - `Draft.write_context` + `Draft.block_logits`: static context K/V caches indexed by absolute position, for
     decoding (static shapes, compilable; `generate.speculative_step` drives them);
-  - `Draft.forward` (training): many blocks of a sequence in one forward under one block attention mask.
+  - `Draft.forward` (training): all blocks of a sequence together, block-sparse attention (flex_attention) on CUDA,
+    dense masks over a chunk of blocks at a time on CPU; it returns hidden states, whose logits train.block_loss
+    reads a chunk at a time.
 """
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
+from torch.utils.checkpoint import checkpoint
 
 from fuse_kernel import fuse_layers
 from model import CONFIG_DEFAULTS, MLP, UNSUPPORTED_FIELDS, InputError, KVCache, ModelArgs, RMSNorm, \
-    SafetensorsFolder, apply_rope, attention, attention_layer_types, read_config, refuse_unsupported_fields, \
-    rope_settings, rope_tables, save_folder, sliding_window_size
+    SafetensorsFolder, apply_rope, attention, attention_layer_types, compiled_flex_attention, read_config, \
+    refuse_unsupported_fields, rope_settings, rope_tables, save_folder, sliding_window_size
+
+# Draft.forward on CPU runs a chunk of blocks at a time, of about this many attention scores (heads x queries x
+# context length; 64 MB in fp32): the dense masked attention over all blocks would hold gigabytes of them
+ATTENTION_CHUNK_SCORES = 2**24
 
 
 @dataclass
@@ -160,13 +168,17 @@ class DraftAttention(nn.Module):
         return apply_rope(self.k_norm(k), cos, sin).transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, cos, sin, context_k, context_v, mask):
-        """x [B, Q, H] noise hidden states; context_k/v [B, n_kv, L, head_dim]; mask [B, 1, Q, L + Q]."""
+        """x [B, Q, H] noise hidden states; context_k/v [B, n_kv, L, head_dim]; mask over [context | noise] keys:
+        boolean [B, 1, Q, L + Q], or a flex_attention BlockMask of that shape (Draft.forward on CUDA)."""
         B, Q, _ = x.shape
         q = self.q_proj(x).view(B, Q, -1, self.args.head_dim)
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
         k, v = self.keys_values(x, cos, sin, context=False)
         k, v = torch.cat([context_k, k], dim=2), torch.cat([context_v, v], dim=2)
-        y = attention(q, k, v, mask.repeat(1, 1, q.shape[1] // k.shape[1], 1))  # the mask in attention's folded order
+        if isinstance(mask, BlockMask):  # only the tiles of keys the mask leaves visible are computed
+            y = compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+        else:
+            y = attention(q, k, v, mask.repeat(1, 1, q.shape[1] // k.shape[1], 1))  # the mask in attention's order
         return self.o_proj(y.transpose(1, 2).reshape(B, Q, -1))
 
 
@@ -317,23 +329,17 @@ class Draft(nn.Module):
             return [mask] * len(self.layers)
         q = block_pos[:, None, :, None]
         k = torch.cat([context_pos.expand(block_pos.shape[0], -1), block_pos], dim=1)[:, None, None, :]
-        masks = {}
-        for causal, window in set(self.layer_attention):
-            narrowed = mask
-            if causal:
-                narrowed = narrowed & (k <= q)
-            if window:
-                narrowed = narrowed & ((q - k < window) if causal else ((q - k).abs() < window))
-            masks[causal, window] = narrowed
+        masks = {kind: narrowed(mask, q, k, *kind) for kind in set(self.layer_attention)}
         return [masks[kind] for kind in self.layer_attention]
 
     def run_layers(self, target, noise_tokens, cos, sin, context_kv, masks):
-        """Noise tokens [B, Q] through the draft; masks: one [B, 1, Q, L + Q] per layer over [context | noise]
-        keys. Returns logits [B, Q, V] through the target's lm_head."""
+        """Noise tokens [B, Q] through the draft; masks: one per layer over [context | noise] keys (see
+        DraftAttention.forward). Returns the final hidden states [B, Q, H], after the draft's norm: the target's
+        lm_head turns them into logits."""
         x = target.embed_tokens(noise_tokens)
         for layer, (k, v), mask in zip(self.layers, context_kv, masks, strict=True):
             x = layer(x, cos, sin, k, v, mask)
-        return target.lm_head(self.norm(x))
+        return self.norm(x)
 
     def noise_block(self, anchor_tokens, block_size: int | None = None):
         """[anchor, MASK, ..., MASK]: [B] -> [B, bs] (bs = the draft's block size unless a smaller one is given)."""
@@ -374,7 +380,7 @@ class Draft(nn.Module):
         mask = torch.cat([context_mask, context_mask.new_ones(B, 1, bs, bs)], dim=-1)
         masks = self.layer_masks(mask, key_pos, positions)
         caches = [(l.self_attn.context_cache.k_cache, l.self_attn.context_cache.v_cache) for l in self.layers]
-        return self.run_layers(target, block_tokens, cos, sin, caches, masks)[:, 1:]
+        return target.lm_head(self.run_layers(target, block_tokens, cos, sin, caches, masks)[:, 1:])
 
     # --- training -------------------------------------------------------------------------------------------
 
@@ -383,25 +389,63 @@ class Draft(nn.Module):
 
         hidden [B, S, T, H] captured for the whole sequence; block_tokens [B, nb, bs]; anchors [B, nb] (block j
         sits at anchors[:, j] + 0..bs-1). A block's queries see context positions < its anchor and its own block.
-        Returns [B, nb, bs-1, V].
+        Returns the final hidden states (after the draft's norm) of block positions 1..bs-1, [B, nb, bs-1, H]: the
+        logits of all of them at once would take gigabytes at a real vocabulary (train.chunked_cross_entropy).
         """
         B, S = hidden.shape[:2]
         nb, bs = block_tokens.shape[1:]
-        device = hidden.device
-        ctx_pos = torch.arange(S, device=device)
-        cos, sin = rope_tables(self.args, S + bs)
-        cos, sin = cos.to(device), sin.to(device)
-        context_kv = self.context_keys_values(hidden, cos[ctx_pos].expand(B, S, -1), sin[ctx_pos].expand(B, S, -1))
-        positions = (anchors[:, :, None] + torch.arange(bs, device=device)).reshape(B, nb * bs)
-        block_of_query = torch.arange(nb, device=device).repeat_interleave(bs)  # [nb * bs]
-        anchor_of_query = anchors.repeat_interleave(bs, dim=1)  # [B, nb * bs]
-        context_mask = ctx_pos[None, None, :] < anchor_of_query[:, :, None]  # [B, Q, S]
-        block_mask = (block_of_query[:, None] == block_of_query[None, :]).expand(B, -1, -1)  # [B, Q, Q]
-        mask = torch.cat([context_mask, block_mask], dim=-1)[:, None]
-        masks = self.layer_masks(mask, ctx_pos, positions)
-        logits = self.run_layers(target, block_tokens.reshape(B, nb * bs), cos[positions], sin[positions],
-                                 context_kv, masks)
-        return logits.view(B, nb, bs, -1)[:, :, 1:]
+        cos, sin = (t.to(hidden.device) for t in rope_tables(self.args, S + bs))
+        context_kv = self.context_keys_values(hidden, cos[:S].expand(B, S, -1), sin[:S].expand(B, S, -1))
+        if hidden.is_cuda:  # block-sparse: flex_attention skips the tiles of keys no query of the tile sees
+            x = self.run_blocks(target, block_tokens, anchors, cos, sin, context_kv, create_block_mask)
+        else:  # dense, a chunk of blocks at a time; each chunk is recomputed in the backward rather than kept
+            n = max(1, ATTENTION_CHUNK_SCORES // (self.args.num_attention_heads * bs * S))
+            x = torch.cat([checkpoint(self.run_blocks, target, block_tokens[:, j:j + n], anchors[:, j:j + n], cos, sin,
+                                      context_kv, create_mask, use_reentrant=False) for j in range(0, nb, n)], dim=1)
+        return x.view(B, nb, bs, -1)[:, :, 1:]
+
+    def run_blocks(self, target, block_tokens, anchors, cos, sin, context_kv, make_mask):
+        """Blocks block_tokens [B, n, bs] at anchors [B, n] through the draft, against the context keys/values of
+        positions 0..S-1 and under the masks make_mask builds from training_mask_mod (create_mask: boolean;
+        create_block_mask: flex_attention's). cos, sin: RoPE tables covering the blocks' positions.
+        Returns the final hidden states [B, n * bs, H]."""
+        B, n, bs = block_tokens.shape
+        S = context_kv[0][0].shape[2]
+        positions = (anchors[:, :, None] + torch.arange(bs, device=anchors.device)).flatten(1)  # [B, n * bs]
+        masks = {kind: make_mask(training_mask_mod(anchors, S, bs, *kind), B, None, n * bs, S + n * bs,
+                                 device=anchors.device) for kind in set(self.layer_attention)}
+        return self.run_layers(target, block_tokens.flatten(1), cos[positions], sin[positions], context_kv,
+                               [masks[kind] for kind in self.layer_attention])
+
+
+def narrowed(visible, q_pos, k_pos, causal: bool, window: int):
+    """visible less what a causal and/or sliding-window draft layer does not see, as z-lab's DFlash masks it, by the
+    absolute positions of queries and keys (any broadcastable shapes)."""
+    if causal:
+        visible = visible & (k_pos <= q_pos)
+    if window:
+        visible = visible & ((q_pos - k_pos < window) if causal else ((q_pos - k_pos).abs() < window))
+    return visible
+
+
+def training_mask_mod(anchors, context_len: int, block_size: int, causal: bool, window: int):
+    """Draft.forward's attention mask for layers of one kind (causal, window), as a flex_attention mask_mod.
+
+    Queries: the blocks at anchors [B, n], query q being block q // bs's token q % bs, at position
+    anchors[b, q // bs] + q % bs. Keys: the context (key c at position c, c < context_len), then the blocks' tokens
+    in the queries' order. A query sees the context before its anchor and its own block, narrowed for causal and
+    sliding-window layers as Draft.layer_masks narrows."""
+    S, bs = context_len, block_size
+    positions = (anchors[:, :, None] + torch.arange(bs, device=anchors.device)).flatten(1)  # [B, n * bs]
+    key_pos = torch.cat([torch.arange(S, device=anchors.device).expand(len(anchors), -1), positions], dim=1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        block = q_idx // bs
+        own_block = (kv_idx >= S + block * bs) & (kv_idx < S + (block + 1) * bs)
+        return narrowed((kv_idx < anchors[b, block]) | own_block, positions[b, q_idx], key_pos[b, kv_idx], causal,
+                        window)
+
+    return mask_mod
 
 
 def draft_block_logits(draft: Draft, target, context_hidden, block_tokens, start_pos: int):
@@ -415,4 +459,4 @@ def draft_block_logits(draft: Draft, target, context_hidden, block_tokens, start
     mask = torch.ones(B, 1, bs, C + bs, dtype=torch.bool, device=context_hidden.device)
     positions = torch.arange(C + bs, device=context_hidden.device)
     masks = draft.layer_masks(mask, positions[:C], positions[C:].expand(B, -1))
-    return draft.run_layers(target, block_tokens, cos[:, C:], sin[:, C:], context_kv, masks)[:, 1:]
+    return target.lm_head(draft.run_layers(target, block_tokens, cos[:, C:], sin[:, C:], context_kv, masks)[:, 1:])

@@ -1340,20 +1340,20 @@ def test_training_forward_matches_blocks_and_masks(target32, fusion):
     blocks = torch.randint(0, target32.args.vocab_size, (1, 3, bs), generator=g)
     anchors = torch.tensor([[3, 9, 14]])
     with torch.no_grad():
-        logits = draft(target32, hidden, blocks, anchors)
+        logits = target32.lm_head(draft(target32, hidden, blocks, anchors))
         for j in range(3):  # equals each block on its own
             p = int(anchors[0, j])
             ref = draft_block_logits(draft, target32, hidden[:, :p], blocks[:, j], p)
             torch.testing.assert_close(logits[:, j], ref, rtol=1e-4, atol=1e-4)
         changed = blocks.clone()
         changed[0, 2, 1] = (changed[0, 2, 1] + 1) % target32.args.vocab_size  # a token of block 2
-        other = draft(target32, hidden, changed, anchors)
+        other = target32.lm_head(draft(target32, hidden, changed, anchors))
         torch.testing.assert_close(other[:, :2], logits[:, :2], rtol=0, atol=0)  # other blocks: unchanged
         assert not torch.allclose(other[0, 2, 0], logits[0, 2, 0])  # block position 0 sees position 1 ...
         assert not torch.allclose(other[0, 2, 2], logits[0, 2, 2])  # ... and so does position 3 (bidirectional)
         later = hidden.clone()
         later[:, 9:] += 1.0  # context rows at or after block 1's anchor
-        moved = draft(target32, later, blocks, anchors)
+        moved = target32.lm_head(draft(target32, later, blocks, anchors))
         torch.testing.assert_close(moved[:, :2], logits[:, :2], rtol=0, atol=0)
         assert not torch.allclose(moved[:, 2], logits[:, 2])
 
@@ -2411,6 +2411,157 @@ def test_ctrl_c_under_torchrun_prints_one_line(targets, train_data, tmp_path):
     assert ours == [f"interrupted before the first checkpoint: nothing in {str(out)!r} to --resume from yet "
                     f"(checkpoints come every --save_every steps)"], err
     assert "train.py" not in err, err  # torchrun reports its own SignalException; no traceback of ours
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training at the published recipe's sizes: the loss's chunked logits and the draft's chunked (CPU) and block-sparse
+# (CUDA) attention against the formulation they replace
+
+from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention  # noqa: E402
+
+import draft as draft_module  # noqa: E402
+from draft import training_mask_mod  # noqa: E402
+from model import rope_tables  # noqa: E402
+
+DRAFT_KINDS = ["layerwise", "linear", "linear, sliding"]
+
+
+def training_case(fusion, vocab_size=50, bs=4):
+    """A tiny target, a 2-layer draft (with a causal sliding layer for "sliding") and a padded micro-batch of two
+    rows: overlapping blocks, a block at position 0, and padding blocks (at 0, weight 0) in the shorter row."""
+    target = tiny_target(vocab_size)
+    draft = make_draft(target, fusion.split(",")[0], block_size=bs)
+    if "sliding" in fusion:
+        sliding_variant(draft)
+    rng = np.random.default_rng(0)
+    samples = [(rng.integers(0, vocab_size, 40), (np.arange(40) >= 8).astype(np.float32)),
+               (rng.integers(0, vocab_size, 25), np.ones(25, np.float32))]
+    anchors = [np.array([10, 13, 17, 22, 30, 35]), np.array([0, 9, 20])]
+    return target, draft, train.make_batch(samples, anchors, bs, 7.0, "cpu")
+
+
+def reference_masks(anchors, S, bs, layer_attention):
+    """Draft.forward's masks as they were: [B, 1, Q, S + Q] over [context | all blocks] for all blocks at once,
+    then narrowed per layer by positions."""
+    B, nb = anchors.shape
+    positions = (anchors[:, :, None] + torch.arange(bs)).reshape(B, nb * bs)
+    block_of_query = torch.arange(nb).repeat_interleave(bs)
+    context_mask = torch.arange(S)[None, None, :] < anchors.repeat_interleave(bs, dim=1)[:, :, None]
+    block_mask = (block_of_query[:, None] == block_of_query[None, :]).expand(B, -1, -1)
+    mask = torch.cat([context_mask, block_mask], dim=-1)[:, None]
+    q = positions[:, None, :, None]
+    k = torch.cat([torch.arange(S).expand(B, -1), positions], dim=1)[:, None, None, :]
+    masks = []
+    for causal, window in layer_attention:
+        narrowed = mask
+        if causal:
+            narrowed = narrowed & (k <= q)
+        if window:
+            narrowed = narrowed & ((q - k < window) if causal else ((q - k).abs() < window))
+        masks.append(narrowed)
+    return masks
+
+
+def reference_block_loss(draft, target, tokens, anchors, weights):
+    """train.block_loss as it was: the target through its KV caches, all blocks through the draft in one forward
+    under the dense masks, all logits at once."""
+    B, S = tokens.shape
+    nb, bs = anchors.shape[1], draft.args.block_size
+    with torch.no_grad():
+        target.setup_caches(B, S)
+        _, hidden = target(tokens, torch.arange(S).expand(B, -1), capture=draft.args.target_layer_ids)
+    positions = anchors[:, :, None] + torch.arange(bs)  # [B, nb, bs]
+    blocks = torch.full_like(positions, draft.args.mask_token_id)
+    blocks[:, :, 0] = tokens.gather(1, anchors)
+    labels = tokens.gather(1, positions[:, :, 1:].flatten(1)).view_as(weights)
+    cos, sin = rope_tables(draft.args, S + bs)
+    context_kv = draft.context_keys_values(hidden, cos[:S].expand(B, S, -1), sin[:S].expand(B, S, -1))
+    x = target.embed_tokens(blocks.flatten(1))
+    masks = reference_masks(anchors, S, bs, draft.layer_attention)
+    for layer, (k, v), mask in zip(draft.layers, context_kv, masks):
+        x = layer(x, cos[positions.flatten(1)], sin[positions.flatten(1)], k, v, mask)
+    logits = target.lm_head(draft.norm(x)).view(B, nb, bs, -1)[:, :, 1:]
+    ce = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none").view_as(labels)
+    counted = weights > 0
+    correct = (logits.argmax(-1) == labels) & counted
+    leading = correct.int().cumprod(-1).sum(-1)
+    stats = torch.cat([correct.sum((0, 1)), counted.sum((0, 1)),
+                       torch.stack([leading.sum(), (weights[..., 0] > 0).sum()])]).double()
+    return (ce * weights).sum(), stats
+
+
+def counted_calls(monkeypatch, owner, name):
+    """Wrap owner.name to count its calls; returns the list that grows by one a call."""
+    calls, real = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("fusion", DRAFT_KINDS)
+def test_block_loss_matches_the_dense_formulation(fusion, chunked, monkeypatch, reference_fusion):
+    """Loss, accuracy counts and every draft gradient equal the old formulation's, in one chunk and in several
+    (uneven) chunks of logits and of blocks."""
+    target, draft, (tokens, anchors, weights) = training_case(fusion)
+    V, heads, bs, S = target.args.vocab_size, draft.args.num_attention_heads, 4, tokens.shape[1]
+    if chunked:
+        monkeypatch.setattr(train, "LOGITS_CHUNK_ELEMENTS", 5 * V)  # 36 labels: chunks of 5 rows, the last of 1
+        monkeypatch.setattr(draft_module, "ATTENTION_CHUNK_SCORES", 4 * heads * bs * S)  # 6 blocks: 4, then 2
+    ce_calls = counted_calls(monkeypatch, train, "logits_cross_entropy")
+    block_calls = counted_calls(monkeypatch, draft, "run_blocks")
+    loss, stats = train.block_loss(draft, draft, target, tokens, anchors, weights, torch.autocast("cpu", enabled=False))
+    assert (len(ce_calls), len(block_calls)) == ((8, 2) if chunked else (1, 1))  # the forward's calls
+    loss.backward()
+    grads = {name: p.grad for name, p in draft.named_parameters()}
+    draft.zero_grad()
+    ref_loss, ref_stats = reference_block_loss(draft, target, tokens, anchors, weights)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stats, ref_stats)
+    for name, p in draft.named_parameters():
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", [(False, 0), (True, 3), (False, 3), (True, 0)])
+def test_training_mask_mod_is_the_dense_mask(kind):
+    """flex_attention's mask_mod (Draft.forward on CUDA, and the CPU path's dense masks) equals the old mask for
+    every layer kind: full, causal sliding (z-lab's), bidirectional sliding, causal."""
+    anchors, S, bs = torch.tensor([[10, 13, 17, 22, 30, 35], [0, 9, 20, 0, 0, 0]]), 40, 4
+    mask = create_mask(training_mask_mod(anchors, S, bs, *kind), 2, None, 6 * bs, S + 6 * bs)
+    assert torch.equal(mask, reference_masks(anchors, S, bs, [kind])[0])
+
+
+@pytest.mark.parametrize("fusion", DRAFT_KINDS)
+def test_block_sparse_attention_matches_the_dense_path(fusion, monkeypatch, reference_fusion):
+    """The CUDA path, a BlockMask from create_block_mask through flex_attention (eager here, forward only: it has no
+    CPU backward), gives the hidden states of the CPU path's dense masks."""
+    target, draft, (tokens, anchors, weights) = training_case(fusion)
+    flex_calls = []
+    monkeypatch.setattr(draft_module, "compiled_flex_attention",
+                        lambda *a, **k: flex_calls.append(1) or flex_attention(*a, **k))
+    B, S = tokens.shape
+    bs = draft.args.block_size
+    blocks = torch.full((*anchors.shape, bs), draft.args.mask_token_id)
+    blocks[:, :, 0] = tokens.gather(1, anchors)
+    with torch.no_grad():
+        hidden = target.hidden_states(tokens, draft.args.target_layer_ids)
+        cos, sin = rope_tables(draft.args, S + bs)
+        context_kv = draft.context_keys_values(hidden, cos[:S].expand(B, S, -1), sin[:S].expand(B, S, -1))
+        dense = draft.run_blocks(target, blocks, anchors, cos, sin, context_kv, create_mask)
+        assert not flex_calls
+        sparse = draft.run_blocks(target, blocks, anchors, cos, sin, context_kv, create_block_mask)
+    assert len(flex_calls) == draft.args.num_hidden_layers
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_memory_runs_on_cpu(capsys):
+    args = ModelArgs(model_type="qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=16, intermediate_size=64, layer_types=("full_attention",) * 4)
+    results = bench.bench_memory(args, "cpu", seq_len=48, num_anchors=4, prompt_len=24, new_tokens=6, block_size=4)
+    assert len(results) == 3 and all(rss > 0 and cuda == 0 for rss, cuda in results.values())
+    out = capsys.readouterr().out
+    assert "training step (48 tokens, 4 blocks of 4)" in out and "prefill (24 tokens)" in out
 
 
 def counting_target(folder, tok_file):

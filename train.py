@@ -12,7 +12,8 @@ A step, for each sequence of the batch:
   3. every block of the sequence goes through the draft in one forward under one attention mask: a block's
      queries see the context positions before its anchor and their own block (Draft.forward);
   4. loss: cross-entropy of block position k (1..bs-1) against the token at anchor_j + k, weighted by
-     exp(-(k-1)/gamma) and by the label's loss mask, summed and divided by the batch's total weight.
+     exp(-(k-1)/gamma) and by the label's loss mask, summed and divided by the batch's total weight; the logits
+     (through the target's lm_head) are computed a chunk of labels at a time, forward and backward.
 
 Data parallel with DDP (nccl on CUDA, gloo on CPU), AdamW on fp32 weights with bf16 autocast compute (on CUDA),
 warmup + cosine schedule, gradient clipping and accumulation. Each sample's anchors are drawn from (seed, epoch,
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 from draft import Draft, DraftArgs
 from generate import pick_device
@@ -90,26 +92,45 @@ def make_batch(samples, anchors, block_size: int, gamma: float, device):
 def block_loss(model, draft: Draft, target, tokens, anchors, weights, autocast):
     """Sum over the micro-batch of weight x cross-entropy, and the accuracy counts
     [correct by position (bs-1) | labels by position (bs-1) | leading correct guesses summed | blocks]."""
-    B, S = tokens.shape
     bs = draft.args.block_size
     with torch.no_grad():
-        target.setup_caches(B, S)
-        positions = torch.arange(S, device=tokens.device)[None].expand(B, -1)
-        _, hidden = target(tokens, positions, capture=draft.args.target_layer_ids)  # [B, S, T, H]
+        hidden = target.hidden_states(tokens, draft.args.target_layer_ids)  # [B, S, T, H]
     label_pos = anchors[:, :, None] + torch.arange(bs, device=tokens.device)  # [B, nb, bs]
     blocks = torch.full_like(label_pos, draft.args.mask_token_id)
     blocks[:, :, 0] = tokens.gather(1, anchors)
     labels = tokens.gather(1, label_pos[:, :, 1:].flatten(1)).view_as(weights)  # [B, nb, bs-1]
     with autocast:
-        logits = model(target, hidden, blocks, anchors)  # [B, nb, bs-1, V]
-    ce = F.cross_entropy(logits.float().flatten(0, 2), labels.flatten(), reduction="none").view_as(labels)
+        states = model(target, hidden, blocks, anchors)  # [B, nb, bs-1, H]
+        ce, guesses = chunked_cross_entropy(target.lm_head, states.flatten(0, 2), labels.flatten())
+    ce, guesses = ce.view_as(labels), guesses.view_as(labels)
     with torch.no_grad():
         counted = weights > 0
-        correct = (logits.argmax(-1) == labels) & counted
+        correct = (guesses == labels) & counted
         leading = correct.int().cumprod(-1).sum(-1)  # guesses a greedy verify would accept, per block
         stats = torch.cat([correct.sum((0, 1)), counted.sum((0, 1)),
                            torch.stack([leading.sum(), (weights[..., 0] > 0).sum()])]).double()
     return (ce * weights).sum(), stats
+
+
+# Logits the loss holds at a time, rows x vocabulary (256 MB in fp32; 441 rows at Qwen3's 151,936 tokens): all
+# labels' at once are [anchors x (bs-1), V], 4.7 GB per 3072-token sequence at 512 anchors, twice in the backward
+LOGITS_CHUNK_ELEMENTS = 2**26
+
+
+def chunked_cross_entropy(lm_head, states, labels):
+    """Cross-entropy [N] and argmax [N] of the logits lm_head(states) for states [N, H] and labels [N], computed a
+    chunk of rows at a time. Each chunk runs under checkpoint: the backward recomputes its logits instead of the
+    forward keeping them, so neither pass holds more than one chunk's."""
+    rows = max(1, LOGITS_CHUNK_ELEMENTS // lm_head.out_features)
+    chunks = [checkpoint(logits_cross_entropy, lm_head, s, l, use_reentrant=False)
+              for s, l in zip(states.split(rows), labels.split(rows))]
+    return torch.cat([ce for ce, _ in chunks]), torch.cat([guess for _, guess in chunks])
+
+
+def logits_cross_entropy(lm_head, states, labels):
+    """Cross-entropy and argmax of one chunk's logits (in fp32)."""
+    logits = lm_head(states).float()
+    return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
 
 
 def report(stats, block_size: int) -> dict:
@@ -238,6 +259,8 @@ def main(argv=None):
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = pick_device(args.device).type == "cuda"  # each process then takes cuda:LOCAL_RANK
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:  # Triton kernels and NCCL run on the current device: this rank's, not cuda:0 for every rank
+        torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     dtype = getattr(torch, args.dtype or ("bfloat16" if use_cuda else "float32"))
@@ -379,3 +402,9 @@ if __name__ == "__main__":
         # 128 + SIGINT, as for a process killed by Ctrl-C. os._exit skips the C++ teardown, which can abort
         # ("terminate called without an active exception") after a backward cut short under DDP.
         os._exit(130)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # Everything is saved. Freeing the DDP reducer at exit destroys gloo's process group, whose destructor joins
+        # a worker thread that may still wait for the GIL the exiting thread holds: a deadlock (seen 1 run in 5).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
