@@ -21,17 +21,21 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from fuse_kernel import fuse_layers
 from model import CONFIG_DEFAULTS, MLP, UNSUPPORTED_FIELDS, InputError, KVCache, ModelArgs, RMSNorm, \
-    SafetensorsFolder, apply_rope, attention, attention_layer_types, compiled_flex_attention, read_config, \
-    refuse_unsupported_fields, rope_settings, rope_tables, save_folder, sliding_window_size
+    SafetensorsFolder, apply_rope, attention, attention_layer_types, read_config, refuse_unsupported_fields, \
+    rope_settings, rope_tables, save_folder, sliding_window_size
 
 # Draft.forward on CPU runs a chunk of blocks at a time, of about this many attention scores (heads x queries x
 # context length; 64 MB in fp32): the dense masked attention over all blocks would hold gigabytes of them
 ATTENTION_CHUNK_SCORES = 2**24
+
+# flex_attention is fused only when compiled; dynamic, and its own compiled function, so that the variants training
+# asks for (layer kinds, with and without grad, sequence and block counts) stay within Dynamo's recompile limit
+training_flex_attention = torch.compile(flex_attention, dynamic=True)
 
 
 @dataclass
@@ -176,7 +180,7 @@ class DraftAttention(nn.Module):
         k, v = self.keys_values(x, cos, sin, context=False)
         k, v = torch.cat([context_k, k], dim=2), torch.cat([context_v, v], dim=2)
         if isinstance(mask, BlockMask):  # only the tiles of keys the mask leaves visible are computed
-            y = compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+            y = training_flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
         else:
             y = attention(q, k, v, mask.repeat(1, 1, q.shape[1] // k.shape[1], 1))  # the mask in attention's order
         return self.o_proj(y.transpose(1, 2).reshape(B, Q, -1))

@@ -341,11 +341,14 @@ def attention(q, k, v, mask):
     masked call falls back to the math kernel on CUDA, and repeating K/V to every head would copy the cache."""
     B, H, S, D = q.shape
     q = q.reshape(B, k.shape[1], H // k.shape[1] * S, D)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, S, D)
+    # reshape: the memory-efficient kernel returns [B, H_kv, rep * S, D] in a [B, rep * S, H_kv, D] layout
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, H, S, D)
 
 
-# flex_attention runs fused only when compiled (called inside a compiled step, it is simply inlined)
-compiled_flex_attention = torch.compile(flex_attention)
+# flex_attention runs fused only when compiled (inside a compiled step it is simply inlined). One compiled function
+# per caller, dynamic: each caller's variants must stay within Dynamo's recompile limit (8), past which flex would
+# run uncompiled, holding every score
+sinks_flex_attention = torch.compile(flex_attention, dynamic=True)
 
 
 def attention_with_sinks(q, k, v, mask, sinks):
@@ -355,7 +358,7 @@ def attention_with_sinks(q, k, v, mask, sinks):
     On CUDA the compiled flex_attention returns lse without ever holding the scores; on CPU (where compiled
     flex_attention cannot return lse) the scores are computed in fp32, folded as in `attention` (no K/V copy)."""
     if q.is_cuda:
-        return attention_with_sinks_by_lse(q, k, v, mask, sinks, compiled_flex_attention)
+        return attention_with_sinks_by_lse(q, k, v, mask, sinks, sinks_flex_attention)
     B, H, S, D = q.shape
     q = q.reshape(B, k.shape[1], H // k.shape[1] * S, D)
     scores = (q.float() @ k.float().transpose(-1, -2)) * D ** -0.5  # [B, H_kv, rep * S, L]
@@ -526,7 +529,8 @@ class Transformer(nn.Module):
         rep = self.args.num_attention_heads // self.args.num_key_value_heads
         query_pos = input_pos.repeat(1, rep)[:, None, :, None]  # [B, 1, rep * S, 1]: `attention`'s folded order
         causal = key_pos <= query_pos  # [B, 1, rep * S, L]; stale cache entries beyond a row's position are masked
-        sliding = causal & (key_pos > query_pos - self.args.sliding_window)
+        sliding = (causal & (key_pos > query_pos - self.args.sliding_window)  # only built for models that use it
+                   if "sliding_attention" in self.args.layer_types else None)
         captured = []
         for i, layer in enumerate(self.layers[:n_layers]):
             x = layer(x, input_pos, cos, sin, sliding if layer.sliding else causal, cached)

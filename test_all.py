@@ -238,6 +238,11 @@ def test_attention_without_the_math_kernel_or_kv_copies():
     folded = mask.repeat(1, 1, H // H_kv, 1)  # [B, 1, rep * S, L], row r * S + s
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(attention(q, k, v, folded), expected, rtol=1e-5, atol=1e-5)
+    # CUDA's memory-efficient kernel returns [B, H_kv, rep * S, D] in a [B, rep * S, H_kv, D] layout
+    sdpa = F.scaled_dot_product_attention
+    with mock.patch("model.F.scaled_dot_product_attention",
+                    lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2)):
+        torch.testing.assert_close(attention(q, k, v, folded), expected, rtol=1e-5, atol=1e-5)
     k_all, v_all = k.repeat_interleave(H // H_kv, dim=1), v.repeat_interleave(H // H_kv, dim=1)
     scores = (q @ k_all.transpose(-1, -2) * D ** -0.5).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(torch.cat([scores, sinks.view(1, H, 1, 1).expand(B, H, S, 1)], dim=-1), dim=-1)
@@ -2538,7 +2543,7 @@ def test_block_sparse_attention_matches_the_dense_path(fusion, monkeypatch, refe
     CPU backward), gives the hidden states of the CPU path's dense masks."""
     target, draft, (tokens, anchors, weights) = training_case(fusion)
     flex_calls = []
-    monkeypatch.setattr(draft_module, "compiled_flex_attention",
+    monkeypatch.setattr(draft_module, "training_flex_attention",
                         lambda *a, **k: flex_calls.append(1) or flex_attention(*a, **k))
     B, S = tokens.shape
     bs = draft.args.block_size

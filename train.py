@@ -373,8 +373,13 @@ def main(argv=None):
                 save_checkpoint(out, draft, optimizer, step, args, dtype)
             log(f"saved step {step} to {out}")
     if world > 1:
-        dist.barrier()  # rank 0 may still be saving: a process group torn down while a peer works can abort (gloo)
-        dist.destroy_process_group()
+        dist.barrier()  # rank 0 may have been saving
+        # Everything is saved: leave without tearing down. Freeing DDP's reducer destroys gloo's process group, whose
+        # destructor joins a worker thread that may still wait for the GIL the freeing thread holds (a deadlock, 1
+        # run in 5 here), or aborts ("terminate called without an active exception").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def interrupted(out: Path) -> str:
@@ -402,9 +407,3 @@ if __name__ == "__main__":
         # 128 + SIGINT, as for a process killed by Ctrl-C. os._exit skips the C++ teardown, which can abort
         # ("terminate called without an active exception") after a backward cut short under DDP.
         os._exit(130)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # Everything is saved. Freeing the DDP reducer at exit destroys gloo's process group, whose destructor joins
-        # a worker thread that may still wait for the GIL the exiting thread holds: a deadlock (seen 1 run in 5).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
