@@ -190,7 +190,7 @@ class DraftLayer(nn.Module):
     def __init__(self, args: DraftArgs):
         super().__init__()
         self.self_attn = DraftAttention(args)
-        self.mlp = MLP(args)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 

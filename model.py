@@ -1,4 +1,4 @@
-"""Target models: Qwen3 dense, Qwen3-MoE and GPT-OSS in one small Transformer.
+"""Target models: Qwen3 dense, Qwen3-MoE, GPT-OSS and Llama in one small Transformer.
 
 Configured from a Hugging Face `config.json` and loaded straight from its safetensors files (DESIGN.md section 1).
 Static KV caches indexed by absolute position, so a compiled decode step never changes shape, and the outputs of
@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 from safetensors.torch import save_file
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "gpt_oss")
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "gpt_oss", "llama")
 
 
 class InputError(Exception):
@@ -40,6 +40,7 @@ class ModelArgs:
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    mlp_bias: bool = False  # Llama: biases on the dense MLP's projections
     qk_norm: bool = True  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     attention_sinks: bool = False  # GPT-OSS: a learned per-head logit joins the softmax denominator
     layer_types: tuple = ()  # "full_attention" / "sliding_attention" per layer
@@ -94,6 +95,9 @@ class ModelArgs:
             sliding_window=sliding_window_size(config, model_type),
             eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         )
+        if model_type == "llama":  # Qwen3 without the q/k norm
+            args.qk_norm = False
+            args.mlp_bias = config.get("mlp_bias", False)
         if model_type == "qwen3_moe":
             step = config.get("decoder_sparse_step", 1)
             dense_layers = set(config.get("mlp_only_layers", []))
@@ -130,6 +134,8 @@ CONFIG_DEFAULTS = {
                     max_position_embeddings=131072, sliding_window=128,
                     rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                   "truncate": False, "original_max_position_embeddings": 4096}),
+    "llama": dict(rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, attention_bias=False, head_dim=None,
+                  num_key_value_heads=None, max_position_embeddings=2048, sliding_window=None),
 }
 
 # Keys each RoPE scaling needs besides rope_type (YaRN's factor may instead come from max_position_embeddings)
@@ -383,11 +389,11 @@ def attention_with_sinks_by_lse(q, k, v, mask, sinks, flex=flex_attention):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -461,7 +467,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.sliding = args.layer_types[layer_id] == "sliding_attention"
         self.self_attn = Attention(args, self.sliding)
-        self.mlp = MoE(args) if layer_id in args.moe_layers else MLP(args)
+        self.mlp = (MoE(args) if layer_id in args.moe_layers
+                    else MLP(args.hidden_size, args.intermediate_size, args.mlp_bias))
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 

@@ -105,6 +105,12 @@ def make_target(folder, model_type, vocab_size, eos_id, seed=0):
                                           num_experts_per_tok=2, num_hidden_layers=3, mlp_only_layers=[1],
                                           norm_topk_prob=True, **common)
         model = transformers.Qwen3MoeForCausalLM(cfg)
+    elif model_type == "llama":  # with the optional biases and Llama 3.1's RoPE scaling
+        cfg = transformers.LlamaConfig(intermediate_size=96, num_hidden_layers=3, attention_bias=True, mlp_bias=True,
+                                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 64}, **common)
+        model = transformers.LlamaForCausalLM(cfg)
     else:
         cfg = transformers.GptOssConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
                                         num_hidden_layers=2, sliding_window=8, **common)
@@ -137,7 +143,7 @@ def make_target(folder, model_type, vocab_size, eos_id, seed=0):
     return model
 
 
-MODEL_TYPES = ["qwen3", "qwen3_moe", "gpt_oss"]
+MODEL_TYPES = ["qwen3", "qwen3_moe", "gpt_oss", "llama"]
 
 
 @pytest.fixture(scope="session")
@@ -807,8 +813,8 @@ def test_missing_folder_and_files(tmp_path, targets):
 
 
 def test_unknown_model_type(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(InputError, match="model_type 'llama'; supported: qwen3, qwen3_moe, gpt_oss"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    with pytest.raises(InputError, match="model_type 'mistral'; supported: qwen3, qwen3_moe, gpt_oss, llama"):
         load_checkpoint(tmp_path)
 
 
