@@ -384,7 +384,10 @@ class Draft(nn.Module):
         mask = torch.cat([context_mask, context_mask.new_ones(B, 1, bs, bs)], dim=-1)
         masks = self.layer_masks(mask, key_pos, positions)
         caches = [(l.self_attn.context_cache.k_cache, l.self_attn.context_cache.v_cache) for l in self.layers]
-        return target.lm_head(self.run_layers(target, block_tokens, cos, sin, caches, masks)[:, 1:])
+        hidden = self.run_layers(target, block_tokens, cos, sin, caches, masks)[:, 1:]  # [B, bs-1, H]
+        # lm_head on 2-D rows: on the 3-D slice (batch stride bs*H, not (bs-1)*H) matmul does not fold the batch
+        # into one mm but runs a bmm that copies the whole lm_head weight, every step
+        return target.lm_head(hidden.flatten(0, 1)).view(B, bs - 1, -1)
 
     # --- training -------------------------------------------------------------------------------------------
 

@@ -1696,6 +1696,22 @@ def decode(target, prompts, max_new_tokens, draft=None, block_size=0, stop_ids=(
                              draft=draft, block_size=block_size, steps=steps or generate.EAGER)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_draft_block_logits_multiply_by_the_lm_head_in_one_mm(targets32, batch_size):
+    """The guesses' logits are one [B*(bs-1), H] x [H, V] product: on the 3-D slice of the block's rows, matmul ran
+    a bmm over a copy of the whole lm_head weight (per row), every step."""
+    target = targets32["qwen3"]
+    draft = make_draft(target, "layerwise", block_size=8)
+    draft.setup_caches(batch_size, 32)
+    with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+        draft.block_logits(target, draft.noise_block(torch.ones(batch_size, dtype=torch.long)),
+                           torch.full((batch_size,), 5))
+    V = target.args.vocab_size
+    products = [e.input_shapes for e in prof.events() if e.name in ("aten::mm", "aten::bmm")
+                and any(V in shape for shape in e.input_shapes)]
+    assert products == [[[batch_size * 7, target.args.hidden_size], [target.args.hidden_size, V]]], products
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_speculative_greedy_is_lossless(targets32, model_type, fusion, reference_fusion):
