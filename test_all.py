@@ -2407,7 +2407,9 @@ def interrupt_train(argv, after, nproc=1):
         else [sys.executable]
     process = subprocess.Popen(launcher + [os.path.join(HERE, "train.py"), *map(str, argv)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               env={**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"},
+                               # Ctrl-C's default action even when pytest runs as a background job, which ignores it
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:
         if after in line:
             os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process of the group
