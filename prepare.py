@@ -34,7 +34,8 @@ import torch
 
 import generate
 from model import InputError, is_draft, load_checkpoint, read_config, read_json
-from tokenizer import BPETokenizer, chat_prompt, chat_segments, check_chat_tokens, load_tokenizer, stop_token_ids
+from tokenizer import (BPETokenizer, chat_format, chat_prompt, chat_segments, check_chat_tokens, load_tokenizer,
+                       stop_token_ids)
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "chatgpt": "assistant"}
@@ -132,7 +133,7 @@ def tokenize_conversation(tokenizer: BPETokenizer, byte_lengths, messages, chat:
     mask = np.zeros(len(ids), dtype=np.uint8)
     position = 0
     for text, is_answer in segments:
-        n = len(text.encode("utf-8"))
+        n = len(text.encode("utf-8").translate(None, tokenizer.missing))  # a byte the vocabulary lacks gets no token
         if is_answer:
             mask[(starts < position + n) & (ends > position)] = 1
         position += n
@@ -304,7 +305,7 @@ def main(argv=None):
     if not isinstance(tokenizer, BPETokenizer):
         raise InputError("prepare.py needs the target's tokenizer.json (byte-level BPE) to place the loss mask")
     model_type = config.get("model_type", "")
-    chat = {"model_type": model_type, "thinking": args.thinking == "on", "reasoning_effort": args.reasoning_effort,
+    chat = {"thinking": args.thinking == "on", "reasoning_effort": args.reasoning_effort,
             "date": datetime.date.today().isoformat()}
     conversations, problems = read_conversations(args.data, args.regenerate)
     for problem in problems[:20]:
@@ -317,7 +318,8 @@ def main(argv=None):
     if not conversations:
         raise InputError("no usable conversation in --data")
     if any(isinstance(c, list) for c in conversations):  # chats, not raw {"prompt", "completion"} records
-        check_chat_tokens(tokenizer, model_type)
+        chat["fmt"] = chat_format(args.target)
+        check_chat_tokens(tokenizer, chat["fmt"])
     settings = {"target": str(Path(args.target).resolve()), "model_type": model_type,
                 "vocab_size": tokenizer.vocab_size,
                 "data": [[str(Path(p).resolve()), Path(p).stat().st_size] for p in args.data],

@@ -1,10 +1,13 @@
 """Tokenizers and chat formats of the supported targets.
 
-`tokenizer.json` (byte-level BPE, as Qwen3, GPT-OSS and Llama-3 ship it) runs through tiktoken; `tokenizer.model`
-through sentencepiece. Chat prompts are written exactly as the models' own templates write them: ChatML for
-Qwen3 (thinking on or off) and harmony for GPT-OSS.
+`tokenizer.json` (byte-level BPE, as Qwen3, GPT-OSS, Llama-3 and SmolLM2 ship it) runs through tiktoken;
+`tokenizer.model` through sentencepiece. Chat prompts are written exactly as the models' own templates write them:
+ChatML (Qwen3 with thinking on or off, SmolLM2), Llama-3 headers and GPT-OSS's harmony, the format read from the
+model's chat template.
 """
 import datetime
+import math
+import re
 import unicodedata
 from pathlib import Path
 
@@ -14,6 +17,15 @@ import tiktoken
 from model import InputError, read_json
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def gpt2_after_digits(individual: bool) -> str:
+    """GPT2_PATTERN run after the tokenizers library's Digits pre-tokenizer (SmolLM2's), as one regex. Digits
+    (category N, Rust's char::is_numeric) are pieces of their own, each digit or each run, and GPT-2's regex runs on
+    the text between them: no piece takes a space before a digit, and whitespace before a digit ends its piece whole
+    (where GPT-2's whitespace-not-before-text alternative would leave its last space to the next piece)."""
+    digits = r"\p{N}" if individual else r"\p{N}+"
+    return digits + r"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
 
 
 def byte_level_alphabet() -> dict:
@@ -42,6 +54,8 @@ class BPETokenizer:
         bpe = spec.get("model") or {}
         if bpe.get("type") != "BPE" or bpe.get("byte_fallback"):
             raise InputError(f"{path} is not a byte-level BPE tokenizer (use its tokenizer.model instead)")
+        if bpe.get("continuing_subword_prefix") or bpe.get("end_of_word_suffix"):
+            raise InputError(f"{path}: BPE with a continuing_subword_prefix or end_of_word_suffix is not supported")
         self.pattern = self._pattern(spec.get("pre_tokenizer"), path)
         normalizer = (spec.get("normalizer") or {}).get("type")
         if normalizer not in (None, "NFC"):
@@ -76,10 +90,11 @@ class BPETokenizer:
                              f"tokenizer cannot match as the tokenizers library does")
         self.special_tokens = {t["content"]: t["id"] for t in added}
         vocab = {as_bytes(t): i for t, i in bpe["vocab"].items() if t not in self.special_tokens}
-        ranks = {bytes([b]): b for b in range(256)}
-        missing = [b for b in ranks if b not in vocab]
-        if missing:
-            raise InputError(f"{path}: the vocabulary lacks {len(missing)} of the 256 byte tokens")
+        ranks = {bytes([b]): b for b in range(256)}  # tiktoken needs every byte, the missing ones too (see encode)
+        self.missing = bytes(b for b in range(256) if bytes([b]) not in vocab)  # encode leaves them out
+        if self.missing and bpe.get("unk_token") is not None:
+            raise InputError(f"{path}: the vocabulary lacks {len(self.missing)} of the 256 byte tokens and writes "
+                             f"unk_token {bpe['unk_token']!r} for them, which this tokenizer does not support")
         for merge in bpe.get("merges", []):
             left, right = merge.split(" ") if isinstance(merge, str) else merge
             ranks.setdefault(as_bytes(left) + as_bytes(right), len(ranks))
@@ -95,28 +110,72 @@ class BPETokenizer:
         self.bytes_of_id.update({i: t.encode("utf-8") for t, i in self.special_tokens.items()})
         self.encoding = tiktoken.Encoding(name=str(path), pat_str=self.pattern, mergeable_ranks=ranks,
                                           special_tokens=specials_rank)
+        self.ranks = ranks  # for _merge
+        alternatives = "|".join(re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True))
+        self.specials_regex = re.compile(f"({alternatives or '(?!)'})")  # (?!) matches nothing
         self.vocab_size = max(self.bytes_of_id) + 1
 
     @staticmethod
     def _pattern(pre_tokenizer, path) -> str:
         steps = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
-        patterns = []
+        patterns, digits = [], None
         for step in steps:
-            if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
+            if step.get("type") == "Digits" and not patterns:
+                digits = step.get("individual_digits", False)
+            elif step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
                 patterns.append(step["pattern"]["Regex"])
-            elif step.get("type") == "ByteLevel" and step.get("use_regex", True):
-                patterns.append(GPT2_PATTERN)
-            elif step.get("type") not in ("ByteLevel", None):
+            elif step.get("type") == "ByteLevel":
+                if step.get("add_prefix_space"):
+                    raise InputError(f"{path}: a ByteLevel pre-tokenizer with add_prefix_space is not supported")
+                if step.get("use_regex", True):
+                    patterns.append(GPT2_PATTERN if digits is None else gpt2_after_digits(digits))
+            elif step.get("type") is not None:
                 raise InputError(f"{path}: unsupported pre-tokenizer {step.get('type')!r}")
         if len(patterns) != 1:
             raise InputError(f"{path}: expected one pre-tokenizer regex, found {len(patterns)}")
+        if digits is not None and patterns[0] != gpt2_after_digits(digits):
+            raise InputError(f"{path}: a Digits pre-tokenizer is supported only before ByteLevel's own regex")
         return patterns[0]
 
     def encode(self, text: str) -> list:
         if self.nfc:
             text = unicodedata.normalize("NFC", text)
+        if self.missing:
+            data = text.encode("utf-8", "surrogatepass")
+            if len(data.translate(None, self.missing)) != len(data):
+                return self._encode_without_missing_bytes(text)
         ranks = self.encoding.encode(text, allowed_special="all")
         return self.id_of_rank[ranks].tolist()
+
+    def _encode_without_missing_bytes(self, text: str) -> list:
+        """Text holding bytes the vocabulary has no token for (SmolLM2 lacks 21: some C0 controls, lead bytes of
+        code points from U+40000). With no unk token and no byte fallback, the tokenizers library leaves such a byte
+        out of its pre-tokenized piece and merges what is left of the piece: "!\\x04!" is the one token "!!", "\\x04"
+        alone no token. tiktoken cannot skip a byte inside a piece, so here the pieces are split in Python with
+        `regex` (tiktoken's own dependency, the one its pure-Python path splits with) and each is merged as tiktoken
+        merges, without its missing bytes."""
+        import regex
+
+        ids = []
+        for i, chunk in enumerate(self.specials_regex.split(text)):
+            if i % 2:  # split's odd items: the special tokens it split at
+                ids.append(self.special_tokens[chunk])
+                continue
+            for piece in regex.findall(self.pattern, chunk):
+                data = piece.encode("utf-8", "surrogatepass").translate(None, self.missing)
+                ids += self._merge(data) if data else []
+        return ids
+
+    def _merge(self, data: bytes) -> list:
+        """tiktoken's BPE of one piece: a piece that is a token stays whole; otherwise, from single bytes, the adjacent
+        pair whose merged bytes rank lowest (the leftmost of equals) merges until no pair is a token."""
+        parts = [data] if data in self.ranks else [data[i:i + 1] for i in range(len(data))]
+        while len(parts) > 1:
+            rank, i = min((self.ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            if rank == math.inf:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return [int(self.id_of_rank[self.ranks[part]]) for part in parts]
 
     def decode(self, ids) -> str:
         return b"".join(self.bytes_of_id.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
@@ -160,72 +219,171 @@ def stop_token_ids(checkpoint_dir, config: dict, tokenizer) -> list:
     for source in (read_json(gen_file) if gen_file.is_file() else {}, config):
         eos = source.get("eos_token_id")
         ids += [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    for text in ("<|im_end|>", "<|endoftext|>", "<|return|>", "<|call|>"):
+    for text in ("<|im_end|>", "<|endoftext|>", "<|return|>", "<|call|>", "<|eot_id|>", "<|eom_id|>",
+                 "<|end_of_text|>"):
         if tokenizer.token_id(text) is not None:
             ids.append(tokenizer.token_id(text))
     return sorted(set(ids))
 
 
-def chat_prompt(messages, model_type: str, thinking: bool = True, reasoning_effort: str = "medium",
+# A chat format: {"name": "ChatML", "thinking": the template knows Qwen3's <think> blocks, "system": the system
+# message the template writes when the chat does not open with one, or None}, {"name": "Llama-3", "system": the text
+# Llama 3.1 to 3.3 open their system block with, or None (Llama 3.0)}, or {"name": "harmony"}
+QWEN3_CHAT = {"name": "ChatML", "thinking": True, "system": None}
+MODEL_TYPE_CHAT = {"qwen3": QWEN3_CHAT, "qwen3_moe": QWEN3_CHAT, "gpt_oss": {"name": "harmony"}}
+
+
+def read_chat_template(checkpoint_dir):
+    """The model's Jinja chat template, or None: chat_template.jinja, which transformers prefers, else
+    tokenizer_config.json's chat_template (of several named ones, the "default")."""
+    folder = Path(checkpoint_dir)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    template = read_json(config).get("chat_template") if config.is_file() else None
+    if isinstance(template, list):
+        template = {t.get("name"): t.get("template") for t in template}.get("default")
+    return template
+
+
+def chat_format(checkpoint_dir) -> dict:
+    """The chat format of a model folder, told by its chat template (a llama model may be SmolLM2, in ChatML, or
+    Llama-3.1, in Llama-3 headers); without a template, the format of its model_type."""
+    template = read_chat_template(checkpoint_dir)
+    if template is not None:
+        return template_chat_format(template, repr(str(checkpoint_dir)))
+    config = Path(checkpoint_dir) / "config.json"
+    model_type = read_json(config).get("model_type") if config.is_file() else None
+    if model_type not in MODEL_TYPE_CHAT:
+        raise InputError(f"{str(checkpoint_dir)!r} has no chat template (chat_template.jinja or "
+                         f"tokenizer_config.json's chat_template): add the model's own, or use raw prompts")
+    return MODEL_TYPE_CHAT[model_type]
+
+
+def template_chat_format(template: str, where: str = "the model") -> dict:
+    """The chat format a Jinja chat template writes, read from its text (we render the formats ourselves)."""
+    if "<|start|>" in template and "<|message|>" in template:
+        return {"name": "harmony"}
+    if "<|start_header_id|>" in template:
+        return {"name": "Llama-3", "system": llama3_system_preamble(template, where)}
+    if "<|im_start|>" in template:
+        # a default system message is a string literal of the template, opened by its header: SmolLM2's
+        # '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n'
+        default = re.search(r"""(['"])<\|im_start\|>system(?:\n|\\n)((?:(?!\1)[^\\]|\\.)*?)<\|im_end\|>""", template)
+        system = None if default is None else re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m[1], m[1]),
+                                                      default[2])
+        return {"name": "ChatML", "thinking": "enable_thinking" in template or "<think>" in template, "system": system}
+    raise InputError(f"the chat template of {where} is none of ChatML, Llama-3 or harmony (the chat formats "
+                     f"supported): use raw prompts")
+
+
+def llama3_system_preamble(template: str, where: str):
+    """Llama 3.1 to 3.3's templates open every chat with a system block: a "Cutting Knowledge Date" line, a "Today
+    Date" line of date_string and a blank line, then the system message. date_string defaults to a fixed date (3.1,
+    3.3: "26 Jul 2024") or to today by strftime_now, which transformers defines (3.2). None for Llama 3.0's
+    template, which writes no such block."""
+    cutoff = re.search(r"""Cutting Knowledge Date: ([^'"\\\n]*)""", template)
+    if cutoff is None:
+        return None
+    today = re.search(r"""strftime_now\(['"]([^'"]*)['"]\)""", template)
+    fixed = re.search(r"""set date_string = ['"]([^'"]*)['"]""", template)
+    if today is None and fixed is None:
+        raise InputError(f"the Llama-3 chat template of {where} writes a date we cannot read: use raw prompts")
+    date = datetime.datetime.now().strftime(today[1]) if today else fixed[1]
+    return f"Cutting Knowledge Date: {cutoff[1]}\nToday Date: {date}\n\n"
+
+
+def chat_prompt(messages, fmt: dict, thinking: bool = True, reasoning_effort: str = "medium",
                 date: str | None = None) -> str:
     """The prompt string for a list of {"role", "content"} messages, ending where the assistant's answer starts."""
-    return "".join(text for text, _ in chat_segments(messages, model_type, thinking, reasoning_effort, date))
+    return "".join(text for text, _ in chat_segments(messages, fmt, thinking, reasoning_effort, date))
 
 
-CHAT_TOKENS = {"ChatML": ("<|im_start|>", "<|im_end|>", "<think>", "</think>"),
+CHAT_TOKENS = {"ChatML": ("<|im_start|>", "<|im_end|>"),
+               "Llama-3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                "harmony": ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>")}
 
 
-def check_chat_tokens(tokenizer, model_type: str):
+def check_chat_tokens(tokenizer, fmt: dict):
     """Refuse a tokenizer that would spell the chat format's special tokens out as plain text (one that is not the
     model's own): the model would see a prompt unlike any it was trained on."""
-    name = "harmony" if model_type == "gpt_oss" else "ChatML"
-    missing = [t for t in CHAT_TOKENS[name] if len(tokenizer.encode(t)) != 1]
+    tokens = CHAT_TOKENS[fmt["name"]] + (("<think>", "</think>") if fmt.get("thinking") else ())
+    missing = [t for t in tokens if len(tokenizer.encode(t)) != 1]
     if missing:
-        raise InputError(f"tokenizer lacks the {name} special tokens {', '.join(missing)}: chat formatting needs the "
-                         f"model's own tokenizer, which has them (or use raw prompts)")
+        raise InputError(f"tokenizer lacks the {fmt['name']} special tokens {', '.join(missing)}: chat formatting "
+                         f"needs the model's own tokenizer, which has them (or use raw prompts)")
 
 
-def chat_segments(messages, model_type: str, thinking: bool = True, reasoning_effort: str = "medium",
+def chat_segments(messages, fmt: dict, thinking: bool = True, reasoning_effort: str = "medium",
                   date: str | None = None, generation_prompt: bool = True) -> list:
     """The chat as (text, is_answer) pieces whose concatenation is the rendered chat. is_answer marks what the
-    assistant writes itself: everything after the generation prompt up to its end-of-turn token (the loss mask)."""
+    assistant writes itself: everything after the generation prompt up to its end-of-turn token (the loss mask).
+    thinking is Qwen3's mode (a format without <think> blocks has none); reasoning_effort and date are harmony's."""
     for i, m in enumerate(messages):
         if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
             raise InputError(f"chat message {i} must have role system/user/assistant and string content: {m}")
-    if model_type == "gpt_oss":
+    if fmt["name"] == "harmony":
         return harmony_segments(messages, reasoning_effort, date or datetime.date.today().isoformat(),
                                 generation_prompt)
-    return chatml_segments(messages, thinking, generation_prompt)
+    if fmt["name"] == "Llama-3":
+        return llama3_segments(messages, fmt["system"], generation_prompt)
+    return chatml_segments(messages, fmt, thinking, generation_prompt)
 
 
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 
-def chatml_segments(messages, thinking: bool, generation_prompt: bool) -> list:
-    """Qwen3's ChatML. Earlier assistant turns lose their <think> part, except after the last user message.
-    Without thinking the generation prompt holds an empty think block, so the answer starts after it."""
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
+def chatml_segments(messages, fmt: dict, thinking: bool, generation_prompt: bool) -> list:
+    """ChatML; the template's default system message when the chat opens with another role (SmolLM2's). With
+    Qwen3's thinking, earlier assistant turns lose their <think> part, except after the last user message; without
+    thinking the generation prompt holds an empty think block, so the answer starts after it."""
     segments = []
+    if fmt["system"] is not None and messages and messages[0]["role"] != "system":
+        segments.append((f"<|im_start|>system\n{fmt['system']}<|im_end|>\n", False))
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=len(messages) - 1)
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
         if role != "assistant":
             segments.append((f"<|im_start|>{role}\n{content}<|im_end|>\n", False))
             continue
-        reasoning = m.get("reasoning_content")
-        if reasoning is None:
-            reasoning = ""
-            if "</think>" in content:
-                reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
-                content = content.split("</think>")[-1].lstrip("\n")
-        if i > last_user and (i == len(messages) - 1 or reasoning):
-            content = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
         header = "<|im_start|>assistant\n"
-        if not thinking and content.startswith(EMPTY_THINK):
-            header, content = header + EMPTY_THINK, content[len(EMPTY_THINK):]
+        if fmt["thinking"]:
+            reasoning = m.get("reasoning_content")
+            if reasoning is None:
+                reasoning = ""
+                if "</think>" in content:
+                    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                    content = content.split("</think>")[-1].lstrip("\n")
+            if i > last_user and (i == len(messages) - 1 or reasoning):
+                content = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+            if not thinking and content.startswith(EMPTY_THINK):
+                header, content = header + EMPTY_THINK, content[len(EMPTY_THINK):]
         segments += [(header, False), (content + "<|im_end|>", True), ("\n", False)]
     if generation_prompt:
-        segments.append(("<|im_start|>assistant\n" + ("" if thinking else EMPTY_THINK), False))
+        segments.append(("<|im_start|>assistant\n" + (EMPTY_THINK if fmt["thinking"] and not thinking else ""), False))
+    return segments
+
+
+def llama3_segments(messages, preamble, generation_prompt: bool) -> list:
+    """Llama-3's headers, every message trimmed (the template's |trim, str.strip). Llama 3.1 to 3.3 (a preamble)
+    open with a system block: the preamble, then the first message if it is a system one; Llama 3.0 writes a system
+    message as any other turn. <|begin_of_text|> opens the chat (in 3.0 with its first message)."""
+    segments = []
+    if preamble is not None:
+        system = ""
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"].strip(), messages[1:]
+        segments.append((f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{preamble}{system}"
+                         "<|eot_id|>", False))
+    for i, m in enumerate(messages):
+        bos = "<|begin_of_text|>" if i == 0 and preamble is None else ""
+        header = f"{bos}<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+        if m["role"] == "assistant":
+            segments += [(header, False), (m["content"].strip() + "<|eot_id|>", True)]
+        else:
+            segments.append((header + m["content"].strip() + "<|eot_id|>", False))
+    if generation_prompt:
+        segments.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
     return segments
 
 
@@ -252,67 +410,3 @@ def harmony_segments(messages, reasoning_effort: str, date: str, generation_prom
     if generation_prompt:
         segments.append(("<|start|>assistant", False))
     return segments
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training a byte-level BPE tokenizer (for the embedded demo model), written as a tokenizer.json
-
-# GPT-2's pre-tokenizer in Python `re` syntax ([^\W\d_] = a letter), which tiktoken and tokenizers read the same way;
-# the final \S makes sure every character lands in some piece (tiktoken drops what no alternative matches)
-DEMO_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+|\S"""
-
-
-def train_bpe(text: str, vocab_size: int, special_tokens=(), pattern: str = DEMO_PATTERN) -> dict:
-    """Learn vocab_size - 256 - len(special_tokens) merges on text; returns the tokenizer.json content.
-
-    Pieces of the pre-tokenizer are counted once; each merge updates only the pieces that hold the merged pair."""
-    import re
-    from collections import Counter, defaultdict
-
-    pieces = Counter(re.findall(pattern, text))
-    words = [list(p.encode("utf-8")) for p in pieces]  # symbols: ids, bytes 0..255 then merges
-    counts = list(pieces.values())
-    pair_counts, where = Counter(), defaultdict(set)
-    for w, (word, count) in enumerate(zip(words, counts)):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += count
-            where[pair].add(w)
-    merges = []
-    for new_id in range(256, vocab_size - len(special_tokens)):
-        if not pair_counts:
-            break
-        best = max(pair_counts, key=lambda p: (pair_counts[p], -p[0], -p[1]))
-        merges.append(best)
-        for w in where.pop(best):
-            word, count = words[w], counts[w]
-            for pair in zip(word, word[1:]):
-                pair_counts[pair] -= count
-            merged, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    merged.append(new_id)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            words[w] = merged
-            for pair in zip(merged, merged[1:]):
-                pair_counts[pair] += count
-                where[pair].add(w)
-        pair_counts = Counter({p: c for p, c in pair_counts.items() if c > 0})
-    char_of_byte = {b: c for c, b in byte_level_alphabet().items()}
-    strings = [char_of_byte[b] for b in range(256)]
-    for a, b in merges:
-        strings.append(strings[a] + strings[b])
-    specials = [{"id": len(strings) + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True} for i, t in enumerate(special_tokens)]
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": specials, "normalizer": None,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-            "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                                                "use_regex": True},
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": {s: i for i, s in enumerate(strings)},
-                      "merges": [[strings[a], strings[b]] for a, b in merges]}}

@@ -35,14 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
 
 from draft import Draft, DraftArgs
 from generate import pick_device
-from model import InputError, is_draft, load_checkpoint
-from prepare import PackedData, output_folder
+from model import InputError, is_draft, load_checkpoint, read_json
+from prepare import PackedData, Progress, output_folder, save_npy, write_json
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,12 +59,21 @@ def anchor_rng(seed: int, split: int, epoch: int, index: int):
     return np.random.default_rng([seed, split, epoch, int(index)])
 
 
-def micro_batch(data, indices, args, split: int, epoch: int, device):
-    """The samples at indices (cut to --max_seq_len) with their anchors, as make_batch's tensors."""
+def micro_batch(data, indices, args, split: int, epoch: int, device, cache=None):
+    """The samples at indices (cut to --max_seq_len) with their anchors, as make_batch's tensors, and their target
+    hidden states [B, S, T, H] from the cache (None without one: block_loss runs the target)."""
     samples = [(t[:args.max_seq_len], m[:args.max_seq_len]) for t, m in (data[i] for i in indices)]
     anchors = [sample_anchors(m, args.block_size, args.num_anchors, anchor_rng(args.seed, split, epoch, i))
                for i, (_, m) in zip(indices, samples)]
-    return make_batch(samples, anchors, args.block_size, args.gamma, device)
+    tokens, anchor_pos, weights = make_batch(samples, anchors, args.block_size, args.gamma, device)
+    hidden = None
+    if cache is not None:  # rows past a sample's end are never context (anchors lie inside it): zeros
+        rows = [cache.get(i)[:args.max_seq_len] for i in indices]
+        hidden = rows[0].new_zeros(len(rows), tokens.shape[1], *rows[0].shape[1:])
+        for b, r in enumerate(rows):
+            hidden[b, :len(r)] = r
+        hidden = hidden.to(device)
+    return tokens, anchor_pos, weights, hidden
 
 
 def make_batch(samples, anchors, block_size: int, gamma: float, device):
@@ -89,12 +96,14 @@ def make_batch(samples, anchors, block_size: int, gamma: float, device):
     return as_tensor(tokens), as_tensor(anchor_pos), as_tensor(weights.astype(np.float32))
 
 
-def block_loss(model, draft: Draft, target, tokens, anchors, weights, autocast):
+def block_loss(model, draft: Draft, target, tokens, anchors, weights, hidden, autocast):
     """Sum over the micro-batch of weight x cross-entropy, and the accuracy counts
-    [correct by position (bs-1) | labels by position (bs-1) | leading correct guesses summed | blocks]."""
+    [correct by position (bs-1) | labels by position (bs-1) | leading correct guesses summed | blocks].
+    hidden: the target's states of tokens [B, S, T, H] from a HiddenStateCache, or None to capture them now."""
     bs = draft.args.block_size
-    with torch.no_grad():
-        hidden = target.hidden_states(tokens, draft.args.target_layer_ids)  # [B, S, T, H]
+    if hidden is None:
+        with torch.no_grad():
+            hidden = target.hidden_states(tokens, draft.args.target_layer_ids)  # [B, S, T, H]
     label_pos = anchors[:, :, None] + torch.arange(bs, device=tokens.device)  # [B, nb, bs]
     blocks = torch.full_like(label_pos, draft.args.mask_token_id)
     blocks[:, :, 0] = tokens.gather(1, anchors)
@@ -113,24 +122,51 @@ def block_loss(model, draft: Draft, target, tokens, anchors, weights, autocast):
 
 
 # Logits the loss holds at a time, rows x vocabulary (256 MB in fp32; 441 rows at Qwen3's 151,936 tokens): all
-# labels' at once are [anchors x (bs-1), V], 4.7 GB per 3072-token sequence at 512 anchors, twice in the backward
+# labels' at once are [anchors x (bs-1), V], 4.7 GB per 3072-token sequence at 512 anchors
 LOGITS_CHUNK_ELEMENTS = 2**26
 
 
 def chunked_cross_entropy(lm_head, states, labels):
-    """Cross-entropy [N] and argmax [N] of the logits lm_head(states) for states [N, H] and labels [N], computed a
-    chunk of rows at a time. Each chunk runs under checkpoint: the backward recomputes its logits instead of the
-    forward keeping them, so neither pass holds more than one chunk's."""
+    """Cross-entropy [N] and argmax [N] of the logits lm_head(states) for states [N, H] and labels [N], a chunk of
+    rows at a time (LinearCrossEntropy)."""
     rows = max(1, LOGITS_CHUNK_ELEMENTS // lm_head.out_features)
-    chunks = [checkpoint(logits_cross_entropy, lm_head, s, l, use_reentrant=False)
-              for s, l in zip(states.split(rows), labels.split(rows))]
-    return torch.cat([ce for ce, _ in chunks]), torch.cat([guess for _, guess in chunks])
+    return LinearCrossEntropy.apply(states, lm_head.weight, labels, rows)
 
 
-def logits_cross_entropy(lm_head, states, labels):
-    """Cross-entropy and argmax of one chunk's logits (in fp32)."""
-    logits = lm_head(states).float()
-    return F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
+class LinearCrossEntropy(torch.autograd.Function):
+    """The cross-entropy of states @ weight.T against labels, with the gradient for states worked out in the
+    forward, chunk by chunk: the logits are never all held at once, nor computed twice (a checkpointed loss would
+    recompute them in the backward; on a CPU the logits are most of a small draft's work). weight is the target's
+    frozen lm_head: it gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, states, weight, labels, rows):
+        with_grad = ctx.needs_input_grad[0]
+        chunks = [chunk_cross_entropy(s, weight, l, with_grad) for s, l in zip(states.split(rows), labels.split(rows))]
+        ce, guesses = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        if with_grad:
+            ctx.save_for_backward(torch.cat([c[2] for c in chunks]))
+        ctx.mark_non_differentiable(guesses)
+        return ce, guesses
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_guesses):
+        (grad_states,) = ctx.saved_tensors  # d ce_i / d states_i
+        return grad_states * grad_ce[:, None].to(grad_states.dtype), None, None, None
+
+
+def chunk_cross_entropy(states, weight, labels, with_grad: bool):
+    """One chunk: cross-entropy and argmax of the logits (in fp32), and with_grad, d ce_i / d states_i =
+    (softmax_i - onehot(label_i)) @ weight."""
+    logits = (states @ weight.T).float()
+    lse = logits.logsumexp(-1, keepdim=True)
+    ce = (lse - logits.gather(1, labels[:, None]))[:, 0]
+    guesses = logits.argmax(-1)
+    if not with_grad:
+        return ce, guesses, None
+    probs = logits.sub_(lse).exp_()  # the softmax, in place of the logits
+    probs[torch.arange(len(labels), device=labels.device), labels] -= 1
+    return ce, guesses, (probs.to(weight.dtype) @ weight).to(states.dtype)
 
 
 def report(stats, block_size: int) -> dict:
@@ -139,6 +175,80 @@ def report(stats, block_size: int) -> dict:
     by_position = (correct / counted.clamp(min=1)).tolist()
     return {"accuracy": float(correct.sum() / counted.sum().clamp(min=1)), "accuracy_by_position": by_position,
             "tau": 1.0 + float(leading / blocks.clamp(min=1))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The target's hidden states, captured once (--hidden_cache)
+
+class HiddenStateCache:
+    """The target's captured hidden states of every sample of a prepared folder, kept on disk: with it the target
+    runs once over the data instead of at every step of every epoch of every draft trained on it (on a CPU the
+    target's forward is about a quarter of a small draft's step). Per data shard NAME, NAME.hidden.npy holds
+    [tokens of the shard, T, H] in the target's dtype (bfloat16 as its uint16 bits); hidden.json names the target
+    layers and dtype. A draft reads any subset of the cached layers."""
+
+    def __init__(self, folder, data: PackedData, layer_ids, dtype: torch.dtype):
+        self.folder, self.data, self.dtype = Path(folder), data, dtype
+        meta = read_json(self.folder / "hidden.json", f"delete {folder} to capture again")
+        missing = sorted(set(layer_ids) - set(meta["target_layer_ids"]))
+        if missing or meta["dtype"] != str(dtype).removeprefix("torch."):
+            raise InputError(f"--hidden_cache {str(folder)!r} holds target layers {meta['target_layer_ids']} in "
+                             f"{meta['dtype']}; this draft reads layers {list(layer_ids)} in "
+                             f"{str(dtype).removeprefix('torch.')}: use another --hidden_cache folder")
+        self.columns = [meta["target_layer_ids"].index(i) for i in layer_ids]
+        self.shards = []
+        for shard in data.index["shards"]:
+            path = self.folder / f"{shard['name']}.hidden.npy"
+            try:
+                self.shards.append(np.load(path, mmap_mode="r") if shard["samples"] else None)
+            except (OSError, ValueError, EOFError):
+                raise InputError(f"{path} is missing or corrupt: delete it, and train.py captures it again") from None
+
+    @staticmethod
+    def capture(folder, data: PackedData, target, layer_ids, can_write: bool, log):
+        """Capture what is missing (the shards are written one at a time, so an interrupted run continues). A new
+        cache holds layer_ids; an existing one keeps its layers."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        dtype = target.embed_tokens.weight.dtype
+        meta = {"target_layer_ids": list(layer_ids), "dtype": str(dtype).removeprefix("torch."),
+                "data": data.index["settings"]}
+        if (folder / "hidden.json").is_file():  # the first run's layers stay (HiddenStateCache checks the subset)
+            before = read_json(folder / "hidden.json", f"delete {folder} to capture again")
+            if before["data"] != meta["data"]:
+                raise InputError(f"--hidden_cache {str(folder)!r} was captured from other data: use another folder, "
+                                 f"or delete it to capture again")
+            meta = before
+        else:
+            write_json(folder / "hidden.json", meta)
+        device = target.embed_tokens.weight.device
+        todo = [(k, s) for k, s in enumerate(data.index["shards"])
+                if s["samples"] and not (folder / f"{s['name']}.hidden.npy").is_file()]
+        if todo and not can_write:
+            raise InputError(f"--hidden_cache {str(folder)!r} is not complete: capture it with one process first "
+                             f"(the same command without torchrun)")
+        for k, shard in todo:
+            start = int(data.starts[k])
+            progress = Progress(f"capturing the target's hidden states, {shard['name']}", shard["samples"])
+            rows = []
+            for j in range(shard["samples"]):
+                tokens = torch.from_numpy(data[start + j][0])[None].to(device)
+                with torch.no_grad():
+                    rows.append(target.hidden_states(tokens, meta["target_layer_ids"])[0].cpu())  # [S, T, H]
+                progress(j + 1)
+            states = torch.cat(rows)
+            save_npy(folder / f"{shard['name']}.hidden.npy",
+                     (states.view(torch.uint16) if dtype == torch.bfloat16 else states).numpy())
+        if todo:
+            log(f"captured the target's hidden states of {len(todo)} shards in {folder}")
+
+    def get(self, i) -> torch.Tensor:
+        """Sample i's hidden states [S, T, H] of the draft's layers."""
+        shard = int(np.searchsorted(self.data.starts, i, side="right")) - 1
+        offsets = self.data.shards[shard][2]
+        j = i - self.data.starts[shard]
+        rows = torch.from_numpy(np.array(self.shards[shard][offsets[j]:offsets[j + 1]]))  # a copy: the map is read-only
+        return (rows.view(torch.bfloat16) if self.dtype == torch.bfloat16 else rows)[:, self.columns]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,17 +269,17 @@ def learning_rate(step: int, total_steps: int, args) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, draft, target, data, eval_indices, args, rank, world, autocast, device):
+def evaluate(model, draft, target, data, cache, eval_indices, args, rank, world, autocast, device):
     """Loss, accuracy per block position and estimated tau (1 + mean accepted guesses) on the held-out samples."""
     model.eval()
     stats = torch.zeros(2 * (args.block_size - 1) + 2, dtype=torch.float64, device=device)
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     mine = eval_indices[rank::world]
     for start in range(0, len(mine), args.micro_batch_size):
-        tokens, anchor_pos, weights = micro_batch(data, mine[start:start + args.micro_batch_size], args, 1, 0, device)
-        loss_sum, s = block_loss(model, draft, target, tokens, anchor_pos, weights, autocast)
+        batch = micro_batch(data, mine[start:start + args.micro_batch_size], args, 1, 0, device, cache)
+        loss_sum, s = block_loss(model, draft, target, *batch, autocast)
         stats += s
-        sums += torch.stack([loss_sum.double(), weights.sum().double()])
+        sums += torch.stack([loss_sum.double(), batch[2].sum().double()])
     all_reduce_sum(stats)
     all_reduce_sum(sums)
     model.train()
@@ -190,7 +300,8 @@ def save_checkpoint(out: Path, draft: Draft, optimizer, step: int, args, dtype):
 
 
 # settings a resumed run may change; any other change would make it a different run
-RUN_TIME_FLAGS = {"resume", "out", "device", "log_every", "eval_every", "save_every", "micro_batch_size"}
+RUN_TIME_FLAGS = {"resume", "out", "device", "log_every", "eval_every", "save_every", "micro_batch_size",
+                  "hidden_cache"}
 
 
 def resume_state(out: Path, args):
@@ -214,6 +325,9 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="folder written by prepare.py")
     p.add_argument("--out", required=True, help="draft folder to write (checkpoints and train_state.pt)")
     p.add_argument("--init", help="start from this draft folder instead of a new draft")
+    p.add_argument("--hidden_cache", help="folder for the target's hidden states of --data, captured on first use "
+                                          "and read back after (the target then runs once, not every step; "
+                                          "T x hidden size x 2 bytes per token in bfloat16)")
     p.add_argument("--fusion", choices=["layerwise", "linear"], default="layerwise",
                    help="layerwise = DFlare, linear = DFlash")
     p.add_argument("--num_layers", type=int, default=5, help="draft layers")
@@ -320,10 +434,14 @@ def main(argv=None):
         f"({steps_per_epoch} per epoch) | {device}, {dtype}")
     if state is not None:
         log(f"resumed from {out / 'train_state.pt'} at step {step}")
+    cache = None
+    if args.hidden_cache:
+        HiddenStateCache.capture(args.hidden_cache, data, target, draft.args.target_layer_ids, world == 1, log)
+        cache = HiddenStateCache(args.hidden_cache, data, draft.args.target_layer_ids, dtype)
 
     def run_eval():
         if len(eval_indices):
-            r = evaluate(model, draft, target, data, eval_indices, args, rank, world, autocast, device)
+            r = evaluate(model, draft, target, data, cache, eval_indices, args, rank, world, autocast, device)
             log(f"eval step {step}: loss {r['loss']:.4f} | accuracy {r['accuracy']:.3f} | estimated tau "
                 f"{r['tau']:.2f} | accuracy by block position "
                 + " ".join(f"{a:.2f}" for a in r["accuracy_by_position"]))
@@ -337,18 +455,19 @@ def main(argv=None):
         order = np.random.default_rng([args.seed, 0, epoch]).permutation(n_train)
         batch = order[position * args.batch_size:(position + 1) * args.batch_size]
         starts = [(m * world + rank) * args.micro_batch_size for m in range(accumulation)]
-        micro_batches = [micro_batch(data, batch[s:s + args.micro_batch_size], args, 0, epoch, device) for s in starts]
+        micro_batches = [micro_batch(data, batch[s:s + args.micro_batch_size], args, 0, epoch, device, cache)
+                         for s in starts]
         # the loss is a sum over the whole batch divided by its total weight (known before any forward)
-        total_weight = all_reduce_sum(sum(w.sum() for _, _, w in micro_batches).double()).clamp(min=1e-9)
+        total_weight = all_reduce_sum(sum(b[2].sum() for b in micro_batches).double()).clamp(min=1e-9)
         lr = learning_rate(step, total_steps, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         stats = torch.zeros(2 * (args.block_size - 1) + 2, dtype=torch.float64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for m, (tokens, anchor_pos, weights) in enumerate(micro_batches):
+        for m, (tokens, anchor_pos, weights, hidden) in enumerate(micro_batches):
             sync = world == 1 or m == accumulation - 1
             with contextlib.nullcontext() if sync else model.no_sync():
-                part, s = block_loss(model, draft, target, tokens, anchor_pos, weights, autocast)
+                part, s = block_loss(model, draft, target, tokens, anchor_pos, weights, hidden, autocast)
                 # DDP averages gradients over processes: scale by world to get the gradient of the batch's sum
                 (part * (world / total_weight)).backward()
             loss_sum += part.detach().double()
