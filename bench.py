@@ -382,7 +382,7 @@ def memory_training_step(target_args, device, seq_len, num_anchors, block_size):
     anchors = np.sort(rng.choice(seq_len - block_size + 1, num_anchors, replace=False))
     batch = train.make_batch([(tokens, np.ones(seq_len, np.float32))], [anchors], block_size, 7.0, device)
     autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
-    loss, _ = train.block_loss(draft, draft, target, *batch, autocast)
+    loss, _ = train.block_loss(draft, draft, target, *batch, None, autocast)
     loss.backward()
 
 
