@@ -236,11 +236,17 @@ class PackedData:
     def __len__(self):
         return int(self.starts[-1])
 
-    def __getitem__(self, i):
+    def locate(self, i):
+        """Sample i's shard and its token range there: (shard index, start, end)."""
         shard = int(np.searchsorted(self.starts, i, side="right")) - 1
-        tokens, mask, offsets = self.shards[shard]
+        offsets = self.shards[shard][2]
         j = i - self.starts[shard]
-        return np.asarray(tokens[offsets[j]:offsets[j + 1]], dtype=np.int64), np.asarray(mask[offsets[j]:offsets[j + 1]])
+        return shard, int(offsets[j]), int(offsets[j + 1])
+
+    def __getitem__(self, i):
+        shard, start, end = self.locate(i)
+        tokens, mask, _ = self.shards[shard]
+        return np.asarray(tokens[start:end], dtype=np.int64), np.asarray(mask[start:end])
 
 
 class Progress:

@@ -6,7 +6,8 @@
     python generate.py --checkpoint TARGET_DIR --draft my-draft/ --compare_ar --prompt "..."
 
 A step, for each sequence of the batch:
-  1. the frozen target runs the sequence and captures the hidden states of the draft's target layers (online);
+  1. the frozen target runs the sequence and captures the hidden states of the draft's target layers (online), or
+     they are read from --hidden_cache, where a first run captured them for the whole data set;
   2. up to --num_anchors positions inside the assistant's answers, each with a whole block after it, become block
      anchors; block j is [token at anchor_j, MASK, ..., MASK] at positions anchor_j .. anchor_j + bs - 1;
   3. every block of the sequence goes through the draft in one forward under one attention mask: a block's
@@ -190,11 +191,11 @@ class HiddenStateCache:
     def __init__(self, folder, data: PackedData, layer_ids, dtype: torch.dtype):
         self.folder, self.data, self.dtype = Path(folder), data, dtype
         meta = read_json(self.folder / "hidden.json", f"delete {folder} to capture again")
-        missing = sorted(set(layer_ids) - set(meta["target_layer_ids"]))
-        if missing or meta["dtype"] != str(dtype).removeprefix("torch."):
+        dtype_name = str(dtype).removeprefix("torch.")
+        if not set(layer_ids) <= set(meta["target_layer_ids"]) or meta["dtype"] != dtype_name:
             raise InputError(f"--hidden_cache {str(folder)!r} holds target layers {meta['target_layer_ids']} in "
-                             f"{meta['dtype']}; this draft reads layers {list(layer_ids)} in "
-                             f"{str(dtype).removeprefix('torch.')}: use another --hidden_cache folder")
+                             f"{meta['dtype']}; this draft reads layers {list(layer_ids)} in {dtype_name}: use "
+                             f"another --hidden_cache folder")
         self.columns = [meta["target_layer_ids"].index(i) for i in layer_ids]
         self.shards = []
         for shard in data.index["shards"]:
@@ -244,10 +245,8 @@ class HiddenStateCache:
 
     def get(self, i) -> torch.Tensor:
         """Sample i's hidden states [S, T, H] of the draft's layers."""
-        shard = int(np.searchsorted(self.data.starts, i, side="right")) - 1
-        offsets = self.data.shards[shard][2]
-        j = i - self.data.starts[shard]
-        rows = torch.from_numpy(np.array(self.shards[shard][offsets[j]:offsets[j + 1]]))  # a copy: the map is read-only
+        shard, start, end = self.data.locate(i)
+        rows = torch.from_numpy(np.array(self.shards[shard][start:end]))  # a copy: the map is read-only
         return (rows.view(torch.bfloat16) if self.dtype == torch.bfloat16 else rows)[:, self.columns]
 
 
