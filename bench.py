@@ -2,6 +2,7 @@
 
     python bench.py              # the embedded demo: AR vs DFlash vs DFlare (2 and 1 layers), MT-Bench, HumanEval, math
     python bench.py --checkpoint TARGET_DIR --draft DFLARE_DIR --draft DFLASH_DIR [--sets mt-bench my.jsonl ...]
+    python bench.py --tree_budget 0 16 32 64 128   # every draft with the chain (0) and with trees of these budgets
     python bench.py --gpu        # on a CUDA machine: Qwen3-8B-shaped random bf16 weights, compiled step timings
     python bench.py --memory     # peak memory of a training step, a prefill and decoding at Qwen3's vocabulary
 
@@ -84,16 +85,17 @@ def read_prompt_set(path, tokenizer, checkpoint, thinking: bool) -> list:
     return prompts
 
 
-def draft_name(draft: Draft, folder) -> str:
+def draft_name(draft: Draft, folder, tree_budget: int = 0) -> str:
     kind = "DFlare" if draft.args.fusion == "layerwise" else "DFlash"
-    return f"{kind} {draft.args.num_hidden_layers}L ({Path(folder).name})"
+    return f"{kind} {draft.args.num_hidden_layers}L ({Path(folder).name})" + (f", tree {tree_budget}" if tree_budget
+                                                                               else "")
 
 
 def run_set(target, decoders, prompts, args, sampling, stop_ids, steps) -> list:
     """Decode every prompt with every decoder; one row of totals per decoder."""
     rows = []
     ar_outputs = None
-    for name, draft, block_size in decoders:
+    for name, draft, block_size, tree_budget in decoders:
         tokens = decode_s = 0.0
         lengths, outputs = [], []
         for start in range(0, len(prompts), args.batch_size):
@@ -101,7 +103,7 @@ def run_set(target, decoders, prompts, args, sampling, stop_ids, steps) -> list:
             batch = batch + [batch[-1]] * (args.batch_size - len(batch))
             torch.manual_seed(args.seed)
             out, stats = generate.generate(target, batch, args.max_new_tokens, sampling, stop_ids, draft=draft,
-                                           block_size=block_size, steps=steps)
+                                           block_size=block_size, steps=steps, tree_budget=tree_budget)
             out = out[:len(prompts) - start]
             outputs += out
             tokens += sum(len(o) - 1 for o in out)
@@ -132,27 +134,28 @@ def bench_sets(args):
     config = read_config(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
     target = load_checkpoint(args.checkpoint, device, dtype)
-    decoders = [("autoregressive", None, 0)]
+    decoders = [("autoregressive", None, 0, 0)]
     for folder in args.draft or []:
         draft = generate.load_draft(folder, target, device, dtype)
         block_size = min(args.block_size or draft.args.block_size, draft.args.block_size)
-        decoders.append((draft_name(draft, folder), draft, block_size))
+        decoders += [(draft_name(draft, folder, budget), draft, block_size, budget) for budget in args.tree_budget]
     stop_ids = stop_token_ids(args.checkpoint, config, tokenizer)
     sets = {Path(p).stem: read_prompt_set(p, tokenizer, args.checkpoint, args.thinking == "on")
             for p in args.sets or DEFAULT_SETS}
     if args.limit:  # spread over the set: MT-Bench and HumanEval are ordered by category
         sets = {name: spread(prompts, args.limit) for name, prompts in sets.items()}
     longest = max(len(p) for prompts in sets.values() for p in prompts)
-    max_seq_len = longest + args.max_new_tokens + max(bs for _, _, bs in decoders)
+    max_seq_len = longest + args.max_new_tokens + max(generate.step_span(bs, budget) for _, _, bs, budget in decoders)
     target.setup_caches(args.batch_size, max_seq_len)
-    for _, draft, _ in decoders[1:]:
+    for _, draft, _, _ in decoders[1:]:
         draft.setup_caches(args.batch_size, max_seq_len)
     sampling = generate.Sampling(args.temperature, args.top_k, args.top_p)
     steps = generate.compile_steps(device) if args.compile else generate.EAGER
     first = next(iter(sets.values()))[:1] * args.batch_size
     t0 = time.perf_counter()
-    for _, draft, block_size in decoders:  # warm-up (and compilation): untimed
-        generate.generate(target, first, 4, sampling, draft=draft, block_size=block_size, steps=steps)
+    for _, draft, block_size, budget in decoders:  # warm-up (and compilation): untimed
+        generate.generate(target, first, 4, sampling, draft=draft, block_size=block_size, steps=steps,
+                          tree_budget=budget)
     print(f"{args.checkpoint} ({target.args.model_type}, {dtype}, {device}), warm-up {time.perf_counter() - t0:.1f} s;"
           f" {args.max_new_tokens} new tokens per prompt, batch {args.batch_size}, "
           f"{'greedy' if sampling.temperature == 0 else f'temperature {sampling.temperature}'}", file=sys.stderr)
@@ -221,12 +224,13 @@ def draft_block_bytes(draft: Draft, target: Transformer) -> int:
 
 @torch.no_grad()
 def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=torch.bfloat16, compile=True,
-                context=1024, block_size=16, tau=6.5, iters=50):
+                context=1024, block_size=16, tau=6.5, iters=50, tree_budgets=(16, 32, 64, 128)):
     """Time the AR step, the draft block, the verify forward and the whole speculative step at one context length;
-    print them with the weight bandwidth they imply and the speedup projected at acceptance length tau."""
+    print them with the weight bandwidth they imply and the speedup projected at acceptance length tau. Then the
+    tree step's parts per budget, with the largest DFlare draft."""
     device = torch.device(device)
     target = random_model(lambda: Transformer(target_args), device, dtype)
-    max_seq_len = context + 2 * block_size
+    max_seq_len = context + max(2 * block_size, *tree_budgets)
     target.setup_caches(1, max_seq_len)
     steps = generate.compile_steps(device) if compile else generate.EAGER
     mode = "max-autotune" if device.type == "cuda" and compile else None
@@ -272,6 +276,7 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
         print(f"{f'{name} whole step':<34} {step_ms:>8.3f}   projected speedup at tau {tau}: {projected:.2f}x")
         results[name] = {"draft_ms": draft_ms, "verify_ms": verify_ms, "step_ms": step_ms,
                                           "projected_speedup": projected}
+    results["tree"] = time_tree_steps(target, draft, steps, mode, compile, pos, block_size, tree_budgets, iters)
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                           SDPBackend.MATH]):  # not our code: the math fallback is allowed there
@@ -280,6 +285,36 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
         results["dflash_reference_step_ms"] = ms
     except ImportError:
         print("dflash package not importable here: reference-implementation timing skipped")
+    return results
+
+
+def time_tree_steps(target, draft, steps, mode, compile: bool, pos, block_size: int, budgets, iters: int) -> dict:
+    """Per tree budget N: picking the tree from the draft's guesses (draft_tree), the verify forward of its N
+    nodes, moving the accepted path's cache entries (a full block's worth), and the whole tree step."""
+    device = pos.device
+    maybe_compile = (lambda fn: torch.compile(fn, mode=mode, fullgraph=True)) if compile else (lambda fn: fn)
+    pick = maybe_compile(generate.draft_tree)
+    verify = maybe_compile(lambda t, tokens, positions, ids, tree: t(tokens, positions, capture=ids, tree=tree))
+    move = maybe_compile(lambda t, source, dest: t.move_cached(source, dest))
+    logits = torch.randn(1, block_size - 1, target.args.vocab_size, device=device, dtype=target.lm_head.weight.dtype)
+    token = torch.zeros(1, dtype=torch.long, device=device)
+    active = torch.ones(1, dtype=torch.bool, device=device)
+    ids = draft.args.target_layer_ids
+    print(f"{'tree step, DFlare ' + str(draft.args.num_hidden_layers) + 'L':<34} {'pick':>8} {'verify':>8} "
+          f"{'move':>8} {'step':>8}   (ms)")
+    results = {}
+    for budget in budgets:
+        tokens, depth, parent = generate.draft_tree(logits, budget)
+        tree = generate.tree_layout(parent, pos, target.max_seq_length, block_size - 1)
+        source = tree[0][:, :block_size]
+        dest = pos[:, None] + torch.arange(block_size, device=device)
+        row = {"pick_ms": time_ms(lambda: pick(logits, budget), device, iters),
+               "verify_ms": time_ms(lambda: verify(target, tokens, pos[:, None] + depth, ids, tree), device, iters),
+               "move_ms": time_ms(lambda: move(target, source, dest), device, iters),
+               "step_ms": time_ms(lambda: steps.tree(target, draft, token, pos, active, generate.Sampling(),
+                                                     block_size, budget), device, iters)}
+        print(f"{f'  budget {budget} ({tokens.shape[1]} nodes)':<34} " + " ".join(f"{v:>8.3f}" for v in row.values()))
+        results[budget] = row
     return results
 
 
@@ -410,6 +445,8 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--block_size", type=int, default=None,
                    help="tokens per block, capped at each draft's own (default: the draft's)")
+    p.add_argument("--tree_budget", type=int, nargs="+", default=[0],
+                   help="verify each draft's guesses as the chain (0) and/or as trees of these many nodes (default: 0)")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--thinking", choices=("on", "off"), default="off", help="Qwen3 thinking mode for chat prompts")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -432,6 +469,8 @@ def parse_args(argv=None):
         args.dtype = args.dtype or "bfloat16"  # as generate.py runs the demo
     if args.block_size is not None and args.block_size < 2:
         p.error(f"--block_size must be >= 2, got {args.block_size}")
+    if any(budget == 1 or budget < 0 for budget in args.tree_budget):
+        p.error(f"--tree_budget values must be 0 (the chain) or >= 2 (the root and a guess), got {args.tree_budget}")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--max_new_tokens and --batch_size must be >= 1")
     return args

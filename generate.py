@@ -134,13 +134,111 @@ def speculative_sampling(draft_tokens, draft_probs, target_probs):
     return torch.where(from_draft, drafts_padded, replacement), n_accepted
 
 
+def draft_tree(draft_logits, budget: int):
+    """The tree of the budget - 1 continuations of the anchor that the draft finds most likely, on static shapes.
+
+    draft_logits [B, D, V] are the draft's guesses for depths 1..D, each position on its own, so a prefix x_1..x_d
+    scores sum_k log q_k(x_k) (the surrogate of DDTree). A prefix scores at least as high as its extensions, so the
+    best prefixes form a tree, and the best budget - 1 of one depth all extend the best budget - 1 of the depth
+    before: a beam of that width per depth, then one top-k over all depths picks the tree.
+
+    Returns node tokens [B, N], depths [B, N] and parents [B, N] (N <= budget; node 0 is the root, the anchor:
+    depth 0, parent -1, token left to the caller), nodes ordered by depth, so a parent precedes its children."""
+    B, D, V = draft_logits.shape
+    width = budget - 1
+    top_logp, top_tokens = torch.log_softmax(draft_logits.float(), dim=-1).topk(min(width, V), dim=-1)  # [B, D, K]
+    K = top_logp.shape[-1]
+    scores, parents, tokens = [top_logp[:, 0]], [None], [top_tokens[:, 0]]  # beam of depth 1: [B, K] each
+    for d in range(1, D):
+        candidates = (scores[-1][:, :, None] + top_logp[:, d, None, :]).flatten(1)  # [B, beam * K]
+        score, index = candidates.topk(min(width, candidates.shape[1]), dim=-1)
+        scores.append(score)
+        parents.append(index // K)  # into the beam of depth d
+        tokens.append(top_tokens[:, d].gather(1, index % K))
+    # candidates of all depths in one row: C = sum of beam widths; parent C stands for the root
+    starts = [0]
+    for score in scores:
+        starts.append(starts[-1] + score.shape[1])
+    C = starts[-1]
+    device = draft_logits.device
+    depth_of = torch.cat([torch.full((s.shape[1],), d + 1, device=device) for d, s in enumerate(scores)])  # [C]
+    parent_of = torch.cat([torch.full((B, K), C, device=device)]
+                          + [starts[d - 1] + p for d, p in enumerate(parents) if p is not None], dim=1)  # [B, C]
+    # a prefix ranks strictly above its extensions, also where rounding ties them
+    ranked = torch.cat(scores, dim=1) - 1e-3 * depth_of
+    n = min(width, C)
+    chosen = ranked.topk(n, dim=-1).indices.sort(dim=-1).values  # [B, n]; by depth, since candidates are
+    node_of = torch.zeros(B, C + 1, dtype=torch.long, device=device).scatter(
+        1, chosen, torch.arange(1, n + 1, device=device).expand(B, -1))  # candidate -> node; the root (C) -> 0
+    root = torch.zeros(B, 1, dtype=torch.long, device=device)
+    return (torch.cat([root, torch.cat(tokens, dim=1).gather(1, chosen)], dim=1),
+            torch.cat([root, depth_of[chosen]], dim=1),
+            torch.cat([root - 1, node_of.gather(1, parent_of.gather(1, chosen))], dim=1))
+
+
+def tree_step(target: Transformer, draft: Draft, anchor_token, anchor_pos, active, sampling: Sampling,
+              block_size: int, budget: int):
+    """One draft + tree-verify step on static shapes (DESIGN.md section 4): the target checks the draft's best
+    tree of `budget` nodes in one forward and the walk from the root follows the target's own choices.
+
+    Nodes are cached at scratch slots anchor_pos + 0..N-1 (node 0, the root, is the anchor at its own position),
+    rotated by their real positions anchor_pos + depth, and each sees the context and its ancestors only. At each
+    node of the walk the target picks its next token (argmax, or a sample of its distribution: every committed
+    token is then one of the target's own samples); the walk moves to the child holding that token while there is
+    one. The path's cache entries and draft context rows are then moved to their positions. Arguments and returns
+    as speculative_step.
+    """
+    bs = block_size
+    draft_logits = draft.block_logits(target, draft.noise_block(anchor_token, bs), anchor_pos)  # [B, bs-1, V]
+    tokens, depth, parent = draft_tree(draft_logits, budget)  # [B, N] each
+    tokens[:, 0] = anchor_token
+    B, N = tokens.shape
+    slots, visible = tree_layout(parent, anchor_pos, target.max_seq_length, bs - 1)
+    logits, hidden = target(tokens, anchor_pos[:, None] + depth, capture=draft.args.target_layer_ids,
+                            tree=(slots, visible))  # [B, N, V], [B, N, T, H]
+    choice = sample(logits, sampling)  # [B, N]: the target's next token after each node
+    is_parent = parent[:, None, :] == torch.arange(N, device=tokens.device)[:, None]  # [B, i, j]: i is j's parent
+    chosen_child = is_parent & (tokens[:, None, :] == choice[:, :, None])  # [B, i, j]: j holds i's choice
+    has_child, child = chosen_child.any(-1), chosen_child.int().argmax(-1)  # [B, N]
+    node, path = tokens.new_zeros(B), []
+    for _ in range(bs):
+        path.append(node)
+        node = torch.where(has_child.gather(1, node[:, None])[:, 0], child.gather(1, node[:, None])[:, 0], node)
+    path = torch.stack(path, dim=1)  # [B, bs]: root, the accepted nodes, then the last one repeated
+    n_accepted = depth.gather(1, path[:, -1:])[:, 0]
+    committed = choice.gather(1, path)  # the path's tokens after the root, then the target's own
+    positions = anchor_pos[:, None] + torch.arange(bs, device=tokens.device)
+    target.move_cached(slots.gather(1, path), positions)
+    draft.write_context(hidden.gather(1, path[:, :, None, None].expand(-1, -1, *hidden.shape[2:])), positions)
+    next_token = committed.gather(1, n_accepted[:, None])[:, 0]
+    return (committed, n_accepted, torch.where(active, next_token, anchor_token),
+            anchor_pos + (n_accepted + 1) * active)
+
+
+def tree_layout(parent, anchor_pos, cache_length: int, max_depth: int):
+    """Where a tree's nodes are cached and what each sees: slots [B, N] = anchor_pos + node (scratch slots past
+    the committed tokens; the root's is its own position) and visible [B, N, cache_length]: the slots before the
+    anchor and those of the node's ancestors and itself. parent [B, N] as draft_tree returns it."""
+    B, N = parent.shape
+    nodes = torch.arange(N, device=parent.device)
+    ancestors = torch.eye(N, dtype=torch.bool, device=parent.device).expand(B, N, N)  # i sees j: j is i or above
+    for _ in range(max_depth):
+        ancestors = ancestors | ancestors.gather(1, parent.clamp(min=0)[:, :, None].expand(B, N, N))
+    slots = anchor_pos[:, None] + nodes
+    key_slots = torch.arange(cache_length, device=parent.device)
+    in_tree = torch.zeros(B, N, cache_length, dtype=torch.bool, device=parent.device).scatter(
+        2, slots[:, None, :].expand(B, N, N), ancestors)
+    return slots, (key_slots < anchor_pos[:, None, None]) | in_tree
+
+
 class Steps(NamedTuple):
     prefill: Callable
     decode: Callable
     speculative: Callable
+    tree: Callable
 
 
-EAGER = Steps(prefill, decode_one_token, speculative_step)
+EAGER = Steps(prefill, decode_one_token, speculative_step, tree_step)
 
 
 def compile_steps(device: torch.device) -> Steps:
@@ -148,7 +246,8 @@ def compile_steps(device: torch.device) -> Steps:
     mode = "max-autotune" if device.type == "cuda" else None
     return Steps(torch.compile(prefill, fullgraph=True, dynamic=True),
                  torch.compile(decode_one_token, mode=mode, fullgraph=True),
-                 torch.compile(speculative_step, mode=mode, fullgraph=True))
+                 torch.compile(speculative_step, mode=mode, fullgraph=True),
+                 torch.compile(tree_step, mode=mode, fullgraph=True))
 
 
 def synchronize(device):
@@ -180,9 +279,11 @@ class Outputs:
 
 @torch.no_grad()
 def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: Sampling, stop_ids=(),
-             on_token=None, draft: Draft | None = None, block_size: int = 0, steps: Steps = EAGER):
+             on_token=None, draft: Draft | None = None, block_size: int = 0, steps: Steps = EAGER,
+             tree_budget: int = 0):
     """Decode a batch of token-id prompts (each row at its own positions): autoregressive without a draft,
-    speculative with one (block_size tokens per step, at most the draft's block size).
+    speculative with one (block_size tokens per step, at most the draft's block size), verifying a tree of
+    tree_budget nodes per step instead of the chain if tree_budget > 0.
 
     Returns the new tokens per row (ending with the stop token when one was hit) and stats; with a draft the stats
     hold "acceptance_lengths": per row, the tokens committed by each draft+verify step.
@@ -217,12 +318,17 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
             rows_active = [not d for d in out.done]
             if rows_active != active_rows:  # a new device tensor only when a row has finished
                 active_rows, active = rows_active, torch.tensor(rows_active, device=device)
-            block, n_accepted, next_token, input_pos = steps.speculative(target, draft, next_token, input_pos,
-                                                                         active, sampling, block_size)
+            if tree_budget:
+                block, n_accepted, next_token, input_pos = steps.tree(target, draft, next_token, input_pos, active,
+                                                                      sampling, block_size, tree_budget)
+            else:
+                block, n_accepted, next_token, input_pos = steps.speculative(target, draft, next_token, input_pos,
+                                                                             active, sampling, block_size)
             next_token = next_token.clone()  # CUDA graphs reuse output memory
-            # a row that ended inside its last block sits up to bs-1 positions past its end; frozen there, its block
-            # would run past a cache sized prompt + max_new_tokens + bs. Active rows are never moved by this.
-            input_pos = input_pos.clamp(max=target.max_seq_length - block_size)
+            # a row that ended inside its last block sits up to bs-1 positions past its end; frozen there, its
+            # block (or tree) would run past a cache sized prompt + max_new_tokens + step_span(...). Active rows
+            # are never moved by this.
+            input_pos = input_pos.clamp(max=target.max_seq_length - step_span(block_size, tree_budget))
             rows = torch.cat([n_accepted[:, None], block], dim=1).tolist()  # the step's one host sync
             for row, (n, *block_tokens) in enumerate(rows):
                 if not out.done[row]:
@@ -236,6 +342,11 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
     if draft is not None:
         stats["acceptance_lengths"] = acceptance_lengths
     return out.tokens, stats
+
+
+def step_span(block_size: int, tree_budget: int) -> int:
+    """Cache slots a speculative step writes from its anchor on: the block, or the tree's nodes."""
+    return max(block_size, tree_budget)
 
 
 def weight_bytes_per_step(model: Transformer) -> int:
@@ -259,6 +370,9 @@ def parse_args(argv=None):
                    help="DFlare / DFlash draft folder: speculative decoding (without it: autoregressive)")
     p.add_argument("--block_size", type=int, default=None,
                    help="tokens per draft block, at most the draft's own (default: the draft's)")
+    p.add_argument("--tree_budget", type=int, default=0,
+                   help="verify a tree of this many nodes per step, the draft's most likely continuations, instead "
+                        "of its one best guess per position (default: 0, the chain)")
     p.add_argument("--compare_ar", action="store_true",
                    help="also decode autoregressively in the same run and report the speedup")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for several prompts")
@@ -307,8 +421,10 @@ def parse_args(argv=None):
         p.error(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.max_seq_len is not None and args.max_seq_len < 2:
         p.error(f"--max_seq_len must be >= 2, got {args.max_seq_len}")
-    if args.draft is None and (args.block_size is not None or args.compare_ar):
-        p.error("--block_size and --compare_ar need --draft DRAFT_DIR")
+    if args.draft is None and (args.block_size is not None or args.compare_ar or args.tree_budget):
+        p.error("--block_size, --tree_budget and --compare_ar need --draft DRAFT_DIR")
+    if args.tree_budget == 1 or args.tree_budget < 0:
+        p.error(f"--tree_budget must be 0 (the chain) or >= 2 (the root and a guess), got {args.tree_budget}")
     if args.interactive and (args.compare_ar or args.json or args.batch_size > 1):
         p.error("--interactive is one conversation: without --compare_ar, --json and --batch_size")
     if args.block_size is not None and args.block_size < 2:
@@ -353,10 +469,13 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def cache_length(args, longest_prompt: int, max_position_embeddings: int, block_size: int = 0) -> int:
-    """KV cache length: the prompt, the new tokens and, when speculating, the block drafted past the last one."""
-    needed = longest_prompt + args.max_new_tokens + block_size
-    block = f" + block size ({block_size})" if block_size else ""
+def cache_length(args, longest_prompt: int, max_position_embeddings: int, block_size: int = 0,
+                 tree_budget: int = 0) -> int:
+    """KV cache length: the prompt, the new tokens and, when speculating, the slots a step writes past the last one
+    (step_span: the block, or the tree)."""
+    span = step_span(block_size, tree_budget)
+    needed = longest_prompt + args.max_new_tokens + span
+    block = (f" + tree budget ({span})" if span > block_size else f" + block size ({span})") if span else ""
     over = needed - max_position_embeddings
     if over > 0:
         fixes = ([f"lower --max_new_tokens to {args.max_new_tokens - over}"] if over < args.max_new_tokens else []) \
@@ -431,7 +550,8 @@ def main(argv=None):
     if len(prompts) == 1:
         prompts = prompts * args.batch_size
     batch_size = min(args.batch_size, len(prompts))
-    max_seq_len = cache_length(args, max(map(len, prompts)), model.args.max_position_embeddings, block_size)
+    max_seq_len = cache_length(args, max(map(len, prompts)), model.args.max_position_embeddings, block_size,
+                               args.tree_budget)
     model.setup_caches(batch_size, max_seq_len)
     if draft is not None:
         draft.setup_caches(batch_size, max_seq_len)
@@ -440,7 +560,8 @@ def main(argv=None):
     if args.compile:
         t0 = time.perf_counter()
         for d in ([None] if run_ar else []) + ([draft] if draft is not None else []):
-            generate(model, prompts[:batch_size], 2, sampling, draft=d, block_size=block_size, steps=steps)
+            generate(model, prompts[:batch_size], 2, sampling, draft=d, block_size=block_size, steps=steps,
+                     tree_budget=args.tree_budget)
         log(f"compiled in {time.perf_counter() - t0:.1f} s")
     torch.manual_seed(args.seed)
     stream = batch_size == 1 and not args.json
@@ -458,7 +579,7 @@ def main(argv=None):
         if stream:  # a chat shows the user's text, a raw prompt itself
             print(args.prompt[start] + "\n" if args.chat else tokenizer.decode(batch[0]), end="", flush=True)
         outputs, stats = generate(model, batch, args.max_new_tokens, sampling, stop_ids, on_token=printer,
-                                  draft=draft, block_size=block_size, steps=steps)
+                                  draft=draft, block_size=block_size, steps=steps, tree_budget=args.tree_budget)
         for row in range(n_real):
             tokens = outputs[row]
             text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens)
@@ -493,8 +614,10 @@ def main(argv=None):
     if draft is not None:
         tokens_per_s = totals["tokens"] / max(totals["decode_s"], 1e-9)
         tau = sum(all_acceptance) / max(len(all_acceptance), 1)
-        log(f"speculative decoding, block {block_size}: tau {tau:.2f} tokens per draft+verify step "
-            f"({len(all_acceptance)} steps) | {tokens_per_s:.1f} tokens/s (batch {batch_size})")
+        tree = f", trees of {args.tree_budget} nodes" if args.tree_budget else ""
+        depth = f", mean accepted depth {tau - 1:.2f}" if args.tree_budget else ""
+        log(f"speculative decoding, block {block_size}{tree}: tau {tau:.2f} tokens per draft+verify step "
+            f"({len(all_acceptance)} steps{depth}) | {tokens_per_s:.1f} tokens/s (batch {batch_size})")
         log("tokens committed per step:\n" + acceptance_histogram(all_acceptance, block_size))
         if args.compare_ar:
             ar_tokens_per_s = totals["ar_tokens"] / max(totals["ar_decode_s"], 1e-9)
@@ -525,7 +648,8 @@ def chat_loop(args, model, draft, tokenizer, stop_ids, block_size: int, steps, l
         ids = tokenizer.encode(chat_prompt(messages, fmt, thinking=args.thinking == "on",
                                            reasoning_effort=args.reasoning_effort))
         try:
-            max_seq_len = cache_length(args, len(ids), model.args.max_position_embeddings, block_size)
+            max_seq_len = cache_length(args, len(ids), model.args.max_position_embeddings, block_size,
+                                       args.tree_budget)
         except InputError as e:  # the conversation outgrew the context: say so, keep the session
             log(f"error: {e}")
             messages.pop()
@@ -537,7 +661,7 @@ def chat_loop(args, model, draft, tokenizer, stop_ids, block_size: int, steps, l
             allocated = max_seq_len
         outputs, stats = generate(model, [ids], args.max_new_tokens, sampling, stop_ids,
                                   on_token=StreamPrinter(tokenizer, stop_ids), draft=draft, block_size=block_size,
-                                  steps=steps)
+                                  steps=steps, tree_budget=args.tree_budget)
         tokens = outputs[0]
         print(flush=True)
         messages.append({"role": "assistant",

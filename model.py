@@ -293,9 +293,10 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):
-        """Write k/v [B, H, S, D] at each row's own absolute positions input_pos [B, S]; return the caches."""
-        index = input_pos[:, None, :, None].expand(k.shape)
+    def update(self, slots, k, v):
+        """Write k/v [B, H, S, D] at each row's own slots [B, S] (absolute positions, except for a token tree's
+        nodes); return the caches."""
+        index = slots[:, None, :, None].expand(k.shape)
         self.k_cache.scatter_(2, index, k)
         self.v_cache.scatter_(2, index, v)
         return self.k_cache, self.v_cache
@@ -318,9 +319,10 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.zeros(n_heads))
         self.kv_cache = None
 
-    def forward(self, x, input_pos, cos, sin, mask, cached: bool):
-        """x [B, S, H] at positions input_pos [B, S]; mask [B, 1, rep * S, L] in the folded query order of
-        `attention`. cached: the keys are the KV cache's (L = max_seq_length), else the S tokens' own."""
+    def forward(self, x, cache_pos, cos, sin, mask, cached: bool):
+        """x [B, S, H] cached at slots cache_pos [B, S] (their positions, except in a tree) and rotated by cos/sin;
+        mask [B, 1, rep * S, L] in the folded query order of `attention`. cached: the keys are the KV cache's
+        (L = max_seq_length), else the S tokens' own."""
         B, S, _ = x.shape
         hd = self.args.head_dim
         q = self.q_proj(x).view(B, S, -1, hd)
@@ -331,7 +333,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
         if cached:
-            k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, max_seq_length, D]
+            k, v = self.kv_cache.update(cache_pos, k, v)  # [B, H_kv, max_seq_length, D]
         if self.args.attention_sinks:
             y = attention_with_sinks(q, k, v, mask, self.sinks)
         else:
@@ -472,8 +474,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, input_pos, cos, sin, mask, cached: bool):
-        x = x + self.self_attn(self.input_layernorm(x), input_pos, cos, sin, mask, cached)
+    def forward(self, x, cache_pos, cos, sin, mask, cached: bool):
+        x = x + self.self_attn(self.input_layernorm(x), cache_pos, cos, sin, mask, cached)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -505,18 +507,31 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def forward(self, tokens, input_pos, capture: tuple = (), logits_at=None):
+    def forward(self, tokens, input_pos, capture: tuple = (), logits_at=None, tree=None):
         """tokens, input_pos [B, S] (each row at its own absolute positions), through the KV caches.
 
         Returns logits and, when capture lists layer ids, those layers' outputs [B, S, T, H] (layer i's output =
         transformers' hidden_states[i + 1]), else None. Logits are [B, S, V], or with logits_at [B] (an index into
         S per row, e.g. a prompt's last token) [B, 1, V]: a long prompt's other positions need none.
+
+        tree = (slots [B, S], visible [B, S, L]) verifies a token tree (generate.tree_step): token s sits at position
+        input_pos[:, s] (its RoPE, and what sliding windows measure) but is cached at slot slots[:, s], and sees
+        the cache slots visible[:, s] only (its context and its ancestors); L = max_seq_length.
         """
         x, hidden = self.run_layers(tokens, input_pos, self.rope_cos[input_pos], self.rope_sin[input_pos],
-                                    torch.arange(self.max_seq_length, device=tokens.device), capture, cached=True)
+                                    torch.arange(self.max_seq_length, device=tokens.device), capture, cached=True,
+                                    tree=tree)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
         return self.lm_head(self.norm(x)), hidden
+
+    def move_cached(self, source, dest):
+        """Copy every layer's cached keys/values at slots source [B, n] to slots dest [B, n] (tree verification
+        moves the accepted path's entries to their positions)."""
+        for layer in self.layers:
+            cache = layer.self_attn.kv_cache
+            index = source[:, None, :, None].expand(-1, cache.k_cache.shape[1], -1, cache.k_cache.shape[3])
+            cache.update(dest, cache.k_cache.gather(2, index), cache.v_cache.gather(2, index))
 
     def hidden_states(self, tokens, layer_ids):
         """Training: the outputs of layers layer_ids [B, S, T, H] for whole sequences at positions 0..S-1. The tokens
@@ -528,19 +543,25 @@ class Transformer(nn.Module):
         return self.run_layers(tokens, positions.expand(tokens.shape[0], -1), cos, sin, positions, layer_ids,
                                cached=False, n_layers=max(layer_ids) + 1)[1]
 
-    def run_layers(self, tokens, input_pos, cos, sin, key_pos, capture, cached: bool, n_layers=None):
+    def run_layers(self, tokens, input_pos, cos, sin, key_pos, capture, cached: bool, n_layers=None, tree=None):
         """The first n_layers decoder layers (all by default) on tokens at input_pos [B, S], keys at key_pos [L]
-        (the KV caches' positions when cached, else the tokens'). Returns the last hidden states and the captured
-        ones (or None)."""
+        (the KV caches' positions when cached, else the tokens'); tree: see forward. Returns the last hidden states
+        and the captured ones (or None)."""
         x = self.embed_tokens(tokens)
         rep = self.args.num_attention_heads // self.args.num_key_value_heads
         query_pos = input_pos.repeat(1, rep)[:, None, :, None]  # [B, 1, rep * S, 1]: `attention`'s folded order
-        causal = key_pos <= query_pos  # [B, 1, rep * S, L]; stale cache entries beyond a row's position are masked
-        sliding = (causal & (key_pos > query_pos - self.args.sliding_window)  # only built for models that use it
+        cache_pos = input_pos
+        if tree is None:
+            visible = key_pos <= query_pos  # [B, 1, rep * S, L]; stale entries beyond a row's position are masked
+        else:
+            cache_pos, tree_visible = tree
+            key_pos = key_pos.expand(len(tokens), -1).scatter(1, cache_pos, input_pos)[:, None, None, :]  # [B,1,1,L]
+            visible = tree_visible.repeat(1, rep, 1)[:, None]  # [B, 1, rep * S, L]
+        sliding = (visible & (key_pos > query_pos - self.args.sliding_window)  # only built for models that use it
                    if "sliding_attention" in self.args.layer_types else None)
         captured = []
         for i, layer in enumerate(self.layers[:n_layers]):
-            x = layer(x, input_pos, cos, sin, sliding if layer.sliding else causal, cached)
+            x = layer(x, cache_pos, cos, sin, sliding if layer.sliding else visible, cached)
             if i in capture:
                 captured.append(x)
         return x, (torch.stack(captured, dim=2) if capture else None)

@@ -1884,19 +1884,28 @@ def reference_fusion(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo keeps compiled graphs per code object (prefill, speculative_step, ...) for the whole process and stops
+    after 8 recompilations: tests that compile with many models and drafts start from a clean slate."""
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def targets32(targets):
     return {model_type: load_checkpoint(folder, dtype=torch.float32) for model_type, (folder, _) in targets.items()}
 
 
-def decode(target, prompts, max_new_tokens, draft=None, block_size=0, stop_ids=(), sampling=None, steps=None):
+def decode(target, prompts, max_new_tokens, draft=None, block_size=0, stop_ids=(), sampling=None, steps=None,
+           tree_budget=0):
     """generate.generate on caches exactly as long as generate.py makes them at least."""
-    max_seq_len = max(map(len, prompts)) + max_new_tokens + block_size
+    max_seq_len = max(map(len, prompts)) + max_new_tokens + generate.step_span(block_size, tree_budget)
     target.setup_caches(len(prompts), max_seq_len)
     if draft is not None:
         draft.setup_caches(len(prompts), max_seq_len)
     return generate.generate(target, prompts, max_new_tokens, sampling or generate.Sampling(), stop_ids,
-                             draft=draft, block_size=block_size, steps=steps or generate.EAGER)
+                             draft=draft, block_size=block_size, steps=steps or generate.EAGER,
+                             tree_budget=tree_budget)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -2006,7 +2015,7 @@ def test_finished_rows_stay_inside_the_cache(targets32, reference_fusion):
 
 
 @pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear")])
-def test_speculative_compiled_is_lossless(targets32, model_type, fusion, reference_fusion):
+def test_speculative_compiled_is_lossless(targets32, model_type, fusion, reference_fusion, fresh_dynamo):
     target = targets32[model_type]
     steps = generate.compile_steps(torch.device("cpu"))
     prompts = SPEC_PROMPTS
@@ -2086,7 +2095,10 @@ def chi_square_p_value(counts, probs, n):
 
 @pytest.mark.parametrize("sampling", [generate.Sampling(1.0), generate.Sampling(0.7, top_k=3),
                                       generate.Sampling(1.0, top_p=0.8)], ids=["t1", "top_k", "top_p"])
-def test_speculative_sampling_matches_the_target_distribution(sampling):
+@pytest.mark.parametrize("tree_budget", [0, 8], ids=["chain", "tree"])
+def test_speculative_sampling_matches_the_target_distribution(sampling, tree_budget):
+    """Three sampled tokens after a prompt, without a draft and with a good and a bad proposal, verified as a chain
+    or as trees of 8 nodes: the counts of all V^3 continuations fit the target's exact probabilities."""
     V, N, prompt = 8, 24000, [1, 5, 2]
     target = tiny_target(vocab_size=V, seed=3)
     # exact probability of every 3-token continuation under the target (with the same temperature/top-k/top-p)
@@ -2100,13 +2112,13 @@ def test_speculative_sampling_matches_the_target_distribution(sampling):
     exact = (p1[:, None, None] * p2[:, :, None] * p3).flatten()
     good = torch.stack([p2.log()[probs[0, 2].argmax()], p3.log()[p1.argmax(), p2[p1.argmax()].argmax()]])
     bad = torch.randn(2, V, generator=torch.Generator().manual_seed(0)) * 3  # unrelated to the target
-    for proposal in (None, good, bad):
+    for proposal in (None, good, bad) if not tree_budget else (good, bad):
         draft = None
         if proposal is not None:
             draft = FixedDraft.for_target(target.args, num_layers=1, block_size=3, target_layer_ids=(1,))
             draft.proposal_logits = proposal.clamp(min=-30)[None]
         torch.manual_seed(1)
-        tokens, stats = decode(target, [prompt] * N, 3, draft, 3, sampling=sampling)
+        tokens, stats = decode(target, [prompt] * N, 3, draft, 3, sampling=sampling, tree_budget=tree_budget)
         cells = torch.tensor(tokens) @ torch.tensor([V * V, V, 1])
         counts = torch.bincount(cells, minlength=V ** 3).float()
         assert counts[exact == 0].sum() == 0  # top-k / top-p: nothing outside the allowed set
@@ -2114,6 +2126,211 @@ def test_speculative_sampling_matches_the_target_distribution(sampling):
         if proposal is not None:  # the good draft is accepted far more often than the bad one
             tau = sum(map(sum, stats["acceptance_lengths"])) / sum(map(len, stats["acceptance_lengths"]))
             assert tau > 1.5 if proposal is good else tau < 1.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tree verification (generate.draft_tree, generate.tree_step)
+
+import heapq  # noqa: E402
+
+
+def reference_tree(logp, budget):
+    """The budget - 1 most likely prefixes under per-depth log-probabilities logp [D, V] (summed along a prefix),
+    by a best-first search over a heap of every extension: the obvious algorithm, no beams, no static shapes."""
+    logp = logp.tolist()
+    heap = [(-lp, (v,)) for v, lp in enumerate(logp[0])]
+    heapq.heapify(heap)
+    chosen = set()
+    while heap and len(chosen) < budget - 1:
+        neg_score, prefix = heapq.heappop(heap)
+        chosen.add(prefix)
+        if len(prefix) < len(logp):
+            for v, lp in enumerate(logp[len(prefix)]):
+                heapq.heappush(heap, (neg_score - lp, prefix + (v,)))
+    return chosen
+
+
+def tree_prefixes(tokens, depth, parent):
+    """generate.draft_tree's tree (one row) as the set of its nodes' prefixes, checking its shape on the way."""
+    prefixes = [()]
+    assert depth[0] == 0 and parent[0] == -1
+    for node in range(1, len(tokens)):
+        p = int(parent[node])
+        assert 0 <= p < node and depth[node] == depth[p] + 1  # parents first, one level up
+        prefixes.append(prefixes[p] + (int(tokens[node]),))
+    assert len(set(prefixes)) == len(prefixes)
+    return set(prefixes[1:])
+
+
+@pytest.mark.parametrize("D,V,budget", [(1, 50, 2), (3, 50, 8), (7, 50, 64), (4, 3, 60), (15, 200, 128)])
+def test_draft_tree_picks_the_most_likely_prefixes(D, V, budget):
+    torch.manual_seed(D * V + budget)
+    logits = torch.randn(3, D, V) * torch.tensor([0.5, 2.0, 6.0])[:, None, None]  # flat to peaked
+    tokens, depth, parent = generate.draft_tree(logits, budget)
+    for row in range(3):
+        expected = reference_tree(torch.log_softmax(logits[row], -1), budget)
+        assert tree_prefixes(tokens[row], depth[row], parent[row]) == expected
+
+
+def test_draft_tree_stays_a_tree_at_ties():
+    """A certain guess (probability 1) gives an extension exactly its prefix's score: the tree must still hold every
+    chosen node's parent, and be as likely as the reference's (which breaks the ties its own way)."""
+    logits = torch.tensor([[0.0, 0.0, 0.0], [200.0, 0.0, 0.0], [0.0, 0.0, 0.0]])[None]  # depth 2 is certain
+    logp = torch.log_softmax(logits[0], -1)
+    for budget in range(2, 12):
+        tokens, depth, parent = generate.draft_tree(logits, budget)
+        prefixes = tree_prefixes(tokens[0], depth[0], parent[0])
+
+        def scores(chosen):
+            return sorted(float(sum(logp[d, v] for d, v in enumerate(p))) for p in chosen)
+
+        assert scores(prefixes) == pytest.approx(scores(reference_tree(logp, budget)))
+
+
+class RankedOracleDraft(Draft):
+    """Knows each row's true continuation and ranks its token at position p as rank[row, p] among the guesses
+    for p (0: the best guess), with log-probabilities fixed per position: the test decides which tree nodes
+    hold the truth, whatever the anchor. Traceable, so it also runs compiled."""
+
+    def write_context(self, hidden, positions):
+        pass
+
+    def block_logits(self, target, block_tokens, anchor_pos):
+        B, bs = block_tokens.shape
+        positions = (anchor_pos[:, None] + torch.arange(1, bs)).clamp(max=self.table.shape[1] - 1)
+        return self.table.gather(1, positions[:, :, None].expand(-1, -1, self.table.shape[2]))
+
+
+def ranked_oracle(target, prompts, continuations, block_size, rank, length=96):
+    """A RankedOracleDraft whose table puts the true token at rank rank(row, position) of random logits (-1: last)."""
+    V = target.args.vocab_size
+    draft = RankedOracleDraft.for_target(target.args, num_layers=1, block_size=block_size,
+                                         target_layer_ids=(target.args.num_hidden_layers - 1,))
+    generator = torch.Generator().manual_seed(0)
+    # the token of rank r gets logit -r + noise: probabilities 0.6, 0.2, 0.08, ..., trees both deep and wide
+    ranked = -torch.arange(V) + 0.3 * torch.rand(len(prompts), length, V, generator=generator)
+    order = torch.rand(len(prompts), length, V, generator=generator).argsort(-1)
+    table = torch.empty_like(ranked).scatter(-1, order, ranked)
+    for row, (prompt, new) in enumerate(zip(prompts, continuations)):
+        for p, true in enumerate(prompt + new):
+            other = int(table[row, p].argsort(descending=True)[rank(row, p)])
+            table[row, p, true], table[row, p, other] = float(table[row, p, other]), float(table[row, p, true])
+    draft.table = table
+    return draft
+
+
+def oracle_tree_acceptance(draft, row, prompt, new, block_size, budget):
+    """Tokens each tree step commits under a RankedOracleDraft, by reference_tree: the longest run of the true
+    continuation that the reference tree holds, plus the target's token (until len(new) tokens, the first from
+    the prefill). Also returns how many steps accepted a guess that was not the draft's first choice."""
+    seq, lengths, anchor, left, off_first = prompt + new, [], len(prompt), len(new) - 1, 0
+    while left > 0:
+        logits = draft.table[row, (anchor + torch.arange(1, block_size)).clamp(max=draft.table.shape[1] - 1)]
+        tree = reference_tree(torch.log_softmax(logits, -1), budget)
+        truth = tuple(seq[anchor + 1:anchor + block_size])
+        k = max(d for d in range(len(truth) + 1) if d == 0 or truth[:d] in tree)
+        off_first += any(logits[d].argmax() != truth[d] for d in range(k))
+        lengths.append(min(k + 1, left))
+        anchor, left = anchor + lengths[-1], left - lengths[-1]
+    return lengths, off_first
+
+
+def oracle_rank(row, position):
+    """Where a RankedOracleDraft puts the truth: mostly first, sometimes second to fourth, sometimes nowhere near."""
+    return [0, 0, 0, 0, 0, 0, 0, 1, 0, 2, 0, -1, 3][(position + 4 * row) % 13]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_tree_greedy_is_lossless(targets32, model_type, fusion, reference_fusion):
+    target = targets32[model_type]
+    for prompts in [SPEC_PROMPTS[2]], SPEC_PROMPTS:
+        expected, _ = decode(target, prompts, 24)
+        draft = make_draft(target, fusion, block_size=6, seed=1)
+        for budget in (2, 5, 16, 64):
+            tokens, stats = decode(target, prompts, 24, draft, 6, tree_budget=budget)
+            assert tokens == expected, budget
+            assert [sum(lengths) for lengths in stats["acceptance_lengths"]] == [len(t) - 1 for t in tokens]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_tree_with_oracle_proposals_covers_every_depth(targets32, model_type, reference_fusion, monkeypatch):
+    """Decoding with a tree commits exactly what the reference tree says, down every depth, through children other
+    than the first, and stops at a stop token inside a path."""
+    target = targets32[model_type]
+    # a window shorter than a path: sliding-window layers must measure tree nodes by their positions, not slots
+    monkeypatch.setattr(target.args, "sliding_window", 3)
+    prompts, bs = SPEC_PROMPTS, 6
+    expected, _ = decode(target, prompts, 30)
+    # a stop token that some row emits first mid-way: it ends that row inside a path
+    row, stop = next((r, t) for r, e in enumerate(expected) for t in e if 5 <= e.index(t) < 25)
+    stopped, _ = decode(target, prompts, 30, stop_ids=[stop])
+    assert len(stopped[row]) == expected[row].index(stop) + 1
+    seen, off_first = set(), 0
+    for stop_ids, reference in [((), expected), ([stop], stopped)]:
+        draft = ranked_oracle(target, prompts, reference, bs, oracle_rank)
+        for budget in (2, 6, 24):
+            tokens, stats = decode(target, prompts, 30, draft, bs, stop_ids=stop_ids, tree_budget=budget)
+            assert tokens == reference
+            for row, lengths in enumerate(stats["acceptance_lengths"]):
+                want, off = oracle_tree_acceptance(draft, row, prompts[row], reference[row], bs, budget)
+                assert lengths == want, (budget, row)
+                seen |= set(lengths)
+                off_first += off
+    assert seen == set(range(1, bs + 1)) and off_first > 0
+
+
+@pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear")])
+def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_fusion, fresh_dynamo):
+    target = targets32[model_type]
+    steps = generate.compile_steps(torch.device("cpu"))
+    prompts, bs, budget = SPEC_PROMPTS, 5, 12
+    expected, _ = decode(target, prompts, 20)
+    draft = ranked_oracle(target, prompts, expected, bs, oracle_rank)
+    tokens, stats = decode(target, prompts, 20, draft, bs, steps=steps, tree_budget=budget)
+    assert tokens == expected
+    for row, prompt in enumerate(prompts):
+        assert stats["acceptance_lengths"][row] == oracle_tree_acceptance(draft, row, prompt, expected[row], bs,
+                                                                          budget)[0]
+    draft = make_draft(target, fusion, block_size=bs)
+    assert decode(target, prompts, 20, draft, bs, steps=steps, tree_budget=budget)[0] == expected
+
+
+@pytest.mark.parametrize("fusion,seed", [("layerwise", 2), ("linear", 1)])
+def test_tree_step_matches_a_plain_loop(fusion, seed, reference_fusion):
+    """The static tree step against a loop that recomputes everything: no caches, no masks, no slots; every node's
+    target choice from a forward over the context and the node's own prefix."""
+    target = tiny_target(vocab_size=4)
+    draft = make_draft(target, fusion, block_size=5, seed=seed)
+    prompts, n_new, bs, budget = [[1, 2, 3, 0, 1, 0, 1], [3, 2, 1]], 30, 5, 7
+    tokens, stats = decode(target, prompts, n_new, draft, bs, tree_budget=budget)
+    capture = draft.args.target_layer_ids
+    target.setup_caches(1, 96)
+
+    def next_token(seq):
+        return int(target(torch.tensor([seq]), torch.arange(len(seq))[None])[0][0, -1].argmax())
+
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            seq, lengths = prompt + [next_token(prompt)], []
+            while len(seq) - len(prompt) < n_new:
+                anchor = len(seq) - 1
+                _, hidden = target(torch.tensor([seq[:anchor]]), torch.arange(anchor)[None], capture=capture)
+                block = torch.tensor([[seq[anchor]] + [draft.args.mask_token_id] * (bs - 1)])
+                logits = draft_block_logits(draft, target, hidden, block, anchor)[0]
+                tree = reference_tree(torch.log_softmax(logits, -1), budget)
+                path = ()
+                while True:  # follow the target's choice while the tree has it
+                    choice = next_token(seq + list(path))
+                    if path + (choice,) not in tree:
+                        break
+                    path += (choice,)
+                committed = (list(path) + [choice])[:n_new - (len(seq) - len(prompt))]
+                seq += committed
+                lengths.append(len(committed))
+        assert tokens[row] == seq[len(prompt):]
+        assert stats["acceptance_lengths"][row] == lengths
+    assert len(set(sum(stats["acceptance_lengths"], []))) >= 3  # paths of several depths were accepted
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2144,6 +2361,11 @@ def test_cli_speculative_json_and_report(targets, draft_folder, capsys, referenc
     assert re.search(r"\n +1 \| #+ +\d+", err)  # the histogram
     assert re.search(r"autoregressive [\d.]+ tokens/s \| speedup [\d.]+x \| greedy output identical to AR for 3/3",
                      err)
+    tree_rows = run_cli(capsys, *argv, "--json", "--draft", draft_folder, "--tree_budget", 12)
+    assert [r["tokens"] for r in tree_rows] == [r["tokens"] for r in ar]
+    generate.main([str(a) for a in argv + ["--draft", draft_folder, "--tree_budget", 12]])
+    assert re.search(r"block 8, trees of 12 nodes: tau ([\d.]+) tokens per draft\+verify step \(\d+ steps, mean "
+                     r"accepted depth [\d.]+\)", capsys.readouterr().err)
 
 
 def test_interactive_chat_carries_the_conversation(targets, targets32, draft_folder, capsys, monkeypatch,
@@ -2193,7 +2415,12 @@ def test_cli_speculative_errors(targets, draft_folder, tmp_path, capsys):
         generate.main(["--checkpoint", str(folder), "--draft", str(wide)])
     with pytest.raises(InputError, match="is not a draft folder"):
         generate.main(["--checkpoint", str(folder), "--draft", str(tmp_path)])
-    for flags, message in [(["--compare_ar"], "need --draft"), (["--draft", "d", "--block_size", "1"], ">= 2")]:
+    with pytest.raises(InputError, match=r"\+ --max_new_tokens \(50\) \+ tree budget \(16\) exceeds --max_seq_len 60"):
+        generate.main(["--checkpoint", str(folder), "--draft", str(draft_folder), "--max_new_tokens", "50",
+                       "--max_seq_len", "60", "--tree_budget", "16"])
+    for flags, message in [(["--compare_ar"], "need --draft"), (["--draft", "d", "--block_size", "1"], ">= 2"),
+                           (["--tree_budget", "8"], "need --draft"), (["--draft", "d", "--tree_budget", "1"],
+                                                                      "0 (the chain) or >= 2")]:
         with pytest.raises(SystemExit):
             generate.parse_args(["--checkpoint", "x", *flags])
         assert message in capsys.readouterr().err
@@ -2214,11 +2441,11 @@ def test_bench_prompt_sets(targets, draft_folder, tmp_path, capsys, reference_fu
     chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n\n"
                      + json.dumps({"prompt": "import os"}) + "\n")
     results = bench.main(["--checkpoint", str(folder), "--draft", str(draft_folder), "--sets", str(chats),
-                          "--max_new_tokens", "12", "--block_size", "4"])
+                          "--max_new_tokens", "12", "--block_size", "4", "--tree_budget", "0", "24"])
     rows = results["mine"]
-    assert [r["decoder"] for r in rows] == ["autoregressive", "DFlare 2L (draft0)"]
+    assert [r["decoder"] for r in rows] == ["autoregressive", "DFlare 2L (draft0)", "DFlare 2L (draft0), tree 24"]
     assert rows[0]["speedup"] == 1.0 and rows[0]["tau"] == 1.0
-    assert rows[1]["identical_to_ar"] == 2 and rows[1]["tau"] >= 1.0
+    assert all(r["identical_to_ar"] == 2 and r["tau"] >= 1.0 for r in rows[1:])
     out = capsys.readouterr().out
     assert "== mine: 2 prompts ==" in out and re.search(r"DFlare 2L \(draft0\) +[\d.]+ +[\d.]+ +[\d.]+x  2/2", out)
     # --limit takes prompts spread over a set (the package sets are ordered by category)
@@ -2234,8 +2461,10 @@ def test_bench_step_timings_run_on_cpu(capsys, reference_fusion):
     args = ModelArgs(model_type="qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=16, intermediate_size=64, layer_types=("full_attention",) * 4)
     results = bench.bench_steps(args, draft_layers=(1, 2), device="cpu", dtype=torch.float32, compile=False,
-                                context=16, block_size=4, iters=2)
-    assert {"ar_ms", "DFlash 1L", "DFlare 1L", "DFlare 2L"} <= set(results)
+                                context=16, block_size=4, iters=2, tree_budgets=(4, 16))
+    assert {"ar_ms", "DFlash 1L", "DFlare 1L", "DFlare 2L", "tree"} <= set(results)
+    assert set(results["tree"]) == {4, 16} and set(results["tree"][16]) == {"pick_ms", "verify_ms", "move_ms",
+                                                                            "step_ms"}
     assert results["DFlare 2L"]["projected_speedup"] == pytest.approx(6.5 * results["ar_ms"]
                                                                       / results["DFlare 2L"]["step_ms"])
     assert "projected speedup at tau 6.5" in capsys.readouterr().out
