@@ -3,7 +3,8 @@
     python bench.py              # the embedded demo: AR vs DFlash vs DFlare (2 and 1 layers), MT-Bench, HumanEval, math
     python bench.py --checkpoint TARGET_DIR --draft DFLARE_DIR --draft DFLASH_DIR [--sets mt-bench my.jsonl ...]
     python bench.py --tree_budget 0 16 32 64 128   # every draft with the chain (0) and with trees of these budgets
-    python bench.py --gpu        # on a CUDA machine: Qwen3-8B-shaped random bf16 weights, compiled step timings
+    python bench.py --gpu        # on a CUDA machine: Qwen3-8B-shaped random bf16 weights, compiled step timings,
+                                 # tree steps per budget, our fusion kernel against Inductor's
     python bench.py --memory     # peak memory of a training step, a prefill and decoding at Qwen3's vocabulary
 
 Prompt sets are MT-Bench's first turns and HumanEval's functions (read from their PyPI packages, not copied here),
@@ -22,13 +23,18 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from unittest import mock
+
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import draft as draft_module
+import fuse_kernel
 import generate
 import train
 from draft import Draft
+from fuse_kernel import fuse_layers_reference
 from model import InputError, ModelArgs, Transformer, hf_name, load_checkpoint, read_config
 from tokenizer import chat_format, chat_prompt, check_chat_tokens, load_tokenizer, stop_token_ids
 
@@ -266,8 +272,8 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
         draft_block = torch.compile(draft_block, mode=mode, fullgraph=True) if compile else draft_block
         draft_ms = time_ms(lambda: draft_block(draft, target, block_tokens, pos), device, iters)
         verify_ms = time_ms(lambda: verify(target, block_tokens, block_positions, ids), device, iters)
-        step_ms = time_ms(lambda: steps.speculative(target, draft, token[:, 0], pos, active, sampling, block_size),
-                          device, iters)
+        step = lambda: steps.speculative(target, draft, token[:, 0], pos, active, sampling, block_size)
+        step_ms = time_ms(step, device, iters)
         projected = tau * ar_ms / step_ms
         draft_bytes = draft_block_bytes(draft, target)
         print(f"{f'{name} draft block':<34} {draft_ms:>8.3f} {draft_bytes / draft_ms / 1e6:>16.0f}")
@@ -275,7 +281,11 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
               f"{weight_bytes / verify_ms / 1e6:>16.0f}")
         print(f"{f'{name} whole step':<34} {step_ms:>8.3f}   projected speedup at tau {tau}: {projected:.2f}x")
         results[name] = {"draft_ms": draft_ms, "verify_ms": verify_ms, "step_ms": step_ms,
-                                          "projected_speedup": projected}
+                         "projected_speedup": projected}
+        if fusion == "layerwise":  # the same step with the PyTorch fusion (compiled: Inductor's kernel for it)
+            with mock.patch.object(draft_module, "fuse_layers", fuse_layers_reference):
+                results[name]["step_ms_reference_fusion"] = ms = time_ms(step, device, iters)
+            print(f"{f'{name} step, PyTorch fusion':<34} {ms:>8.3f}   (ours / this: {step_ms / ms:.2f})")
     results["tree"] = time_tree_steps(target, draft, steps, mode, compile, pos, block_size, tree_budgets, iters)
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
@@ -486,6 +496,8 @@ def main(argv=None):
             for compile in (False, True):
                 bench_steps(compile=compile)
                 torch.cuda.empty_cache()
+            print("the fusion alone (DFlare's 9 target layers, 8 draft layers, Qwen3-8B's width):")
+            fuse_kernel.benchmark(T=9, H=QWEN3_8B.hidden_size, D=8)
         return None
     if args.memory:
         return bench_memory(device=str(generate.pick_device(args.device)))

@@ -7,7 +7,11 @@ hidden_norm (gamma). One program computes one (draft layer, token) row over the 
 no second pass; programs of the same token run next to each other and share X[n] through the L2 cache.
 X is the frozen target's: the backward returns gradients for W and gamma only.
 
-`python fuse_kernel.py` benchmarks the kernel against the reference and torch.compile of the reference.
+The operator dflare::fuse_layers (torch.library.triton_op) runs these kernels on CUDA and the reference on CPU, in
+eager mode, inside torch.compile (which keeps the kernel in its graph) and in training (its backward is a second
+operator, registered as the autograd formula).
+
+`python fuse_kernel.py` benchmarks the operator against the reference and torch.compile of the reference.
 """
 import contextlib
 import os
@@ -17,6 +21,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from torch.library import wrap_triton
     HAVE_TRITON = True
 except ImportError:  # Triton has no wheels for macOS and Windows: the PyTorch fusion runs there
     HAVE_TRITON = False
@@ -116,67 +121,116 @@ def on_device(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-class FuseLayers(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, fusion_logits, gamma, eps):
-        N, T, H = x.shape
-        D = fusion_logits.shape[0]
-        x, fusion_logits, gamma = x.contiguous(), fusion_logits.contiguous(), gamma.contiguous()
-        out = torch.empty(N, D, H, dtype=x.dtype, device=x.device)
-        grid, _, meta = launch_config(N, T, H, D)
-        with on_device(x):
-            _fuse_forward_kernel[grid](x, fusion_logits, gamma, out, T, H, D, eps, **meta)
+def launch_forward(x, fusion_logits, gamma, eps):
+    """The forward kernel on x [N, T, H]: out [N, D, H] in x's dtype."""
+    N, T, H = x.shape
+    D = fusion_logits.shape[0]
+    out = x.new_empty(N, D, H)
+    grid, _, meta = launch_config(N, T, H, D)
+    with on_device(x):
+        wrap_triton(_fuse_forward_kernel)[grid](x.contiguous(), fusion_logits.contiguous(), gamma.contiguous(), out,
+                                                T, H, D, eps, **meta)
+    return out
+
+
+def launch_backward(x, fusion_logits, gamma, grad_out, eps):
+    """The backward kernel: per-chunk partial sums, added up here. Returns dL/d(mixture weights) [D, T] and dL/dgamma
+    [H], fp32."""
+    N, T, H = x.shape
+    D = fusion_logits.shape[0]
+    chunks = triton.cdiv(N, TOKENS_PER_PROGRAM)
+    grad_mix = x.new_empty(chunks, D, T, dtype=torch.float32)
+    grad_gamma = x.new_empty(chunks, D, H, dtype=torch.float32)
+    _, grid, meta = launch_config(N, T, H, D)
+    with on_device(x):
+        wrap_triton(_fuse_backward_kernel)[grid](x.contiguous(), fusion_logits.contiguous(), gamma.contiguous(),
+                                                 grad_out.contiguous(), grad_mix, grad_gamma, N, T, H, D, eps,
+                                                 TOKENS_PER_PROGRAM, **meta)
+    return grad_mix.sum(0), grad_gamma.sum((0, 1))
+
+
+def backward_reference(x, fusion_logits, gamma, grad_out, eps):
+    """What launch_backward computes, in PyTorch (fp32, or fp64 for fp64 inputs): the RMSNorm and mixture backward."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(compute)
+    weights = torch.softmax(fusion_logits.to(compute), dim=-1)  # [D, T]
+    mixed = torch.einsum("dt,nth->ndh", weights, x)  # [N, D, H]
+    rstd = torch.rsqrt(mixed.pow(2).mean(-1, keepdim=True) + eps)
+    g = grad_out.to(compute)
+    gy = g * gamma.to(compute)
+    grad_mixed = rstd * (gy - mixed * (gy * mixed).sum(-1, keepdim=True) * rstd.pow(2) / x.shape[-1])
+    return torch.einsum("ndh,nth->dt", grad_mixed, x), (g * mixed * rstd).sum((0, 1))
+
+
+def use_kernel(x) -> bool:
+    """The Triton kernels run on CUDA tensors, and on CPU ones under TRITON_INTERPRET=1 (the tests)."""
+    return x.is_cuda or triton_interpreted()
+
+
+if HAVE_TRITON:
+    @torch.library.triton_op("dflare::fuse_layers", mutates_args=())
+    def fuse_layers(x: torch.Tensor, fusion_logits: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+        """The DFlare fusion [N, T, H] -> [N, D, H] as an operator: our Triton kernel on CUDA, the PyTorch reference
+        on CPU. torch.compile keeps the kernel in its graph (a triton_op is traced into a call of the kernel, which
+        CUDA graphs capture), and training differentiates it with the backward kernel (register_autograd below)."""
+        if use_kernel(x):
+            return launch_forward(x, fusion_logits, gamma, eps)
+        return fuse_layers_reference(x, fusion_logits, gamma, eps)
+
+    @torch.library.triton_op("dflare::fuse_layers_backward", mutates_args=())
+    def fuse_layers_backward(x: torch.Tensor, fusion_logits: torch.Tensor, gamma: torch.Tensor,
+                             grad_out: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """dL/d(mixture weights) [D, T] and dL/dgamma [H] of fuse_layers: the backward kernel on CUDA, PyTorch on
+        CPU."""
+        if use_kernel(x):
+            return launch_backward(x, fusion_logits, gamma, grad_out, eps)
+        return backward_reference(x, fusion_logits, gamma, grad_out, eps)
+
+    def save_inputs(ctx, inputs, output):
+        x, fusion_logits, gamma, eps = inputs
         ctx.save_for_backward(x, fusion_logits, gamma)
         ctx.eps = eps
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
+    def fuse_layers_grad(ctx, grad_out):
+        """X is the frozen target's: gradients for the fusion logits and gamma only."""
         x, fusion_logits, gamma = ctx.saved_tensors
-        N, T, H = x.shape
-        D = fusion_logits.shape[0]
-        chunks = triton.cdiv(N, TOKENS_PER_PROGRAM)
-        grad_mix = torch.empty(chunks, D, T, dtype=torch.float32, device=x.device)
-        grad_gamma = torch.empty(chunks, D, H, dtype=torch.float32, device=x.device)
-        _, grid, meta = launch_config(N, T, H, D)
-        with on_device(x):
-            _fuse_backward_kernel[grid](x, fusion_logits, gamma, grad_out.contiguous(), grad_mix, grad_gamma,
-                                        N, T, H, D, ctx.eps, TOKENS_PER_PROGRAM, **meta)
-        grad_mix = grad_mix.sum(0)  # [D, T]
-        weights = torch.softmax(fusion_logits.float(), dim=-1)
-        grad_logits = weights * (grad_mix - (weights * grad_mix).sum(-1, keepdim=True))  # softmax backward
-        return None, grad_logits.to(fusion_logits.dtype), grad_gamma.sum((0, 1)).to(gamma.dtype), None
+        grad_weights, grad_gamma = fuse_layers_backward(x, fusion_logits, gamma, grad_out, ctx.eps)
+        weights = torch.softmax(fusion_logits.to(grad_weights.dtype), dim=-1)
+        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))  # softmax backward
+        return None, grad_logits.to(fusion_logits.dtype), grad_gamma.to(gamma.dtype), None
 
-
-def fuse_layers(x, fusion_logits, gamma, eps):
-    """The DFlare fusion [N, T, H] -> [N, D, H]: the Triton kernel on CUDA or under TRITON_INTERPRET=1 (when
-    Triton is installed), the PyTorch reference otherwise. Inside torch.compile the reference is traced: Inductor
-    fuses it into a kernel of its own, and the graph needs no opaque custom call."""
-    if HAVE_TRITON and (x.is_cuda or triton_interpreted()) and not torch.compiler.is_compiling():
-        return FuseLayers.apply(x, fusion_logits, gamma, eps)
-    return fuse_layers_reference(x, fusion_logits, gamma, eps)
+    fuse_layers.register_autograd(fuse_layers_grad, setup_context=save_inputs)
+else:
+    fuse_layers = fuse_layers_reference
 
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def benchmark(N=16384, T=36, H=4096, D=8, dtype=torch.bfloat16):
-    """GB/s of the forward (X read once, out written once) for the kernel, the reference and compiled reference."""
+def benchmark(rows=(16, 16384), T=36, H=4096, D=8, dtype=torch.bfloat16):
+    """GB/s of the forward (X read once, out written once) of the operator, eager and compiled, against the PyTorch
+    reference and Inductor's kernel for it (torch.compile of the reference): at decode (16 rows, a block) and
+    training sizes. Returns {(rows, name): ms}."""
     device = "cuda"
-    x = torch.randn(N, T, H, dtype=dtype, device=device)
-    w = torch.randn(D, T, device=device)
-    gamma = torch.randn(H, dtype=dtype, device=device)
-    compiled = torch.compile(fuse_layers_reference)
-    moved = (x.numel() + N * D * H) * x.element_size()
-    copy_bytes = 2 * x.numel() * x.element_size()
-    ms_copy = triton.testing.do_bench(lambda: x.clone())
-    print(f"N={N} T={T} H={H} D={D} {dtype}; copy bandwidth {copy_bytes / ms_copy / 1e6:.0f} GB/s")
-    for name, fn in [("triton kernel", lambda: FuseLayers.apply(x, w, gamma, 1e-6)),
-                     ("pytorch reference", lambda: fuse_layers_reference(x, w, gamma, 1e-6)),
-                     ("torch.compile(reference)", lambda: compiled(x, w, gamma, 1e-6))]:
-        ms = triton.testing.do_bench(fn)
-        print(f"{name:26s} {ms:8.3f} ms  {moved / ms / 1e6:7.0f} GB/s")
+    results = {}
+    for N in rows:
+        x = torch.randn(N, T, H, dtype=dtype, device=device)
+        w = torch.randn(D, T, device=device)
+        gamma = torch.randn(H, dtype=dtype, device=device)
+        moved = (x.numel() + N * D * H) * x.element_size()
+        ms_copy = triton.testing.do_bench(lambda: x.clone())
+        print(f"N={N} T={T} H={H} D={D} {dtype}; copy bandwidth {2 * x.numel() * x.element_size() / ms_copy / 1e6:.0f}"
+              f" GB/s")
+        compiled_op = torch.compile(fuse_layers, fullgraph=True)
+        compiled_reference = torch.compile(fuse_layers_reference, fullgraph=True)
+        for name, fn in [("operator (our kernel)", lambda: fuse_layers(x, w, gamma, 1e-6)),
+                         ("compiled operator", lambda: compiled_op(x, w, gamma, 1e-6)),
+                         ("pytorch reference", lambda: fuse_layers_reference(x, w, gamma, 1e-6)),
+                         ("compiled reference (Inductor)", lambda: compiled_reference(x, w, gamma, 1e-6))]:
+            results[N, name] = ms = triton.testing.do_bench(fn)
+            print(f"{name:30s} {ms:8.4f} ms  {moved / ms / 1e6:7.0f} GB/s")
+    return results
 
 
 if __name__ == "__main__":

@@ -1258,7 +1258,7 @@ def test_saved_weights_get_the_mode_of_a_new_file(tmp_path, umask, mode):
 
 from draft import Draft, default_target_layer_ids, draft_block_logits  # noqa: E402
 import fuse_kernel  # noqa: E402
-from fuse_kernel import FuseLayers, fuse_layers_reference  # noqa: E402
+from fuse_kernel import fuse_layers, fuse_layers_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("N,T,H,D,dtype", [(7, 3, 48, 2, torch.float32), (9, 5, 100, 3, torch.float32),
@@ -1270,7 +1270,7 @@ def test_fuse_kernel_matches_reference(N, T, H, D, dtype):
     logits = torch.randn(D, T, generator=g).requires_grad_()
     gamma = (1 + torch.randn(H, generator=g)).to(dtype).requires_grad_()
     grad_out = torch.randn(N, D, H, generator=g).to(dtype)
-    out = FuseLayers.apply(x, logits, gamma, 1e-6)
+    out = fuse_layers(x, logits, gamma, 1e-6)  # the operator: its Triton kernels, interpreted
     grads = torch.autograd.grad(out, (logits, gamma), grad_out)
     ref = fuse_layers_reference(x, logits, gamma, 1e-6)
     ref_grads = torch.autograd.grad(ref, (logits, gamma), grad_out)
@@ -1286,8 +1286,8 @@ CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
 def recorded_launches(N, T, H, D, x_dtype, weight_dtype, backward):
-    """(kernel, grid, args, kwargs) of each kernel launch of FuseLayers' forward (and backward) for x [N, T, H] and D
-    draft layers: run on meta tensors, with the kernels recording their launches instead of running."""
+    """(kernel, grid, args, kwargs) of each kernel launch of the operator's forward (and backward) for x [N, T, H]
+    and D draft layers: run on meta tensors, with the kernels recording their launches instead of running."""
     launches = []
 
     class Recorder:
@@ -1297,14 +1297,13 @@ def recorded_launches(N, T, H, D, x_dtype, weight_dtype, backward):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.kernel, grid, args, kwargs))
 
-    kernels = {name: Recorder(getattr(fuse_kernel, name)) for name in ("_fuse_forward_kernel", "_fuse_backward_kernel")}
-    with mock.patch.multiple(fuse_kernel, **kernels):
+    with mock.patch.object(fuse_kernel, "wrap_triton", Recorder):
         x = torch.empty(N, T, H, dtype=x_dtype, device="meta")
-        logits = torch.empty(D, T, dtype=weight_dtype, device="meta", requires_grad=backward)
-        gamma = torch.empty(H, dtype=weight_dtype, device="meta", requires_grad=backward)
-        out = fuse_kernel.FuseLayers.apply(x, logits, gamma, 1e-6)
+        logits = torch.empty(D, T, dtype=weight_dtype, device="meta")
+        gamma = torch.empty(H, dtype=weight_dtype, device="meta")
+        out = fuse_kernel.launch_forward(x, logits, gamma, 1e-6)
         if backward:
-            out.backward(torch.empty_like(out))
+            fuse_kernel.launch_backward(x, logits, gamma, torch.empty_like(out), 1e-6)
     return launches
 
 
@@ -1472,6 +1471,46 @@ def test_fuse_reference_gradcheck():
     logits = torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True)
     gamma = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda w, gm: fuse_layers_reference(x, w, gm, 1e-6), (logits, gamma))
+
+
+def test_fuse_operator_passes_opcheck(reference_fusion):
+    """dflare::fuse_layers and its backward as PyTorch checks operators (schema, fake tensors, autograd registration,
+    AOT dispatch), on CPU; its CPU backward against numerical gradients and the reference's autograd."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 4, 24, generator=g)
+    logits = torch.randn(3, 4, generator=g, requires_grad=True)
+    gamma = (1 + torch.randn(24, generator=g)).requires_grad_()
+    grad_out = torch.randn(5, 3, 24, generator=g)
+    torch.library.opcheck(torch.ops.dflare.fuse_layers.default, (x, logits, gamma, 1e-6))
+    torch.library.opcheck(torch.ops.dflare.fuse_layers_backward.default,  # not differentiable itself
+                          (x, logits.detach(), gamma.detach(), grad_out, 1e-6))
+    as64 = [t.detach().double().requires_grad_() for t in (logits, gamma)]
+    assert torch.autograd.gradcheck(lambda w, gm: fuse_layers(x.double(), w, gm, 1e-6), as64)
+    grads = torch.autograd.grad(fuse_layers(x, logits, gamma, 1e-6), (logits, gamma), grad_out)
+    reference = torch.autograd.grad(fuse_layers_reference(x, logits, gamma, 1e-6), (logits, gamma), grad_out)
+    for ours, theirs in zip(grads, reference):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_step_keeps_the_fusion_operator(targets32, reference_fusion, fresh_dynamo):
+    """torch.compile(fullgraph=True) of the speculative step keeps dflare::fuse_layers as one call in its graph (on
+    CUDA that call becomes our kernel), and the tokens are eager's."""
+    from torch._inductor.compile_fx import compile_fx
+
+    graphs = []
+
+    def recording_inductor(gm, example_inputs):
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    target = targets32["qwen3"]
+    draft = make_draft(target, "layerwise", block_size=4)
+    expected, _ = decode(target, SPEC_PROMPTS, 12, draft, 4)
+    step = torch.compile(generate.speculative_step, fullgraph=True, backend=recording_inductor)
+    tokens, _ = decode(target, SPEC_PROMPTS, 12, draft, 4, steps=generate.EAGER._replace(speculative=step))
+    assert tokens == expected
+    calls = [node for gm in graphs for node in gm.graph.nodes if "dflare.fuse_layers" in str(node.target)]
+    assert len(calls) == 1, [str(node.target) for gm in graphs for node in gm.graph.nodes]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2463,6 +2502,7 @@ def test_bench_step_timings_run_on_cpu(capsys, reference_fusion):
     results = bench.bench_steps(args, draft_layers=(1, 2), device="cpu", dtype=torch.float32, compile=False,
                                 context=16, block_size=4, iters=2, tree_budgets=(4, 16))
     assert {"ar_ms", "DFlash 1L", "DFlare 1L", "DFlare 2L", "tree"} <= set(results)
+    assert "step_ms_reference_fusion" in results["DFlare 2L"] and "step_ms_reference_fusion" not in results["DFlash 1L"]
     assert set(results["tree"]) == {4, 16} and set(results["tree"][16]) == {"pick_ms", "verify_ms", "move_ms",
                                                                             "step_ms"}
     assert results["DFlare 2L"]["projected_speedup"] == pytest.approx(6.5 * results["ar_ms"]
@@ -2722,7 +2762,8 @@ def test_train_loss_falls_and_the_draft_decodes_losslessly(targets, train_data, 
 
 
 def test_training_step_runs_the_fusion_kernel(targets32, train_data, monkeypatch):
-    """The training forward and backward go through the Triton kernel (interpreted here), as fast as the reference."""
+    """The training forward and backward go through the Triton kernels (interpreted here), with the reference's
+    loss and gradients."""
     target = targets32["qwen3"]
     data = prepare.PackedData(train_data)
     samples = [data[0], data[1]]
@@ -2733,10 +2774,12 @@ def test_training_step_runs_the_fusion_kernel(targets32, train_data, monkeypatch
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
         draft = make_draft(target, "layerwise", block_size=4)
         calls = []
-        monkeypatch.setattr(FuseLayers, "apply", lambda *a, real=FuseLayers.apply: calls.append(1) or real(*a))
+        for name in ("launch_forward", "launch_backward"):
+            monkeypatch.setattr(fuse_kernel, name, lambda *a, real=getattr(fuse_kernel, name), name=name:
+                                calls.append(name) or real(*a))
         loss, stats = train.block_loss(draft, draft, target, *batch, None, torch.autocast("cpu", enabled=False))
         loss.backward()
-        assert len(calls) == (interpret == "1")
+        assert calls == (["launch_forward", "launch_backward"] if interpret == "1" else [])
         results.append((loss.detach(), stats, {n: p.grad for n, p in draft.named_parameters()}))
     (loss, stats, grads), (ref_loss, ref_stats, ref_grads) = results
     torch.testing.assert_close(loss, ref_loss)
