@@ -249,7 +249,7 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
     copy_gbs = copy_bandwidth(device, min(2**31, weight_bytes))
     ar_ms = time_ms(lambda: steps.decode(target, token, pos[:, None], sampling), device, iters)
     verify = lambda t, tokens, positions, ids: t(tokens, positions, capture=ids)
-    verify = torch.compile(verify, mode=mode, fullgraph=True) if compile else verify
+    verify = torch.compile(verify, mode=mode, fullgraph=True, dynamic=False) if compile else verify
     block_positions = pos[:, None] + torch.arange(block_size, device=device)
     block_tokens = torch.zeros(1, block_size, dtype=torch.long, device=device)
     print(f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), torch "
@@ -269,7 +269,8 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
         draft.setup_caches(1, max_seq_len)
         ids = draft.args.target_layer_ids
         draft_block = lambda d, t, tokens, p: d.block_logits(t, d.noise_block(tokens[:, 0]), p)
-        draft_block = torch.compile(draft_block, mode=mode, fullgraph=True) if compile else draft_block
+        if compile:
+            draft_block = torch.compile(draft_block, mode=mode, fullgraph=True, dynamic=False)
         draft_ms = time_ms(lambda: draft_block(draft, target, block_tokens, pos), device, iters)
         verify_ms = time_ms(lambda: verify(target, block_tokens, block_positions, ids), device, iters)
         step = lambda: steps.speculative(target, draft, token[:, 0], pos, active, sampling, block_size)
@@ -302,7 +303,8 @@ def time_tree_steps(target, draft, steps, mode, compile: bool, pos, block_size: 
     """Per tree budget N: picking the tree from the draft's guesses (draft_tree), the verify forward of its N
     nodes, moving the accepted path's cache entries (a full block's worth), and the whole tree step."""
     device = pos.device
-    maybe_compile = (lambda fn: torch.compile(fn, mode=mode, fullgraph=True)) if compile else (lambda fn: fn)
+    maybe_compile = ((lambda fn: torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)) if compile
+                     else (lambda fn: fn))
     pick = maybe_compile(generate.draft_tree)
     verify = maybe_compile(lambda t, tokens, positions, ids, tree: t(tokens, positions, capture=ids, tree=tree))
     move = maybe_compile(lambda t, source, dest: t.move_cached(source, dest))

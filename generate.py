@@ -242,12 +242,14 @@ EAGER = Steps(prefill, decode_one_token, speculative_step, tree_step)
 
 
 def compile_steps(device: torch.device) -> Steps:
-    """Compiled prefill (dynamic prompt length) and steps (static shapes: CUDA graphs on GPU)."""
+    """Compiled prefill (dynamic prompt length) and steps (static shapes: CUDA graphs on GPU). The steps stay
+    static: a second block size or tree budget gets a graph of its own, rather than one where the size is symbolic
+    (a symbolic tree budget, top-k of a symbolic k, compiled for minutes)."""
     mode = "max-autotune" if device.type == "cuda" else None
     return Steps(torch.compile(prefill, fullgraph=True, dynamic=True),
-                 torch.compile(decode_one_token, mode=mode, fullgraph=True),
-                 torch.compile(speculative_step, mode=mode, fullgraph=True),
-                 torch.compile(tree_step, mode=mode, fullgraph=True))
+                 torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False),
+                 torch.compile(speculative_step, mode=mode, fullgraph=True, dynamic=False),
+                 torch.compile(tree_step, mode=mode, fullgraph=True, dynamic=False))
 
 
 def synchronize(device):
