@@ -93,8 +93,8 @@ def read_prompt_set(path, tokenizer, checkpoint, thinking: bool) -> list:
 
 def draft_name(draft: Draft, folder, tree_budget: int = 0) -> str:
     kind = "DFlare" if draft.args.fusion == "layerwise" else "DFlash"
-    return f"{kind} {draft.args.num_hidden_layers}L ({Path(folder).name})" + (f", tree {tree_budget}" if tree_budget
-                                                                               else "")
+    tree = f", tree {tree_budget}" if tree_budget else ""
+    return f"{kind} {draft.args.num_hidden_layers}L ({Path(folder).name}){tree}"
 
 
 def run_set(target, decoders, prompts, args, sampling, stop_ids, steps) -> list:
@@ -157,6 +157,8 @@ def bench_sets(args):
         draft.setup_caches(args.batch_size, max_seq_len)
     sampling = generate.Sampling(args.temperature, args.top_k, args.top_p)
     steps = generate.compile_steps(device) if args.compile else generate.EAGER
+    # every (draft, block, tree budget) is a static graph of its own, more than Dynamo's default 8 per function
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(decoders))
     first = next(iter(sets.values()))[:1] * args.batch_size
     t0 = time.perf_counter()
     for _, draft, block_size, budget in decoders:  # warm-up (and compilation): untimed

@@ -12,6 +12,9 @@ then every step is one function on static shapes (compiled into one graph, CUDA 
     its hidden states) -> accept the longest agreeing prefix + one token of the target's -> the block's hidden
     states become draft context (rows past the accepted ones are masked by position, overwritten later)
 
+With --tree_budget N the target verifies a tree instead: the N-1 continuations the draft finds most likely, in one
+forward, each node seeing only its ancestors; the path the target's own choices take through it is committed.
+
 The host reads the committed tokens and their count once per step. Prints the text (streamed for a single
 sequence), decode tokens/s and, speculating, tau (tokens committed per step) with its histogram; --compare_ar
 measures autoregressive decoding in the same run and reports the speedup.
@@ -164,10 +167,11 @@ def draft_tree(draft_logits, budget: int):
     depth_of = torch.cat([torch.full((s.shape[1],), d + 1, device=device) for d, s in enumerate(scores)])  # [C]
     parent_of = torch.cat([torch.full((B, K), C, device=device)]
                           + [starts[d - 1] + p for d, p in enumerate(parents) if p is not None], dim=1)  # [B, C]
-    # a prefix ranks strictly above its extensions, also where rounding ties them
-    ranked = torch.cat(scores, dim=1) - 1e-3 * depth_of
+    # A prefix never scores below its extensions (log q <= 0, and rounding is monotone) and comes first in the row,
+    # so a stable sort ranks it first at a tie too (a certain guess adds 0; -inf ties -inf): the best n are a tree
     n = min(width, C)
-    chosen = ranked.topk(n, dim=-1).indices.sort(dim=-1).values  # [B, n]; by depth, since candidates are
+    ranked = torch.sort(torch.cat(scores, dim=1), dim=-1, descending=True, stable=True).indices[:, :n]
+    chosen = ranked.sort(dim=-1).values  # [B, n]; by depth, since candidates are
     node_of = torch.zeros(B, C + 1, dtype=torch.long, device=device).scatter(
         1, chosen, torch.arange(1, n + 1, device=device).expand(B, -1))  # candidate -> node; the root (C) -> 0
     root = torch.zeros(B, 1, dtype=torch.long, device=device)

@@ -2034,7 +2034,10 @@ def test_speculative_with_oracle_proposals_covers_every_acceptance_length(target
     assert {(7, n) for n in range(1, 8)} <= seen  # 0..6 drafts accepted, plus the target's token
 
 
-def test_finished_rows_stay_inside_the_cache(targets32, reference_fusion):
+@pytest.mark.parametrize("tree_budget", [0, 24], ids=["chain", "tree"])
+def test_finished_rows_stay_inside_the_cache(targets32, reference_fusion, tree_budget):
+    """Finished rows are frozen where they are, up to a block (or a tree, here larger than the block) past their end:
+    the caches, sized for that, must hold every write."""
     target = targets32["qwen3"]
     prompts = [[50], SPEC_PROMPTS[2]]
     stop = decode(target, prompts, 1)[0][0][0]  # row 0 ends with its first token ...
@@ -2042,14 +2045,14 @@ def test_finished_rows_stay_inside_the_cache(targets32, reference_fusion):
     assert len(expected[0]) == 1 and len(expected[1]) > 10
     draft = scripted_draft(target, prompts, decode(target, prompts, 60)[0], 7, length=80)
     draft.accepted[0], draft.accepted[1] = 6, 0  # ... and would run 7 positions a step; row 1 goes 1 a step
-    tokens, _ = decode(target, prompts, 30, draft, 7, stop_ids=[stop])
+    tokens, _ = decode(target, prompts, 30, draft, 7, stop_ids=[stop], tree_budget=tree_budget)
     assert tokens == expected
     # the longest row reaches max_new_tokens inside a block of 7 (6 tokens past its end) while the other runs on
     prompts = prompts[::-1]
     expected, _ = decode(target, prompts, 30)
     draft = scripted_draft(target, prompts, decode(target, prompts, 60)[0], 7, length=120)
     draft.accepted[0], draft.accepted[1] = 6, 0
-    tokens, _ = decode(target, prompts, 30, draft, 7)
+    tokens, _ = decode(target, prompts, 30, draft, 7, tree_budget=tree_budget)
     assert tokens == expected
 
 
@@ -2212,18 +2215,22 @@ def test_draft_tree_picks_the_most_likely_prefixes(D, V, budget):
 
 
 def test_draft_tree_stays_a_tree_at_ties():
-    """A certain guess (probability 1) gives an extension exactly its prefix's score: the tree must still hold every
-    chosen node's parent, and be as likely as the reference's (which breaks the ties its own way)."""
-    logits = torch.tensor([[0.0, 0.0, 0.0], [200.0, 0.0, 0.0], [0.0, 0.0, 0.0]])[None]  # depth 2 is certain
-    logp = torch.log_softmax(logits[0], -1)
-    for budget in range(2, 12):
-        tokens, depth, parent = generate.draft_tree(logits, budget)
-        prefixes = tree_prefixes(tokens[0], depth[0], parent[0])
+    """A certain guess (probability 1) gives an extension exactly its prefix's score, and impossible guesses (-inf,
+    a masked vocabulary) tie at -inf: the tree must still hold every chosen node's parent, and be as likely as the
+    reference's (which breaks the ties its own way)."""
+    inf = float("inf")
+    for logits in ([[0.0, 0.0, 0.0], [200.0, 0.0, 0.0], [0.0, 0.0, 0.0]],  # depth 2 is certain
+                   [[0.0, -inf, -inf], [0.0, -inf, -inf]]):  # one possible token per depth
+        logits = torch.tensor(logits)[None]
+        logp = torch.log_softmax(logits[0], -1)
+        for budget in range(2, 12):
+            tokens, depth, parent = generate.draft_tree(logits, budget)
+            prefixes = tree_prefixes(tokens[0], depth[0], parent[0])
 
-        def scores(chosen):
-            return sorted(float(sum(logp[d, v] for d, v in enumerate(p))) for p in chosen)
+            def scores(chosen):
+                return sorted(float(sum(logp[d, v] for d, v in enumerate(p))) for p in chosen)
 
-        assert scores(prefixes) == pytest.approx(scores(reference_tree(logp, budget)))
+            assert scores(prefixes) == scores(reference_tree(logp, budget))
 
 
 class RankedOracleDraft(Draft):
@@ -2302,9 +2309,9 @@ def test_tree_with_oracle_proposals_covers_every_depth(targets32, model_type, re
     prompts, bs = SPEC_PROMPTS, 6
     expected, _ = decode(target, prompts, 30)
     # a stop token that some row emits first mid-way: it ends that row inside a path
-    row, stop = next((r, t) for r, e in enumerate(expected) for t in e if 5 <= e.index(t) < 25)
+    stop_row, stop = next((r, t) for r, e in enumerate(expected) for t in e if 5 <= e.index(t) < 25)
     stopped, _ = decode(target, prompts, 30, stop_ids=[stop])
-    assert len(stopped[row]) == expected[row].index(stop) + 1
+    assert len(stopped[stop_row]) == expected[stop_row].index(stop) + 1
     seen, off_first = set(), 0
     for stop_ids, reference in [((), expected), ([stop], stopped)]:
         draft = ranked_oracle(target, prompts, reference, bs, oracle_rank)
