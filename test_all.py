@@ -2326,7 +2326,8 @@ def test_tree_with_oracle_proposals_covers_every_depth(targets32, model_type, re
     assert seen == set(range(1, bs + 1)) and off_first > 0
 
 
-@pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear")])
+@pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear"), ("qwen3", "linear"),
+                                              ("llama", "layerwise")])
 def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_fusion, fresh_dynamo):
     target = targets32[model_type]
     steps = generate.compile_steps(torch.device("cpu"))
@@ -2340,8 +2341,8 @@ def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_fusi
                                                                           budget)[0]
     draft = make_draft(target, fusion, block_size=bs)
     assert decode(target, prompts, 20, draft, bs, steps=steps, tree_budget=budget)[0] == expected
-    # a second budget gets a static graph of its own (a symbolic budget took minutes to compile)
-    assert decode(target, prompts, 20, draft, bs, steps=steps, tree_budget=7)[0] == expected
+    # batch 1 and a second budget: a static graph of its own (a symbolic budget took minutes to compile)
+    assert decode(target, prompts[2:3], 20, draft, bs, steps=steps, tree_budget=7)[0] == expected[2:3]
 
 
 @pytest.mark.parametrize("fusion,seed", [("layerwise", 2), ("linear", 1)])
