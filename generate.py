@@ -143,7 +143,7 @@ def draft_tree(draft_logits, budget: int):
     draft_logits [B, D, V] are the draft's guesses for depths 1..D, each position on its own, so a prefix x_1..x_d
     scores sum_k log q_k(x_k) (the surrogate of DDTree). A prefix scores at least as high as its extensions, so the
     best prefixes form a tree, and the best budget - 1 of one depth all extend the best budget - 1 of the depth
-    before: a beam of that width per depth, then one top-k over all depths picks the tree.
+    before: a beam of that width per depth, then the best budget - 1 over all depths are the tree.
 
     Returns node tokens [B, N], depths [B, N] and parents [B, N] (N <= budget; node 0 is the root, the anchor:
     depth 0, parent -1, token left to the caller), nodes ordered by depth, so a parent precedes its children."""
@@ -171,7 +171,7 @@ def draft_tree(draft_logits, budget: int):
     # so a stable sort ranks it first at a tie too (a certain guess adds 0; -inf ties -inf): the best n are a tree
     n = min(width, C)
     ranked = torch.sort(torch.cat(scores, dim=1), dim=-1, descending=True, stable=True).indices[:, :n]
-    chosen = ranked.sort(dim=-1).values  # [B, n]; by depth, since candidates are
+    chosen = ranked.sort(dim=-1).values  # [B, n] in candidate order, which is by depth
     node_of = torch.zeros(B, C + 1, dtype=torch.long, device=device).scatter(
         1, chosen, torch.arange(1, n + 1, device=device).expand(B, -1))  # candidate -> node; the root (C) -> 0
     root = torch.zeros(B, 1, dtype=torch.long, device=device)
