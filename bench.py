@@ -3,8 +3,9 @@
     python bench.py              # the embedded demo: AR vs DFlash vs DFlare (2 and 1 layers), MT-Bench, HumanEval, math
     python bench.py --checkpoint TARGET_DIR --draft DFLARE_DIR --draft DFLASH_DIR [--sets mt-bench my.jsonl ...]
     python bench.py --tree_budget 0 16 32 64 128   # every draft with the chain (0) and with trees of these budgets
-    python bench.py --gpu        # on a CUDA machine: Qwen3-8B-shaped random bf16 weights, compiled step timings,
-                                 # tree steps per budget, our fusion kernel against Inductor's
+    python -u bench.py --gpu --quick  # every GPU check in one bounded run (at most 6 minutes, offline)
+    python bench.py --gpu        # Qwen3-8B-shaped random bf16 weights: the step timings of three drafts,
+                                 # tree steps per budget (--autotune: max-autotune's GEMM search)
     python bench.py --memory     # peak memory of a training step, a prefill and decoding at Qwen3's vocabulary
 
 Prompt sets are MT-Bench's first turns and HumanEval's functions (read from their PyPI packages, not copied here),
@@ -17,25 +18,22 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from unittest import mock
-
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import draft as draft_module
-import fuse_kernel
+import bench_gpu
 import generate
+import gpu_check
 import train
+from bench_gpu import QWEN3_8B, random_model
 from draft import Draft
-from fuse_kernel import fuse_layers_reference
-from model import InputError, ModelArgs, Transformer, hf_name, load_checkpoint, read_config
+from model import InputError, Transformer, load_checkpoint, read_config
 from tokenizer import chat_format, chat_prompt, check_chat_tokens, load_tokenizer, stop_token_ids
 
 HERE = Path(__file__).resolve().parent
@@ -179,204 +177,6 @@ def bench_sets(args):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GPU step timings on random weights
-
-QWEN3_8B = ModelArgs(model_type="qwen3", vocab_size=151936, hidden_size=4096, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=12288,
-                     max_position_embeddings=40960, layer_types=("full_attention",) * 36)
-
-
-def random_model(module_fn, device, dtype):
-    """A module built without allocating on the host, with small random weights (RMSNorm weights stay 1)."""
-    with torch.device("meta"):
-        module = module_fn()
-    module = module.to_empty(device=device).to(dtype)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02)
-    return module.eval()
-
-
-def time_ms(fn, device, iters: int) -> float:
-    """Median wall time of fn() in ms, after warm-up."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        generate.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        generate.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device, n_bytes: int) -> float:
-    """GB/s of a device-to-device copy of n_bytes (read + write)."""
-    x = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device)
-    return 2 * n_bytes / time_ms(lambda: x.clone(), device, 10) / 1e6
-
-
-def draft_block_bytes(draft: Draft, target: Transformer) -> int:
-    """Weight bytes a draft block reads: the draft's layers and final norm, and the target's lm_head (every block
-    position's logits); not the context fusion and projections (fc / layer_fusion_weights, hidden_norm,
-    k/v_proj_target), which only write_context reads."""
-    context_only = ("fc.", "layer_fusion_weights", "hidden_norm.", "_proj_target.")
-    own = sum(p.numel() * p.element_size() for name, p in draft.named_parameters()
-              if not any(part in name for part in context_only))
-    return own + target.lm_head.weight.numel() * target.lm_head.weight.element_size()
-
-
-@torch.no_grad()
-def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=torch.bfloat16, compile=True,
-                context=1024, block_size=16, tau=6.5, iters=50, tree_budgets=(16, 32, 64, 128)):
-    """Time the AR step, the draft block, the verify forward and the whole speculative step at one context length;
-    print them with the weight bandwidth they imply and the speedup projected at acceptance length tau. Then the
-    tree step's parts per budget, with the largest DFlare draft."""
-    device = torch.device(device)
-    target = random_model(lambda: Transformer(target_args), device, dtype)
-    max_seq_len = context + max(2 * block_size, *tree_budgets)
-    target.setup_caches(1, max_seq_len)
-    steps = generate.compile_steps(device) if compile else generate.EAGER
-    mode = "max-autotune" if device.type == "cuda" and compile else None
-    sampling = generate.Sampling()
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    pos = torch.full((1,), context, device=device)
-    active = torch.ones(1, dtype=torch.bool, device=device)
-
-    weight_bytes = generate.weight_bytes_per_step(target)
-    copy_gbs = copy_bandwidth(device, min(2**31, weight_bytes))
-    ar_ms = time_ms(lambda: steps.decode(target, token, pos[:, None], sampling), device, iters)
-    verify = lambda t, tokens, positions, ids: t(tokens, positions, capture=ids)
-    verify = torch.compile(verify, mode=mode, fullgraph=True, dynamic=False) if compile else verify
-    block_positions = pos[:, None] + torch.arange(block_size, device=device)
-    block_tokens = torch.zeros(1, block_size, dtype=torch.long, device=device)
-    print(f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), torch "
-          f"{torch.__version__}, {dtype}, {'compiled' + (' (CUDA graphs)' if mode else '') if compile else 'eager'}; "
-          f"target {target_args.num_hidden_layers} layers, hidden {target_args.hidden_size}, "
-          f"{weight_bytes / 1e9:.2f} GB of weights per step; context {context}, block {block_size}")
-    print(f"copy bandwidth {copy_gbs:.0f} GB/s")
-    print(f"{'step':<34} {'ms':>8} {'GB/s of weights':>16}")
-    print(f"{'AR step (1 token)':<34} {ar_ms:>8.3f} {weight_bytes / ar_ms / 1e6:>16.0f}")
-    results = {"copy_gbs": copy_gbs, "ar_ms": ar_ms}
-    for fusion, n_layers in [("linear", draft_layers[0])] + [("layerwise", n) for n in draft_layers]:
-        draft = random_model(lambda: Draft.for_target(target_args, num_layers=n_layers, fusion=fusion,
-                                                      block_size=block_size), device, dtype)
-        name = f"{'DFlare' if fusion == 'layerwise' else 'DFlash'} {n_layers}L"
-        if fusion == "layerwise":
-            draft.layer_fusion_weights.data = draft.layer_fusion_weights.data.float()
-        draft.setup_caches(1, max_seq_len)
-        ids = draft.args.target_layer_ids
-        draft_block = lambda d, t, tokens, p: d.block_logits(t, d.noise_block(tokens[:, 0]), p)
-        if compile:
-            draft_block = torch.compile(draft_block, mode=mode, fullgraph=True, dynamic=False)
-        draft_ms = time_ms(lambda: draft_block(draft, target, block_tokens, pos), device, iters)
-        verify_ms = time_ms(lambda: verify(target, block_tokens, block_positions, ids), device, iters)
-        step = lambda: steps.speculative(target, draft, token[:, 0], pos, active, sampling, block_size)
-        step_ms = time_ms(step, device, iters)
-        projected = tau * ar_ms / step_ms
-        draft_bytes = draft_block_bytes(draft, target)
-        print(f"{f'{name} draft block':<34} {draft_ms:>8.3f} {draft_bytes / draft_ms / 1e6:>16.0f}")
-        print(f"{f'verify ({block_size} tokens, capture {len(ids)})':<34} {verify_ms:>8.3f} "
-              f"{weight_bytes / verify_ms / 1e6:>16.0f}")
-        print(f"{f'{name} whole step':<34} {step_ms:>8.3f}   projected speedup at tau {tau}: {projected:.2f}x")
-        results[name] = {"draft_ms": draft_ms, "verify_ms": verify_ms, "step_ms": step_ms,
-                         "projected_speedup": projected}
-        if fusion == "layerwise":  # the same step with the PyTorch fusion (compiled: Inductor's kernel for it)
-            with mock.patch.object(draft_module, "fuse_layers", fuse_layers_reference):
-                results[name]["step_ms_reference_fusion"] = ms = time_ms(step, device, iters)
-            print(f"{f'{name} step, PyTorch fusion':<34} {ms:>8.3f}   (ours / this: {step_ms / ms:.2f})")
-    results["tree"] = time_tree_steps(target, draft, steps, mode, compile, pos, block_size, tree_budgets, iters)
-    try:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                          SDPBackend.MATH]):  # not our code: the math fallback is allowed there
-            ms = time_dflash_reference(target, block_size, context, draft_layers[0], device, dtype)
-        print(f"{f'dflash package, DFlash {draft_layers[0]}L step':<34} {ms:>8.3f}   (its own dflash_generate loop)")
-        results["dflash_reference_step_ms"] = ms
-    except ImportError:
-        print("dflash package not importable here: reference-implementation timing skipped")
-    return results
-
-
-def time_tree_steps(target, draft, steps, mode, compile: bool, pos, block_size: int, budgets, iters: int) -> dict:
-    """Per tree budget N: picking the tree from the draft's guesses (draft_tree), the verify forward of its N
-    nodes, moving the accepted path's cache entries (a full block's worth), and the whole tree step."""
-    device = pos.device
-    maybe_compile = ((lambda fn: torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)) if compile
-                     else (lambda fn: fn))
-    pick = maybe_compile(generate.draft_tree)
-    verify = maybe_compile(lambda t, tokens, positions, ids, tree: t(tokens, positions, capture=ids, tree=tree))
-    move = maybe_compile(lambda t, source, dest: t.move_cached(source, dest))
-    logits = torch.randn(1, block_size - 1, target.args.vocab_size, device=device, dtype=target.lm_head.weight.dtype)
-    token = torch.zeros(1, dtype=torch.long, device=device)
-    active = torch.ones(1, dtype=torch.bool, device=device)
-    ids = draft.args.target_layer_ids
-    print(f"{'tree step, DFlare ' + str(draft.args.num_hidden_layers) + 'L':<34} {'pick':>8} {'verify':>8} "
-          f"{'move':>8} {'step':>8}   (ms)")
-    results = {}
-    for budget in budgets:
-        tokens, depth, parent = generate.draft_tree(logits, budget)
-        tree = generate.tree_layout(parent, pos, target.max_seq_length, block_size - 1)
-        source = tree[0][:, :block_size]
-        dest = pos[:, None] + torch.arange(block_size, device=device)
-        row = {"pick_ms": time_ms(lambda: pick(logits, budget), device, iters),
-               "verify_ms": time_ms(lambda: verify(target, tokens, pos[:, None] + depth, ids, tree), device, iters),
-               "move_ms": time_ms(lambda: move(target, source, dest), device, iters),
-               "step_ms": time_ms(lambda: steps.tree(target, draft, token, pos, active, generate.Sampling(),
-                                                     block_size, budget), device, iters)}
-        print(f"{f'  budget {budget} ({tokens.shape[1]} nodes)':<34} " + " ".join(f"{v:>8.3f}" for v in row.values()))
-        results[budget] = row
-    return results
-
-
-def time_dflash_reference(target: Transformer, block_size: int, context: int, n_layers: int, device, dtype,
-                          new_tokens: int = 32) -> float:
-    """ms per draft+verify step of the z-lab `dflash` package's own decoding loop (transformers target, dynamic
-    caches), on a transformers copy of the same target weights and a random DFlash draft. Raises ImportError
-    without the package."""
-    import transformers
-    from dflash.model import DFlashDraftModel, dflash_generate
-
-    a = target.args
-    common = dict(vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-                  num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads,
-                  head_dim=a.head_dim, rms_norm_eps=a.rms_norm_eps, rope_theta=a.rope_theta,
-                  max_position_embeddings=a.max_position_embeddings, tie_word_embeddings=False)
-    with torch.device("meta"):
-        hf_target = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(num_hidden_layers=a.num_hidden_layers,
-                                                                           **common))
-    # share our tensors (no copy); only the rotary buffers need real memory
-    state = {hf_name(k): v for k, v in target.state_dict().items()}
-    hf_target.load_state_dict(state, assign=True)
-    with torch.device(device):
-        hf_target.model.rotary_emb = transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding(hf_target.config)
-    hf_target.eval()
-    ours = random_model(lambda: Draft.for_target(a, num_layers=n_layers, fusion="linear", block_size=block_size),
-                        device, dtype)
-    draft_config = transformers.Qwen3Config(num_hidden_layers=n_layers, block_size=block_size,
-                                            num_target_layers=a.num_hidden_layers,
-                                            dflash_config={"target_layer_ids": list(ours.args.target_layer_ids),
-                                                           "mask_token_id": ours.args.mask_token_id}, **common)
-    with torch.device(device):
-        draft = DFlashDraftModel(draft_config).to(dtype)
-    draft.load_state_dict(ours.state_dict())
-    draft.eval()
-    prompt = torch.zeros(1, context, dtype=torch.long, device=device)
-    dflash_generate(draft, hf_target, prompt, 8, None, block_size=block_size)  # warm-up
-    stats = dflash_generate(draft, hf_target, prompt, new_tokens, None, block_size=block_size, return_stats=True) \
-        if device.type == "cuda" else None
-    if stats is None:  # its timer calls torch.cuda.synchronize: time the whole loop ourselves on CPU
-        t0 = time.perf_counter()
-        out = dflash_generate(draft, hf_target, prompt, new_tokens, None, block_size=block_size)
-        steps = max(out.shape[1] - context - 1, 1)  # random weights: about one token per step
-        return (time.perf_counter() - t0) * 1000 / steps
-    return stats.time_per_output_token * stats.num_output_tokens * 1000 / len(stats.acceptance_lengths)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Peak memory (--memory)
 
 # Qwen3's vocabulary and depth on a narrow target: the vocabulary-sized tensors (logits, embeddings) at full size
@@ -449,6 +249,10 @@ def memory_generate(target_args, device, prompt_len, new_tokens, cache_len, spec
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="time the compiled steps on Qwen3-8B-shaped random weights")
+    p.add_argument("--quick", action="store_true",
+                   help="with --gpu: every GPU check in one bounded run (6 minutes at most), a JSON summary")
+    p.add_argument("--autotune", action="store_true",
+                   help="with --gpu: max-autotune's GEMM search (minutes per graph of a real target)")
     p.add_argument("--memory", action="store_true", help="peak memory of a training step, a prefill and decoding")
     p.add_argument("--checkpoint", help="target model folder")
     p.add_argument("--draft", action="append", help="draft folder; repeat to compare several")
@@ -493,15 +297,17 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.gpu:
+        if args.quick:
+            return gpu_check.run_quick(gpu_check.Quick(device=str(generate.pick_device(args.device)),
+                                                       autotune=args.autotune))
         if not torch.cuda.is_available():
-            raise InputError("--gpu needs a CUDA device; on CPU run the prompt-set benchmark with --checkpoint")
+            raise InputError("--gpu needs a CUDA device (--gpu --quick runs on a CPU too); on CPU run the "
+                             "prompt-set benchmark with --checkpoint")
         # no math-kernel fallback: an attention call the fused kernels refuse fails here, loudly
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
             for compile in (False, True):
-                bench_steps(compile=compile)
+                bench_gpu.bench_steps(compile=compile, autotune=args.autotune)
                 torch.cuda.empty_cache()
-            print("the fusion alone (DFlare's 9 target layers, 8 draft layers, Qwen3-8B's width):")
-            fuse_kernel.benchmark(T=9, H=QWEN3_8B.hidden_size, D=8)
         return None
     if args.memory:
         return bench_memory(device=str(generate.pick_device(args.device)))
@@ -509,6 +315,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # a run stopped early still shows what it printed
     try:
         main()
     except InputError as e:

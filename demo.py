@@ -31,7 +31,8 @@ import torch
 
 import prepare
 import train
-from model import InputError, save_folder
+from model import (InputError, ModelArgs, Transformer, hf_name, read_config, save_folder,
+                   save_weights)
 
 HERE = Path(__file__).resolve().parent
 DEMO = HERE / "demo"
@@ -236,6 +237,20 @@ def build_target(folder: Path):
         {"bos_token_id": m["tokenizer.ggml.bos_token_id"], "eos_token_id": m["tokenizer.ggml.eos_token_id"],
          "pad_token_id": m["tokenizer.ggml.padding_token_id"]}, indent=2))
     save_folder(folder, state, config)  # last: config.json marks the folder complete
+
+
+def build_twin(folder: Path, seed: int = 0):
+    """demo/twin's weights: random (bf16, seeded) for the committed config.json and tokenizer files, those
+    build_target writes for SmolLM2-135M-Instruct. Needs no network (GPU machines may have none): the demo
+    drafts decode on it at the demo's speed, though its text is noise and their guesses are never accepted."""
+    log(f"writing random weights for {folder} (once)")
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_hf_config(read_config(folder)))
+    generator = torch.Generator().manual_seed(seed)
+    state = {hf_name(name): (torch.ones(p.shape) if name.endswith("norm.weight")
+                             else torch.randn(p.shape, generator=generator) * 0.02).to(torch.bfloat16)
+             for name, p in model.named_parameters()}  # a tied lm_head is embed_tokens, listed once
+    save_weights(folder / "model.safetensors", state)
 
 
 # ---------------------------------------------------------------------------------------------------------------

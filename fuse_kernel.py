@@ -11,7 +11,8 @@ The operator dflare::fuse_layers (torch.library.triton_op) runs these kernels on
 eager mode, inside torch.compile (which keeps the kernel in its graph) and in training (its backward is a second
 operator, registered as the autograd formula).
 
-`python fuse_kernel.py` benchmarks the operator against the reference and torch.compile of the reference.
+`python bench.py --gpu --quick` (gpu_check.part_fusion) times the operator against the reference and
+torch.compile of the reference.
 """
 import contextlib
 import os
@@ -63,6 +64,7 @@ if HAVE_TRITON:
         # program n * D + d (see launch_config); 64-bit, as n * T * H passes 2^31 from N = 14,564 at T=36, H=4096
         pid = tl.program_id(0).to(tl.int64)
         n, d = pid // D, pid % D
+        eps = tl.cast(eps, tl.float32)  # Inductor passes a Python float as fp64: the arithmetic stays fp32
         offs_h = tl.arange(0, BLOCK_H)
         w_max, w_sum = _softmax_stats(w_ptr + d * T, T, BLOCK_T)
         mixed = _mix(x_ptr + n * T * H, w_ptr + d * T, w_max, w_sum, T, H, BLOCK_H)
@@ -79,6 +81,7 @@ if HAVE_TRITON:
         dL/d(mixture weight t) = <dL/dmixed, X[n, t]> and of dL/dgamma = grad_out * normed."""
         pid = tl.program_id(0).to(tl.int64)  # chunk * D + d, 64-bit as in the forward
         chunk, d = pid // D, pid % D
+        eps = tl.cast(eps, tl.float32)  # as in the forward
         offs_h = tl.arange(0, BLOCK_H)
         offs_t = tl.arange(0, BLOCK_T)
         w_max, w_sum = _softmax_stats(w_ptr + d * T, T, BLOCK_T)
@@ -206,34 +209,3 @@ else:
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def benchmark(rows=(16, 16384), T=36, H=4096, D=8, dtype=torch.bfloat16):
-    """GB/s of the forward (X read once, out written once) of the operator, eager and compiled, against the PyTorch
-    reference and Inductor's kernel for it (torch.compile of the reference): at decode (16 rows, a block) and
-    training sizes. Returns {(rows, name): ms}."""
-    device = "cuda"
-    results = {}
-    for N in rows:
-        x = torch.randn(N, T, H, dtype=dtype, device=device)
-        w = torch.randn(D, T, device=device)
-        gamma = torch.randn(H, dtype=dtype, device=device)
-        moved = (x.numel() + N * D * H) * x.element_size()
-        ms_copy = triton.testing.do_bench(lambda: x.clone())
-        print(f"N={N} T={T} H={H} D={D} {dtype}; copy bandwidth {2 * x.numel() * x.element_size() / ms_copy / 1e6:.0f}"
-              f" GB/s")
-        compiled_op = torch.compile(fuse_layers, fullgraph=True)
-        compiled_reference = torch.compile(fuse_layers_reference, fullgraph=True)
-        for name, fn in [("operator (our kernel)", lambda: fuse_layers(x, w, gamma, 1e-6)),
-                         ("compiled operator", lambda: compiled_op(x, w, gamma, 1e-6)),
-                         ("pytorch reference", lambda: fuse_layers_reference(x, w, gamma, 1e-6)),
-                         ("compiled reference (Inductor)", lambda: compiled_reference(x, w, gamma, 1e-6))]:
-            results[N, name] = ms = triton.testing.do_bench(fn)
-            print(f"{name:30s} {ms:8.4f} ms  {moved / ms / 1e6:7.0f} GB/s")
-    return results
-
-
-if __name__ == "__main__":
-    if not torch.cuda.is_available() or not HAVE_TRITON:
-        raise SystemExit("error: the fusion benchmark needs a CUDA GPU and Triton (the tests check the kernel on CPU)")
-    benchmark()

@@ -245,15 +245,21 @@ class Steps(NamedTuple):
 EAGER = Steps(prefill, decode_one_token, speculative_step, tree_step)
 
 
-def compile_steps(device: torch.device) -> Steps:
-    """Compiled prefill (dynamic prompt length) and steps (static shapes: CUDA graphs on GPU). The steps stay
-    static: a second block size or tree budget gets a graph of its own, rather than one where the size is symbolic
-    (a symbolic tree budget, top-k of a symbolic k, compiled for minutes)."""
-    mode = "max-autotune" if device.type == "cuda" else None
-    return Steps(torch.compile(prefill, fullgraph=True, dynamic=True),
-                 torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False),
-                 torch.compile(speculative_step, mode=mode, fullgraph=True, dynamic=False),
-                 torch.compile(tree_step, mode=mode, fullgraph=True, dynamic=False))
+def compile_steps(device: torch.device, autotune: bool = True, backend: str = "inductor") -> Steps:
+    """Compiled prefill (dynamic prompt length) and steps (static shapes: CUDA graphs on GPU, with
+    max-autotune's search over GEMM kernels when autotune). The steps stay static: a second block size or tree
+    budget gets a graph of its own, rather than one where the size is symbolic (a symbolic tree budget, top-k
+    of a symbolic k, compiled for minutes). backend: another torch.compile backend (tests count graphs)."""
+    return Steps(torch.compile(prefill, fullgraph=True, dynamic=True, backend=backend),
+                 *(compile_static(step, device, autotune, backend) for step in EAGER[1:]))
+
+
+def compile_static(fn, device: torch.device, autotune: bool = True, backend: str = "inductor"):
+    """torch.compile of a function on static shapes, as compile_steps compiles the steps."""
+    if backend != "inductor":
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+    mode = ("max-autotune" if autotune else "reduce-overhead") if device.type == "cuda" else None
+    return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)
 
 
 def synchronize(device):
@@ -518,11 +524,20 @@ def acceptance_histogram(lengths: list, block_size: int) -> str:
 
 
 def build_demo_target(checkpoint):
-    """The demo's target folder is built from its GGUF on first use (once; git-ignored)."""
-    if Path(checkpoint).resolve() == DEMO / "target" and not (DEMO / "target" / "config.json").is_file():
+    """The demo's target folder is built from its GGUF on first use, and its random-weight twin (offline) from
+    the committed config and tokenizer: once each, git-ignored. The twin is for timings only: say so."""
+    folder = Path(checkpoint).resolve()
+    if folder == DEMO / "target" and not (folder / "config.json").is_file():
         import demo
 
-        demo.build_target(DEMO / "target")
+        demo.build_target(folder)
+    if folder == DEMO / "twin":
+        if not (folder / "model.safetensors").is_file():
+            import demo
+
+            demo.build_twin(folder)
+        print(f"note: {folder} has random weights: its text is noise and tau means nothing there (no draft "
+              f"guess is accepted); its step times are real", file=sys.stderr, flush=True)
 
 
 def main(argv=None):

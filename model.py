@@ -655,13 +655,20 @@ def save_folder(folder, state: dict, config: dict):
     leaves the previous files (or none), never a half-written one."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, folder / "model.safetensors.tmp", metadata={"format": "pt"})
     (folder / "config.json.tmp").write_text(json.dumps(config, indent=2))
-    # safetensors writes through a temporary file of its own, created 0600: give the weights the mode a new file
-    # gets (0666 less the umask), the config's
-    os.chmod(folder / "model.safetensors.tmp", os.stat(folder / "config.json.tmp").st_mode & 0o777)
-    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
+    save_weights(folder / "model.safetensors", state)
     os.replace(folder / "config.json.tmp", folder / "config.json")
+
+
+def save_weights(path: Path, state: dict):
+    """A safetensors file written to a temporary file and renamed into place."""
+    save_file(state, path.with_name(path.name + ".tmp"), metadata={"format": "pt"})
+    # safetensors writes through a temporary file of its own, created 0600: give the weights the mode a new
+    # file gets (0666 less the umask)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path.with_name(path.name + ".tmp"), 0o666 & ~umask)
+    os.replace(path.with_name(path.name + ".tmp"), path)
 
 
 def deinterleave(w):

@@ -5,6 +5,7 @@ Run: TRITON_INTERPRET=1 python -m pytest -q test_all.py
 """
 import argparse
 import base64
+import dataclasses
 import datetime
 import functools
 import glob
@@ -1451,6 +1452,50 @@ def test_kernel_offsets_are_64_bit():
             assert types and set(types) == {"i64"}, (kernel, pointer, types)
 
 
+def inductor_scalar_type(value):
+    """The Triton type that Inductor's code declares for a Python scalar passed to a user kernel on CUDA."""
+    from torch._inductor.codegen.common import SizeArg
+    from torch._inductor.codegen.triton_utils import signature_of
+    from torch._inductor.virtualized import V
+
+    class CudaGraph:  # all that signature_of reads of the graph being compiled, for a float
+        current_device = torch.device("cuda")
+
+    with V.set_graph_handler(CudaGraph()):
+        return signature_of(SizeArg("scalar", value), size_dtype=None)
+
+
+def fp64_lines_with_inductor_types():
+    """{kernel: its TTIR lines that compute in fp64}, both kernels built for sm_90 with eps typed as Inductor
+    types it (fp64), at the benchmark shape. The kernel's parameter list is left out."""
+    from triton.compiler import ASTSource
+
+    fp64 = {}
+    for kernel, _, args, kwargs in recorded_launches(16384, 36, 4096, 8, torch.bfloat16, torch.float32, True):
+        _, (bound, specialization, options), backend = compile_key(kernel, args, kwargs, 90)
+        packed = kernel._pack_args(backend, dict(kwargs), bound, specialization, options)
+        options, signature, constexprs, attrs = packed
+        signature = {**signature, "eps": inductor_scalar_type(args[kernel.arg_names.index("eps")])}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=backend.target,
+                                  options=options.__dict__)
+        ttir = compiled.asm["ttir"].splitlines()
+        fp64[kernel.fn.__name__] = [line.split(" loc(")[0].strip() for line in ttir
+                                    if "f64" in line and "tt.func" not in line]
+    return fp64
+
+
+def test_kernels_compute_in_fp32_with_the_eps_inductor_passes():
+    """Inside compiled steps Inductor passes the Python float eps as fp64: both kernels still build for sm_90
+    (unless eps is made fp32, the backward's fp32 accumulators turn fp64 and fail to build) and compute in
+    fp32, as in eager mode."""
+    assert inductor_scalar_type(1e-6) == "fp64"  # what the kernels must cope with (else this tests nothing)
+    lines = without_interpreter("fp64_lines_with_inductor_types()")
+    assert lines.keys() == {"_fuse_forward_kernel", "_fuse_backward_kernel"}
+    for name, fp64 in lines.items():  # one fp64 instruction: eps itself rounded to fp32
+        assert len(fp64) == 1, (name, fp64)
+        assert re.fullmatch(r"%\S+ = arith.truncf %eps : f64 to f32", fp64[0]), (name, fp64)
+
+
 def test_runs_without_triton(targets, draft_folder):
     """Triton is a Linux-only requirement: without it (macOS, Windows) the PyTorch fusion runs, same tokens."""
     folder, _ = targets["qwen3"]
@@ -2479,6 +2524,8 @@ def test_cli_speculative_errors(targets, draft_folder, tmp_path, capsys):
 # bench.py
 
 import bench  # noqa: E402
+import bench_gpu  # noqa: E402
+import gpu_check  # noqa: E402
 
 
 def test_bench_prompt_sets(targets, draft_folder, tmp_path, capsys, reference_fusion):
@@ -2509,8 +2556,8 @@ def test_bench_prompt_sets(targets, draft_folder, tmp_path, capsys, reference_fu
 def test_bench_step_timings_run_on_cpu(capsys, reference_fusion):
     args = ModelArgs(model_type="qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=16, intermediate_size=64, layer_types=("full_attention",) * 4)
-    results = bench.bench_steps(args, draft_layers=(1, 2), device="cpu", dtype=torch.float32, compile=False,
-                                context=16, block_size=4, iters=2, tree_budgets=(4, 16))
+    results = bench_gpu.bench_steps(args, draft_layers=(1, 2), device="cpu", dtype=torch.float32,
+                                    compile=False, context=16, block_size=4, iters=2, tree_budgets=(4, 16))
     assert {"ar_ms", "DFlash 1L", "DFlare 1L", "DFlare 2L", "tree"} <= set(results)
     assert "step_ms_reference_fusion" in results["DFlare 2L"] and "step_ms_reference_fusion" not in results["DFlash 1L"]
     assert set(results["tree"]) == {4, 16} and set(results["tree"][16]) == {"pick_ms", "verify_ms", "move_ms",
@@ -2524,7 +2571,104 @@ def test_bench_step_timings_run_on_cpu(capsys, reference_fusion):
                                                 "v_proj_target")), ("linear", ("fc.weight", "hidden_norm.weight"))]:
         draft = Draft.for_target(args, num_layers=2, fusion=fusion)
         read = sum(v.numel() for k, v in draft.state_dict().items() if not any(c in k for c in context_only))
-        assert bench.draft_block_bytes(draft, target) == 4 * (read + 64 * 32)  # fp32; lm_head [64, 32]
+        assert bench_gpu.draft_block_bytes(draft, target) == 4 * (read + 64 * 32)  # fp32; lm_head [64, 32]
+
+
+def test_random_models_are_allocated_in_their_dtype():
+    """bench's random models (Qwen3-8B-shaped on a GPU) are allocated once, in their dtype, on their device: no
+    fp32 copy first (33 GB for a Qwen3-8B)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel() > 1000:
+                    self.dtypes.add(t.dtype)
+            return out
+
+    args = ModelArgs(model_type="qwen3", vocab_size=4096, hidden_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                     layer_types=("full_attention",) * 2)
+    with Allocations() as allocations:
+        model = bench_gpu.random_model(lambda: Transformer(args), "cpu", torch.bfloat16)
+    assert allocations.dtypes == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.norm.weight.eq(1).all()
+
+
+def small_quick(**change) -> "gpu_check.Quick":
+    """The quick GPU run's plan at sizes a CPU test affords (every part, every path it takes on a CPU)."""
+    target = ModelArgs(model_type="qwen3", vocab_size=256, hidden_size=64, num_hidden_layers=6,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                       layer_types=("full_attention",) * 6)
+    gpt_oss = dataclasses.replace(gpu_check.GPT_OSS_20B_2L, vocab_size=256, hidden_size=64,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  moe_intermediate_size=32, num_experts=8, sliding_window=4)
+    checks = dataclasses.replace(target, num_hidden_layers=2, layer_types=("full_attention",) * 2)
+    sizes = dict(device="cpu", target=target, checks_target=checks, gpt_oss=gpt_oss, draft_layers=2,
+                 context=24, block_size=4, tree_budget=8, prefill_lengths=(7, 13), train_tokens=40,
+                 train_anchors=4, fusion_rows=(4, 33), copy_bytes=2**20, matmul_size=64, twin_tokens=4,
+                 iters=2, backend="eager")
+    return gpu_check.Quick(**{**sizes, **change})
+
+
+def test_quick_gpu_run_runs_on_cpu_and_compiles_few_graphs(capfd, reference_fusion):
+    """bench.py --gpu --quick's parts run end to end on CPU (each in a process of its own, on the CPU paths),
+    and the run compiles a bounded number of graphs, counted by Dynamo under the eager backend: three hold the
+    timed target (its AR, speculative and tree steps), not one per draft, budget and step part."""
+    summary = gpu_check.run_quick(small_quick())
+    parts = summary["parts"]
+    assert list(parts) == [part.__name__.removeprefix("part_") for part, _ in gpu_check.QUICK_PARTS]
+    assert summary["failed"] == [], {name: p.get("failed_checks", p.get("error")) for name, p in parts.items()
+                                     if not p["ok"]}
+    assert parts["steps"]["compiled_graphs"] == 3 and parts["prefill"]["compiled_graphs"] == 1
+    assert 0 < summary["compiled_graphs"] <= 14, {name: p["compiled_graphs"] for name, p in parts.items()}
+    out = capfd.readouterr().out
+    assert json.loads(out.splitlines()[-1].removeprefix("JSON "))["failed"] == []
+    for line in ("[fusion] ok", "picks FLASH_ATTENTION", "speculative step (block 4)", "meaningless on"):
+        assert line in out, line
+
+
+def test_quick_gpu_run_reports_a_failing_part_and_goes_on(capfd):
+    """A part that raises, one that dies and one that outlives its time limit are each reported in a line, and
+    the parts after them still run."""
+    quick = small_quick(prefill_lengths=())  # part_prefill's max(()) raises
+    assert gpu_check.run_in_process(gpu_check.part_prefill, quick, 60) == {
+        "ok": False, "error": "ValueError: max() arg is an empty sequence", "compiled_graphs": 0,
+        "cudagraph_skips": 0}
+    timed_out = {"ok": False, "error": "timed out after 2 s"}
+    assert gpu_check.run_in_process(gpu_check.part_steps, quick, 2) == timed_out
+    with mock.patch.object(gpu_check, "QUICK_PARTS", [(sys.exit, 60), (gpu_check.part_environment, 60)]):
+        summary = gpu_check.run_quick(quick)  # sys.exit(quick): the part's process dies
+    assert summary["failed"] == ["exit"] and summary["parts"]["environment"]["ok"]
+    out = capfd.readouterr().out
+    assert "[exit] FAILED: the process died (exit code 1)" in out and "[environment] ok" in out
+
+
+def test_offline_twin_of_the_demo_target_loads_and_decodes(capsys, monkeypatch, reference_fusion):
+    """demo/twin holds the demo target's config and tokenizer files (as demo.py writes them from the GGUF);
+    its random weights are written without the network, and the demo drafts decode on it, losslessly."""
+    import demo
+
+    generate.build_demo_target(generate.DEMO / "target")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        twin, target = (generate.DEMO / folder / name for folder in ("twin", "target"))
+        assert twin.read_bytes() == target.read_bytes(), name
+    (generate.DEMO / "twin" / "model.safetensors").unlink(missing_ok=True)  # written again, the same
+    monkeypatch.setattr(demo, "package_file", lambda *a: pytest.fail("the twin needs no download"))
+    generate.main(["--checkpoint", str(generate.DEMO / "twin"), "--draft", str(generate.DEMO / "dflare"),
+                   "--chat", "--prompt", generate.DEMO_PROMPT, "--max_new_tokens", "12", "--compare_ar",
+                   "--json", "--dtype", "float32"])
+    out, err = capsys.readouterr()
+    row = json.loads(out)
+    assert row["identical_to_ar"] and len(row["tokens"]) == 12
+    assert "random weights: its text is noise and tau means nothing" in err
+    weights = load_file(generate.DEMO / "twin" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16} and "lm_head.weight" not in weights  # tied
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,496 @@
+"""Every GPU check in one bounded run, offline: `python -u bench.py --gpu --quick` (at most 6 minutes).
+
+Random weights in real shapes, nothing downloaded. Each part runs in a fresh process under a time limit, so a
+crash, a hang or a CUDA error in one is reported and the next still runs; each prints as it goes, a failing
+check says what failed, and a JSON summary (one line, "JSON {...}") ends the run. Per part the summary also
+counts the graphs torch.compile built and the CUDA graphs Inductor skipped (a fallback Inductor only logs;
+here it fails the part). Compiled steps are CUDA graphs, without max-autotune's GEMM search unless --autotune.
+The parts, cheapest first:
+
+  environment  versions; the two ceilings: device-to-device copy GB/s, bf16 matrix product TFLOP/s
+  fusion       our fusion kernel (eager, compiled) against the PyTorch fusion (eager, Inductor's): error, GB/s
+  sdpa         per attention call site of the steps: the SDPA backend PyTorch picks, each backend's error
+  prefill      the compiled prefill (dynamic length) at two prompt lengths against eager
+  gpt_oss      GPT-OSS sinks (flex_attention), windows, YaRN, MoE: against a CPU copy; compiled against eager
+  training     a training step (block-sparse flex_attention and its backward) against the CPU path
+  steps        AR decode, speculative step, tree step of a Qwen3-8B-shaped target: eager and compiled ms
+  twin         the committed demo drafts on demo/twin (the demo target's shapes, random weights): tokens/s
+"""
+import dataclasses
+import json
+import multiprocessing
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+import generate
+import train
+from bench_gpu import QWEN3_8B, copy_bandwidth, random_model, time_ms
+from draft import Draft
+from fuse_kernel import fuse_layers, fuse_layers_reference
+from generate import compile_static
+from model import ModelArgs, Transformer, load_checkpoint
+from tokenizer import chat_format, chat_prompt, load_tokenizer
+
+# openai/gpt-oss-20b's config.json with two of its 24 layers (one sliding, one full) and a smaller vocabulary
+GPT_OSS_20B_2L = ModelArgs.from_hf_config({
+    "model_type": "gpt_oss", "vocab_size": 32768, "hidden_size": 2880, "num_hidden_layers": 2,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 2880,
+    "num_local_experts": 32, "num_experts_per_tok": 4, "sliding_window": 128, "rms_norm_eps": 1e-5,
+    "rope_theta": 150000, "max_position_embeddings": 131072,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                     "truncate": False, "original_max_position_embeddings": 4096}})
+# the checks' dense target: Qwen3-8B's layers and attention, two of them, a smaller vocabulary
+QWEN3_8B_2L = dataclasses.replace(QWEN3_8B, vocab_size=32768, num_hidden_layers=2,
+                                  layer_types=("full_attention",) * 2)
+
+
+@dataclass
+class Quick:
+    """What the quick run builds and how long it may take: the GPU run's sizes (the tests shrink them)."""
+    device: str = "cuda"
+    target: ModelArgs = dataclasses.field(default_factory=lambda: QWEN3_8B)  # the step timings'
+    checks_target: ModelArgs = dataclasses.field(default_factory=lambda: QWEN3_8B_2L)
+    gpt_oss: ModelArgs = dataclasses.field(default_factory=lambda: GPT_OSS_20B_2L)
+    draft_layers: int = 7  # DFlare over 9 target layers: the shape of AngelSlim's Qwen3-8B draft
+    context: int = 1024  # the position the timed steps decode at
+    block_size: int = 16
+    tree_budget: int = 32
+    prefill_lengths: tuple = (300, 1000)  # both longer than GPT-OSS's 128-token window
+    train_tokens: int = 512
+    train_anchors: int = 32
+    fusion_rows: tuple = (16, 16384)  # a decode block's rows; a training batch's
+    copy_bytes: int = 2**31
+    matmul_size: int = 8192
+    twin_tokens: int = 128
+    iters: int = 20
+    autotune: bool = False
+    backend: str = "inductor"  # the tests count graphs with "eager"
+    deadline_s: float = 360.0
+
+
+def compute_dtype(device: torch.device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def relative_error(ours, reference) -> float:
+    """||ours - reference|| / ||reference||, in fp64 on the host."""
+    ours, reference = ours.detach().double().cpu(), reference.detach().double().cpu()
+    return float((ours - reference).norm() / reference.norm().clamp(min=1e-30))
+
+
+def first_call_s(fn, device) -> float:
+    """Seconds of fn's first call: with a compiled fn, its compilation (and CUDA-graph recording)."""
+    t0 = time.perf_counter()
+    fn()
+    generate.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def check(result: dict, ok: bool, what: str):
+    """Record a failed check in the part's result: the part fails, the run goes on."""
+    if not ok:
+        result.setdefault("failed_checks", []).append(what)
+        print(f"  FAILED: {what}", flush=True)
+
+
+@torch.no_grad()
+def part_environment(q: Quick) -> dict:
+    """Versions, and the machine's two ceilings: device-to-device copy bandwidth, bf16 matrix product rate."""
+    import triton
+
+    device = torch.device(q.device)
+    result = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        result.update(device=props.name, capability=f"{props.major}.{props.minor}",
+                      sms=props.multi_processor_count, memory_gb=round(props.total_memory / 1e9, 1),
+                      cudnn=torch.backends.cudnn.version())
+    result["copy_gbs"] = copy_bandwidth(device, q.copy_bytes)
+    a, b = (torch.randn(q.matmul_size, q.matmul_size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    result["matmul_tflops"] = 2 * q.matmul_size**3 / time_ms(lambda: a @ b, device, q.iters) / 1e9
+    print("  " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return result
+
+
+@torch.no_grad()
+def part_fusion(q: Quick) -> dict:
+    """The DFlare fusion of T = 9 target layers for D = 8 draft layers at the target's width: our kernel (the
+    dflare::fuse_layers operator, eager and inside a compiled graph) against the PyTorch fusion it replaces
+    (eager, and Inductor's kernel for it), errors against fp64, at a decode block's rows and a training
+    batch's."""
+    device, T, D, H, eps = torch.device(q.device), 9, 8, q.target.hidden_size, q.target.rms_norm_eps
+    # no CUDA graphs here: they would copy X into the graph's own input buffer at every call
+    compiled = lambda fn: torch.compile(lambda *a: fn(*a), fullgraph=True, dynamic=False, backend=q.backend)
+    systems = {"ours": fuse_layers, "ours compiled": compiled(fuse_layers), "pytorch": fuse_layers_reference,
+               "pytorch compiled": compiled(fuse_layers_reference)}
+    result = {}
+    for N in q.fusion_rows:
+        generator = torch.Generator(device).manual_seed(N)
+        x = torch.randn(N, T, H, device=device, generator=generator).to(torch.bfloat16)
+        w = torch.randn(D, T, device=device, generator=generator)
+        gamma = (1 + 0.1 * torch.randn(H, device=device, generator=generator)).to(torch.bfloat16)
+        exact = fuse_layers_reference(x.double(), w.double(), gamma.double(), eps)
+        out = fuse_layers(x, w, gamma, eps)
+        compiled_out = systems["ours compiled"](x, w, gamma, eps)
+        result[N] = row = {"error": relative_error(out, exact),
+                           "pytorch_error": relative_error(fuse_layers_reference(x, w, gamma, eps), exact),
+                           "compiled_equals_eager": torch.equal(compiled_out, out)}
+        check(result, row["error"] < 1e-2, f"N={N}: our kernel's error {row['error']:.1e} (bf16: < 1e-2)")
+        check(result, row["compiled_equals_eager"], f"N={N}: the compiled operator differs from eager")
+        moved = (x.numel() + N * D * H) * x.element_size()  # X read once, the output written once
+        for name, fn in systems.items():
+            ms = time_ms(lambda: fn(x, w, gamma, eps), device, q.iters)
+            row[name] = {"ms": ms, "gbs": moved / ms / 1e6}
+        print(f"  N={N:<6} error {row['error']:.1e} (PyTorch's {row['pytorch_error']:.1e}) | " + " | ".join(
+            f"{name} {row[name]['ms']:.4f} ms {row[name]['gbs']:.0f} GB/s" for name in systems), flush=True)
+    return result
+
+
+def checks_models(q: Quick, device, dtype):
+    """The checks target and a 1-layer DFlare draft for it, random, in dtype."""
+    target = random_model(lambda: Transformer(q.checks_target), device, dtype)
+    return target, random_model(lambda: Draft.for_target(q.checks_target, 1, block_size=q.block_size), device,
+                                dtype)
+
+
+class FirstSdpaCall(TorchFunctionMode):
+    """Keeps the arguments of the first scaled_dot_product_attention call made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.args = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.args is None:
+            self.args = (*args, kwargs.get("attn_mask"))[:4]
+        return func(*args, **kwargs)
+
+
+SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                 SDPBackend.MATH)
+
+
+def sdpa_backends(q, k, v, mask) -> dict:
+    """The backend PyTorch picks for this call, each backend's error against fp32 math (or why it refuses)."""
+    result = {"q": list(q.shape), "k": list(k.shape), "mask": list(mask.shape),
+              "chosen": SDPBackend(torch._fused_sdp_choice(q, k, v, mask)).name}
+    with sdpa_kernel([SDPBackend.MATH]):
+        reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    for backend in SDPA_BACKENDS:
+        with warnings.catch_warnings(record=True) as reasons, sdpa_kernel([backend]):
+            warnings.simplefilter("always")
+            try:
+                result[backend.name] = relative_error(F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                                                      reference)
+            except RuntimeError as e:
+                result[backend.name] = "refused: " + ([str(w.message) for w in reasons] or [str(e)])[0]
+    return result
+
+
+@torch.no_grad()
+def part_sdpa(q: Quick) -> dict:
+    """Every attention call site of the steps, on the checks target with a 1-layer DFlare draft (the real
+    heads; a cache of context + a step): the SDPA backend PyTorch picks and each backend's error against fp32
+    math. Compiled steps pick the same way (on the same shapes, at trace time)."""
+    device = torch.device(q.device)
+    target, draft = checks_models(q, device, compute_dtype(device))
+    max_seq_len = q.context + generate.step_span(q.block_size, q.tree_budget)
+    target.setup_caches(1, max_seq_len)
+    draft.setup_caches(1, max_seq_len)
+    generator = torch.Generator(device).manual_seed(0)
+    prompt = torch.randint(0, q.checks_target.vocab_size, (1, q.context), device=device, generator=generator)
+    pos = torch.full((1,), q.context, device=device)
+    block = prompt[:, :q.block_size]
+    block_pos = pos[:, None] + torch.arange(q.block_size, device=device)
+    guesses = torch.randn(1, q.block_size - 1, q.checks_target.vocab_size, device=device, generator=generator)
+    nodes, depth, parent = generate.draft_tree(guesses, q.tree_budget)
+    tree = generate.tree_layout(parent, pos, max_seq_len, q.block_size - 1)
+    ids = draft.args.target_layer_ids
+    positions = torch.arange(q.context, device=device)[None]
+    sites = {f"target prefill ({q.context})": lambda: generate.prefill(target, prompt, positions, pos - 1,
+                                                                       draft),
+             "target decode (1)": lambda: target(block[:, :1], pos[:, None]),
+             f"target verify ({q.block_size})": lambda: target(block, block_pos, capture=ids),
+             f"target tree ({nodes.shape[1]})": lambda: target(nodes, pos[:, None] + depth, capture=ids,
+                                                               tree=tree),
+             f"draft block ({q.block_size})": lambda: draft.block_logits(
+                 target, draft.noise_block(block[:, 0]), pos)}
+    result = {}
+    for site, call in sites.items():
+        with FirstSdpaCall() as first:
+            call()
+        result[site] = row = sdpa_backends(*first.args)
+        errors = [f"{b.name.split('_')[0].lower()} " + (f"{row[b.name]:.1e}" if isinstance(row[b.name], float)
+                                                        else "refused") for b in SDPA_BACKENDS]
+        print(f"  {site:<20} q {row['q']} k {row['k']}: picks {row['chosen']} | {' '.join(errors)}",
+              flush=True)
+        if device.type == "cuda":  # why a backend refuses: what a GPU run is for
+            for backend in SDPA_BACKENDS:
+                if isinstance(row[backend.name], str):
+                    print(f"    {backend.name}: {row[backend.name]}")
+        chosen = row.get(row["chosen"])
+        check(result, isinstance(chosen, float) and chosen < 2e-2,
+              f"{site}: {row['chosen']}'s error {chosen} (bf16: < 2e-2)")
+        check(result, device.type != "cuda" or row["chosen"] != "MATH",
+              f"{site}: the math fallback (fp32 scores for every head)")
+    return result
+
+
+@torch.no_grad()
+def part_prefill(q: Quick) -> dict:
+    """The compiled prefill (dynamic prompt length, no CUDA graphs) at two prompt lengths against eager, on
+    the checks target with a DFlare draft capturing the prompt's context: one graph serves both lengths."""
+    device = torch.device(q.device)
+    target, draft = checks_models(q, device, compute_dtype(device))
+    target.setup_caches(1, max(q.prefill_lengths))
+    draft.setup_caches(1, max(q.prefill_lengths))
+    compiled = generate.compile_steps(device, q.autotune, q.backend).prefill
+    result = {}
+    for n in q.prefill_lengths:
+        generator = torch.Generator(device).manual_seed(n)
+        tokens = torch.randint(0, q.checks_target.vocab_size, (1, n), device=device, generator=generator)
+        last = torch.tensor([n - 1], device=device)
+        args = (target, tokens, torch.arange(n, device=device)[None], last, draft)
+        eager = generate.prefill(*args)
+        seconds = first_call_s(lambda: compiled(*args), device)
+        result[n] = row = {"error": relative_error(compiled(*args), eager), "first_call_s": seconds}
+        print(f"  {n} tokens: compiled against eager {row['error']:.1e}, first call {seconds:.1f} s",
+              flush=True)
+        check(result, row["error"] < 3e-2, f"{n} tokens: the compiled prefill's error {row['error']:.1e}")
+    graphs = counters["stats"]["unique_graphs"]
+    check(result, graphs == 1, f"{graphs} graphs for {len(q.prefill_lengths)} lengths (one dynamic graph)")
+    return result
+
+
+@torch.no_grad()
+def part_gpt_oss(q: Quick) -> dict:
+    """GPT-OSS's attention sinks (on CUDA through flex_attention's log-sum-exp; on CPU the scores in fp32),
+    its sliding and full layers, YaRN and its MoE, on two GPT-OSS-20B layers in fp32: a prompt longer than the
+    window against a CPU copy, then compiled decode and verify forwards (CUDA graphs) against eager."""
+    device = torch.device(q.device)
+    n, bs = q.prefill_lengths[0], q.block_size
+    target = random_model(lambda: Transformer(q.gpt_oss), device, torch.float32)
+    target.setup_caches(1, n + bs)
+    with torch.device("meta"):
+        on_cpu = Transformer(q.gpt_oss)
+    on_cpu.load_state_dict({k: v.cpu() for k, v in target.state_dict().items()}, assign=True)
+    on_cpu.setup_caches(1, n + bs)
+    tokens = torch.randint(0, q.gpt_oss.vocab_size, (1, n + bs), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(n + bs)[None]
+    prompt, prompt_pos = tokens[:, :n], positions[:, :n]
+    result = {"prefill_error": relative_error(target(prompt.to(device), prompt_pos.to(device))[0],
+                                              on_cpu(prompt, prompt_pos)[0])}
+    forward = compile_static(lambda t, tokens, positions: t(tokens, positions)[0], device, q.autotune,
+                             q.backend)
+    for name, span in [("decode", slice(n, n + 1)), ("verify", slice(n, n + bs))]:
+        args = (target, tokens[:, span].to(device), positions[:, span].to(device))
+        eager = target(*args[1:])[0]
+        result[f"{name}_first_call_s"] = first_call_s(lambda: forward(*args), device)
+        result[f"{name}_error"] = relative_error(forward(*args), eager)
+    print(f"  prefill ({n} tokens) against the CPU {result['prefill_error']:.1e} | compiled against eager: "
+          f"decode {result['decode_error']:.1e}, verify ({bs} tokens) {result['verify_error']:.1e}",
+          flush=True)
+    for name in ("prefill_error", "decode_error", "verify_error"):
+        check(result, result[name] < 1e-3, f"{name} {result[name]:.1e} (fp32: < 1e-3)")
+    return result
+
+
+def training_step(draft, target, batch, autocast):
+    """train.block_loss and its backward: the loss and the draft's gradients."""
+    draft.zero_grad()
+    loss, _ = train.block_loss(draft, draft, target, *batch, None, autocast)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in draft.named_parameters()}
+
+
+def part_training(q: Quick) -> dict:
+    """A training step on the device's path (on CUDA: block-sparse flex_attention, compiled, and its backward;
+    the fusion kernel's backward) against the same step on the CPU path (dense masks, a chunk of blocks at a
+    time), both fp32, checks target, 2-layer DFlare draft: the loss and every gradient. Then the step as
+    train.py runs it (fp32 weights under bf16 autocast on CUDA), timed."""
+    device = torch.device(q.device)
+    target = random_model(lambda: Transformer(q.checks_target), device, torch.float32)
+    draft = Draft.for_target(q.checks_target, num_layers=2, block_size=q.block_size).to(device)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, q.checks_target.vocab_size, q.train_tokens)
+    samples = [(tokens, np.ones(q.train_tokens, np.float32))]
+    anchors = [np.sort(rng.choice(q.train_tokens - q.block_size, q.train_anchors, replace=False))]
+    batch = lambda on: train.make_batch(samples, anchors, q.block_size, 7.0, on)
+    fp32 = torch.autocast(device.type, enabled=False)
+    loss, grads = training_step(draft, target, batch(device), fp32)
+    grads = {name: g.cpu() for name, g in grads.items()}
+    ref_loss, ref_grads = training_step(draft.cpu(), target.cpu(), batch("cpu"), fp32)  # the same models
+    result = {"loss_error": relative_error(loss, ref_loss),
+              "grad_errors": {name: relative_error(grads[name], ref_grads[name]) for name in grads}}
+    worst = max(result["grad_errors"], key=result["grad_errors"].get)
+    worst_error = result["grad_errors"][worst]
+    print(f"  {q.train_tokens} tokens, {q.train_anchors} blocks of {q.block_size}: loss against the CPU "
+          f"{result['loss_error']:.1e}, worst gradient ({worst}) {worst_error:.1e}", flush=True)
+    check(result, result["loss_error"] < 1e-4, f"loss error {result['loss_error']:.1e} (< 1e-4)")
+    check(result, worst_error < 1e-3, f"{worst}'s gradient error {worst_error:.1e} (< 1e-3)")
+    target, draft = target.to(device, compute_dtype(device)), draft.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    result["step_ms"] = time_ms(lambda: training_step(draft, target, batch(device), autocast), device, 5)
+    print(f"  the step as train.py runs it: {result['step_ms']:.1f} ms", flush=True)
+    return result
+
+
+def step_calls(target, draft, steps, q: Quick) -> dict:
+    """The three steps as calls on fixed inputs, decoding at position q.context."""
+    device = target.embed_tokens.weight.device
+    token = torch.randint(0, target.args.vocab_size, (1,), device=device)
+    pos = torch.full((1,), q.context, device=device)
+    active, sampling = torch.ones(1, dtype=torch.bool, device=device), generate.Sampling()
+    return {"AR decode (1 token)": lambda: steps.decode(target, token[:, None], pos[:, None], sampling),
+            f"speculative step (block {q.block_size})":
+                lambda: steps.speculative(target, draft, token, pos, active, sampling, q.block_size),
+            f"tree step ({q.tree_budget} nodes)":
+                lambda: steps.tree(target, draft, token, pos, active, sampling, q.block_size, q.tree_budget)}
+
+
+@torch.no_grad()
+def part_steps(q: Quick) -> dict:
+    """AR decode, the speculative step and one tree step of the target (Qwen3-8B-shaped, bf16) with a DFlare
+    draft, eager and compiled (CUDA graphs): ms per step, the weight bandwidth of an AR step, and the speedup
+    at the papers' acceptance length (tau 6.5; random weights accept nothing)."""
+    device = torch.device(q.device)
+    dtype = compute_dtype(device)
+    target = random_model(lambda: Transformer(q.target), device, dtype)
+    draft = random_model(lambda: Draft.for_target(q.target, q.draft_layers, block_size=q.block_size), device,
+                         dtype)
+    max_seq_len = q.context + generate.step_span(q.block_size, q.tree_budget)
+    target.setup_caches(1, max_seq_len)
+    draft.setup_caches(1, max_seq_len)
+    weight_bytes = generate.weight_bytes_per_step(target)
+    print(f"  target {q.target.num_hidden_layers} layers, hidden {q.target.hidden_size}, {dtype}, "
+          f"{weight_bytes / 1e9:.2f} GB of weights a step; DFlare {q.draft_layers} layers over "
+          f"{len(draft.args.target_layer_ids)} target layers; context {q.context}", flush=True)
+    result = {"weight_gb": weight_bytes / 1e9}
+    compiled = generate.compile_steps(device, q.autotune, q.backend)
+    for kind, steps in [("eager", generate.EAGER), ("compiled", compiled)]:
+        for name, call in step_calls(target, draft, steps, q).items():
+            row = result.setdefault(name, {})
+            compiling = f" (compiled in {first_call_s(call, device):.0f} s)" if kind == "compiled" else ""
+            row[f"{kind}_ms"] = time_ms(call, device, q.iters)
+            print(f"  {kind:<8} {name:<28} {row[f'{kind}_ms']:>8.3f} ms{compiling}", flush=True)
+    ar_ms = result["AR decode (1 token)"]["compiled_ms"]
+    step_ms = result[f"speculative step (block {q.block_size})"]["compiled_ms"]
+    result["ar_weight_gbs"] = weight_bytes / ar_ms / 1e6
+    result["projected_speedup_at_tau_6_5"] = 6.5 * ar_ms / step_ms
+    print(f"  compiled: the AR step reads the weights at {result['ar_weight_gbs']:.0f} GB/s; a speculative "
+          f"step costs {step_ms / ar_ms:.2f} AR steps: {6.5 * ar_ms / step_ms:.2f}x at tau 6.5", flush=True)
+    return result
+
+
+@torch.no_grad()
+def part_twin(q: Quick) -> dict:
+    """The committed demo DFlare draft on demo/twin (SmolLM2-135M-Instruct's config and tokenizer with random
+    weights, built without network): AR and speculative decoding of the demo prompt, compiled, tokens/s. On
+    random weights the draft's guesses are never accepted: its tau means nothing here, its step times do."""
+    device, folder = torch.device(q.device), generate.DEMO / "twin"
+    generate.build_demo_target(folder)
+    target = load_checkpoint(folder, device, compute_dtype(device))
+    draft = generate.load_draft(generate.DEMO / "dflare", target, device, compute_dtype(device))
+    prompt = load_tokenizer(folder).encode(chat_prompt([{"role": "user", "content": generate.DEMO_PROMPT}],
+                                                        chat_format(folder)))
+    steps = generate.compile_steps(device, q.autotune, q.backend)._replace(prefill=generate.prefill)
+    target.setup_caches(1, len(prompt) + q.twin_tokens + draft.args.block_size)
+    draft.setup_caches(1, len(prompt) + q.twin_tokens + draft.args.block_size)
+    result = {}
+    for name, d in [("autoregressive", None), ("DFlare (demo/dflare)", draft)]:
+        run = lambda n: generate.generate(target, [prompt], n, generate.Sampling(), draft=d,
+                                          block_size=draft.args.block_size, steps=steps)[1]
+        compile_s = first_call_s(lambda: run(4), device)
+        stats = run(q.twin_tokens)
+        result[name] = row = {"tokens_per_s": stats["tokens_per_s"], "step_ms": 1000 / stats["steps_per_s"]}
+        if d is not None:
+            row["tau_meaningless"] = sum(stats["acceptance_lengths"][0]) / len(stats["acceptance_lengths"][0])
+        tau = f"; tau {row['tau_meaningless']:.2f}, meaningless on random weights" if d is not None else ""
+        print(f"  {name:<22} {row['tokens_per_s']:>8.1f} tokens/s, {row['step_ms']:.2f} ms a step "
+              f"(compiled in {compile_s:.0f} s){tau}", flush=True)
+    return result
+
+
+# (part, its time limit in s): cheapest first, so that the slow step timings cannot starve the checks
+QUICK_PARTS = [(part_environment, 60), (part_fusion, 90), (part_sdpa, 90), (part_prefill, 120),
+               (part_gpt_oss, 150), (part_training, 150), (part_steps, 300), (part_twin, 240)]
+
+
+def run_part(part, q: Quick, send):
+    """In the part's own process: run it and send back its result, with the graphs it compiled, the CUDA
+    graphs Inductor skipped and its peak CUDA memory."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        result = part(q)
+    except Exception as e:  # reported; the run goes on
+        traceback.print_exc(file=sys.stdout)
+        result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+    result.update(compiled_graphs=counters["stats"]["unique_graphs"],
+                  cudagraph_skips=counters["inductor"]["cudagraph_skips"])
+    skips = result["cudagraph_skips"]
+    check(result, not skips, f"{skips} CUDA graphs skipped (the warnings above say why)")
+    if torch.cuda.is_available():
+        result["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    result["ok"] = "error" not in result and not result.get("failed_checks")
+    send.send(result)
+
+
+def run_in_process(part, q: Quick, limit: float) -> dict:
+    """run_part in a fresh (spawned) process: CUDA state does not survive a fork, and a CUDA error poisons the
+    process it happens in. Killed after limit seconds."""
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=run_part, args=(part, q, send))
+    process.start()
+    send.close()
+    result = {"ok": False, "error": f"timed out after {limit:.0f} s"}
+    if receive.poll(limit):
+        try:
+            result = receive.recv()
+        except EOFError:  # it died without a word
+            process.join(30)
+            result = {"ok": False, "error": f"the process died (exit code {process.exitcode})"}
+        process.join(30)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    return result
+
+
+def run_quick(q: Quick) -> dict:
+    """Every part in order, within the run's deadline; prints as it goes, then a summary and the JSON line."""
+    deadline = time.monotonic() + q.deadline_s
+    print(f"quick GPU check on {q.device}: {len(QUICK_PARTS)} parts within {q.deadline_s:.0f} s", flush=True)
+    parts = {}
+    for part, limit in QUICK_PARTS:
+        name, t0 = part.__name__.removeprefix("part_"), time.monotonic()
+        limit = min(limit, deadline - t0)
+        if limit < 10:
+            parts[name] = result = {"ok": False, "error": "skipped: the run's time is up"}
+        else:
+            print(f"[{name}]", flush=True)
+            parts[name] = result = run_in_process(part, q, limit)
+        result["seconds"] = time.monotonic() - t0
+        problems = result.get("failed_checks", []) + ([result["error"]] if "error" in result else [])
+        status = "ok" if result["ok"] else "FAILED: " + "; ".join(problems)
+        print(f"[{name}] {status} ({result['seconds']:.0f} s)", flush=True)
+    summary = {"device": q.device, "autotune": q.autotune, "parts": parts,
+               "compiled_graphs": sum(p.get("compiled_graphs", 0) for p in parts.values()),
+               "cudagraph_skips": sum(p.get("cudagraph_skips", 0) for p in parts.values()),
+               "failed": [name for name, p in parts.items() if not p["ok"]]}
+    print(f"{len(parts) - len(summary['failed'])}/{len(parts)} parts ok; {summary['compiled_graphs']} graphs "
+          f"compiled, {summary['cudagraph_skips']} CUDA graphs skipped", flush=True)
+    print("JSON " + json.dumps(summary, default=str), flush=True)
+    return summary
