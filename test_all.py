@@ -3245,7 +3245,9 @@ def test_block_loss_matches_the_dense_formulation(fusion, chunked, monkeypatch, 
     assert torch.equal(stats, ref_stats)
     for name, p in draft.named_parameters():
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # the two formulations sum in other orders: fp32 rounding, relative to the gradient's scale
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6 * p.grad.abs().max().item(),
+                                   msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
