@@ -277,6 +277,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt set")
     args = p.parse_args(argv)
+    if (args.quick or args.autotune) and not args.gpu:
+        p.error("--quick and --autotune go with --gpu")
     if not args.gpu and not args.memory and not args.checkpoint:  # the embedded demo pair, and its 1-layer DFlare
         if not (generate.DEMO / "dflare" / "config.json").is_file():
             p.error("pass --checkpoint TARGET_DIR (and --draft DRAFT_DIR ...), or --gpu (the embedded demo's drafts "
@@ -297,12 +299,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.gpu:
-        if args.quick:
-            return gpu_check.run_quick(gpu_check.Quick(device=str(generate.pick_device(args.device)),
-                                                       autotune=args.autotune))
         if not torch.cuda.is_available():
-            raise InputError("--gpu needs a CUDA device (--gpu --quick runs on a CPU too); on CPU run the "
-                             "prompt-set benchmark with --checkpoint")
+            raise InputError("--gpu needs a CUDA device: on CPU run the prompt-set benchmark with --checkpoint")
+        if args.quick:
+            device = str(generate.pick_device(args.device))
+            return gpu_check.run_quick(gpu_check.Quick(device=device, autotune=args.autotune))
         # no math-kernel fallback: an attention call the fused kernels refuse fails here, loudly
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
             for compile in (False, True):

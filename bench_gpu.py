@@ -27,9 +27,12 @@ QWEN3_8B = ModelArgs(model_type="qwen3", vocab_size=151936, hidden_size=4096, nu
 
 def random_model(module_fn, device, dtype):
     """A module built on the meta device and allocated once, in dtype, on device, with small random weights
-    (RMSNorm weights stay 1): no host copy, no fp32 first (a Qwen3-8B in fp32 would be 33 GB)."""
+    (RMSNorm weights stay 1): no host copy, no fp32 first (a Qwen3-8B in fp32 would be 33 GB). A DFlare
+    draft's fusion logits stay fp32, as Draft.from_pretrained loads them."""
     with torch.device("meta"):
         module = module_fn().to(dtype)
+        if isinstance(module, Draft) and module.args.fusion == "layerwise":
+            module.layer_fusion_weights.data = module.layer_fusion_weights.data.float()
     module = module.to_empty(device=device)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -106,8 +109,6 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
         draft = random_model(lambda: Draft.for_target(target_args, num_layers=n_layers, fusion=fusion,
                                                       block_size=block_size), device, dtype)
         name = f"{'DFlare' if fusion == 'layerwise' else 'DFlash'} {n_layers}L"
-        if fusion == "layerwise":
-            draft.layer_fusion_weights.data = draft.layer_fusion_weights.data.float()
         draft.setup_caches(1, max_seq_len)
         ids = draft.args.target_layer_ids
         draft_block = maybe_compile(lambda d, t, tokens, p: d.block_logits(t, d.noise_block(tokens[:, 0]), p))

@@ -4,22 +4,26 @@ Random weights in real shapes, nothing downloaded. Each part runs in a fresh pro
 crash, a hang or a CUDA error in one is reported and the next still runs; each prints as it goes, a failing
 check says what failed, and a JSON summary (one line, "JSON {...}") ends the run. Per part the summary also
 counts the graphs torch.compile built and the CUDA graphs Inductor skipped (a fallback Inductor only logs;
-here it fails the part). Compiled steps are CUDA graphs, without max-autotune's GEMM search unless --autotune.
-The parts, cheapest first:
+here it fails the part). A part cut short at its limit reports what it measured until then. Compiled steps
+are CUDA graphs, without max-autotune's GEMM search unless --autotune. The parts, in order:
 
   environment  versions; the two ceilings: device-to-device copy GB/s, bf16 matrix product TFLOP/s
-  fusion       our fusion kernel (eager, compiled) against the PyTorch fusion (eager, Inductor's): error, GB/s
+  fusion       our fusion kernel (eager, compiled) against the PyTorch fusion (eager, Inductor's): errors of
+               the forward and the backward against fp64, GB/s
   sdpa         per attention call site of the steps: the SDPA backend PyTorch picks, each backend's error
-  prefill      the compiled prefill (dynamic length) at two prompt lengths against eager
-  gpt_oss      GPT-OSS sinks (flex_attention), windows, YaRN, MoE: against a CPU copy; compiled against eager
-  training     a training step (block-sparse flex_attention and its backward) against the CPU path
   steps        AR decode, speculative step, tree step of a Qwen3-8B-shaped target: eager and compiled ms
-  twin         the committed demo drafts on demo/twin (the demo target's shapes, random weights): tokens/s
+  prefill      the compiled prefill (dynamic length) at two prompt lengths against eager
+  gpt_oss      GPT-OSS sinks (flex_attention), windows, YaRN, MoE in fp32: eager and CUDA-graph replays
+               against a CPU copy
+  training     a training step (block-sparse flex_attention and its backward) against the CPU path
+  twin         the committed demo draft on demo/twin (the demo target's shapes, random weights): tokens/s
 """
 import dataclasses
 import json
 import multiprocessing
+import os
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -105,12 +109,12 @@ def check(result: dict, ok: bool, what: str):
 
 
 @torch.no_grad()
-def part_environment(q: Quick) -> dict:
+def part_environment(q: Quick, result: dict):
     """Versions, and the machine's two ceilings: device-to-device copy bandwidth, bf16 matrix product rate."""
     import triton
 
     device = torch.device(q.device)
-    result = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
+    result.update(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         result.update(device=props.name, capability=f"{props.major}.{props.minor}",
@@ -120,41 +124,52 @@ def part_environment(q: Quick) -> dict:
     a, b = (torch.randn(q.matmul_size, q.matmul_size, device=device, dtype=torch.bfloat16) for _ in range(2))
     result["matmul_tflops"] = 2 * q.matmul_size**3 / time_ms(lambda: a @ b, device, q.iters) / 1e9
     print("  " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
-    return result
 
 
-@torch.no_grad()
-def part_fusion(q: Quick) -> dict:
-    """The DFlare fusion of T = 9 target layers for D = 8 draft layers at the target's width: our kernel (the
-    dflare::fuse_layers operator, eager and inside a compiled graph) against the PyTorch fusion it replaces
-    (eager, and Inductor's kernel for it), errors against fp64, at a decode block's rows and a training
-    batch's."""
+def fusion_gradients(fuse, x, w, gamma, grad_out, eps):
+    """The gradients of the fusion logits and the norm weight through `fuse` (compiled or not)."""
+    w, gamma = w.detach().requires_grad_(), gamma.detach().requires_grad_()
+    return torch.autograd.grad(fuse(x, w, gamma, eps), (w, gamma), grad_out)
+
+
+def part_fusion(q: Quick, result: dict):
+    """The DFlare fusion of T = 9 target layers for D = 8 draft layers at the target's width: our kernels (the
+    dflare::fuse_layers operator and its backward, eager and inside compiled graphs, where Inductor passes eps
+    as fp64) against fp64, the compiled forward bit for bit against the eager one; the forward timed against
+    the PyTorch fusion it replaces (eager, and Inductor's kernel for it), at a decode block's rows and a
+    training batch's. At 16 rows the time is the launch's; inside a step's CUDA graph that cost is gone."""
     device, T, D, H, eps = torch.device(q.device), 9, 8, q.target.hidden_size, q.target.rms_norm_eps
     # no CUDA graphs here: they would copy X into the graph's own input buffer at every call
     compiled = lambda fn: torch.compile(lambda *a: fn(*a), fullgraph=True, dynamic=False, backend=q.backend)
     systems = {"ours": fuse_layers, "ours compiled": compiled(fuse_layers), "pytorch": fuse_layers_reference,
                "pytorch compiled": compiled(fuse_layers_reference)}
-    result = {}
     for N in q.fusion_rows:
         generator = torch.Generator(device).manual_seed(N)
-        x = torch.randn(N, T, H, device=device, generator=generator).to(torch.bfloat16)
+        x, grad_out = (torch.randn(*shape, device=device, generator=generator).to(torch.bfloat16)
+                       for shape in [(N, T, H), (N, D, H)])
         w = torch.randn(D, T, device=device, generator=generator)
         gamma = (1 + 0.1 * torch.randn(H, device=device, generator=generator)).to(torch.bfloat16)
-        exact = fuse_layers_reference(x.double(), w.double(), gamma.double(), eps)
-        out = fuse_layers(x, w, gamma, eps)
-        compiled_out = systems["ours compiled"](x, w, gamma, eps)
+        as64 = [t.double() for t in (x, w, gamma, grad_out)]
+        with torch.no_grad():
+            out, exact = fuse_layers(x, w, gamma, eps), fuse_layers_reference(*as64[:3], eps)
+            compiled_out = systems["ours compiled"](x, w, gamma, eps)
+        exact_grads = fusion_gradients(fuse_layers_reference, *as64, eps)  # autograd through the fp64 fusion
         result[N] = row = {"error": relative_error(out, exact),
-                           "pytorch_error": relative_error(fuse_layers_reference(x, w, gamma, eps), exact),
                            "compiled_equals_eager": torch.equal(compiled_out, out)}
+        for name in ("ours", "ours compiled"):
+            grads = fusion_gradients(systems[name], x, w, gamma.float(), grad_out, eps)  # fp32, as trained
+            row[f"{name} gradient errors"] = [relative_error(g, e) for g, e in zip(grads, exact_grads)]
         check(result, row["error"] < 1e-2, f"N={N}: our kernel's error {row['error']:.1e} (bf16: < 1e-2)")
         check(result, row["compiled_equals_eager"], f"N={N}: the compiled operator differs from eager")
+        worst = max(row["ours gradient errors"] + row["ours compiled gradient errors"])
+        check(result, worst < 1e-3, f"N={N}: our backward's error {worst:.1e} (< 1e-3)")
         moved = (x.numel() + N * D * H) * x.element_size()  # X read once, the output written once
-        for name, fn in systems.items():
-            ms = time_ms(lambda: fn(x, w, gamma, eps), device, q.iters)
-            row[name] = {"ms": ms, "gbs": moved / ms / 1e6}
-        print(f"  N={N:<6} error {row['error']:.1e} (PyTorch's {row['pytorch_error']:.1e}) | " + " | ".join(
+        with torch.no_grad():
+            for name, fn in systems.items():
+                ms = time_ms(lambda: fn(x, w, gamma, eps), device, q.iters)
+                row[name] = {"ms": ms, "gbs": moved / ms / 1e6}
+        print(f"  N={N:<6} errors: forward {row['error']:.1e}, gradients {worst:.1e} | " + " | ".join(
             f"{name} {row[name]['ms']:.4f} ms {row[name]['gbs']:.0f} GB/s" for name in systems), flush=True)
-    return result
 
 
 def checks_models(q: Quick, device, dtype):
@@ -194,13 +209,15 @@ def sdpa_backends(q, k, v, mask) -> dict:
             try:
                 result[backend.name] = relative_error(F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                                                       reference)
-            except RuntimeError as e:
-                result[backend.name] = "refused: " + ([str(w.message) for w in reasons] or [str(e)])[0]
+            except RuntimeError as e:  # the warnings give the reasons: leave out headers and other backends
+                why = [str(w.message) for w in reasons if not str(w.message).rstrip().endswith("because:")
+                       and "runtime disabled" not in str(w.message)]
+                result[backend.name] = "refused: " + " / ".join(why or [str(e).splitlines()[0]])
     return result
 
 
 @torch.no_grad()
-def part_sdpa(q: Quick) -> dict:
+def part_sdpa(q: Quick, result: dict):
     """Every attention call site of the steps, on the checks target with a 1-layer DFlare draft (the real
     heads; a cache of context + a step): the SDPA backend PyTorch picks and each backend's error against fp32
     math. Compiled steps pick the same way (on the same shapes, at trace time)."""
@@ -227,7 +244,6 @@ def part_sdpa(q: Quick) -> dict:
                                                                tree=tree),
              f"draft block ({q.block_size})": lambda: draft.block_logits(
                  target, draft.noise_block(block[:, 0]), pos)}
-    result = {}
     for site, call in sites.items():
         with FirstSdpaCall() as first:
             call()
@@ -245,106 +261,6 @@ def part_sdpa(q: Quick) -> dict:
               f"{site}: {row['chosen']}'s error {chosen} (bf16: < 2e-2)")
         check(result, device.type != "cuda" or row["chosen"] != "MATH",
               f"{site}: the math fallback (fp32 scores for every head)")
-    return result
-
-
-@torch.no_grad()
-def part_prefill(q: Quick) -> dict:
-    """The compiled prefill (dynamic prompt length, no CUDA graphs) at two prompt lengths against eager, on
-    the checks target with a DFlare draft capturing the prompt's context: one graph serves both lengths."""
-    device = torch.device(q.device)
-    target, draft = checks_models(q, device, compute_dtype(device))
-    target.setup_caches(1, max(q.prefill_lengths))
-    draft.setup_caches(1, max(q.prefill_lengths))
-    compiled = generate.compile_steps(device, q.autotune, q.backend).prefill
-    result = {}
-    for n in q.prefill_lengths:
-        generator = torch.Generator(device).manual_seed(n)
-        tokens = torch.randint(0, q.checks_target.vocab_size, (1, n), device=device, generator=generator)
-        last = torch.tensor([n - 1], device=device)
-        args = (target, tokens, torch.arange(n, device=device)[None], last, draft)
-        eager = generate.prefill(*args)
-        seconds = first_call_s(lambda: compiled(*args), device)
-        result[n] = row = {"error": relative_error(compiled(*args), eager), "first_call_s": seconds}
-        print(f"  {n} tokens: compiled against eager {row['error']:.1e}, first call {seconds:.1f} s",
-              flush=True)
-        check(result, row["error"] < 3e-2, f"{n} tokens: the compiled prefill's error {row['error']:.1e}")
-    graphs = counters["stats"]["unique_graphs"]
-    check(result, graphs == 1, f"{graphs} graphs for {len(q.prefill_lengths)} lengths (one dynamic graph)")
-    return result
-
-
-@torch.no_grad()
-def part_gpt_oss(q: Quick) -> dict:
-    """GPT-OSS's attention sinks (on CUDA through flex_attention's log-sum-exp; on CPU the scores in fp32),
-    its sliding and full layers, YaRN and its MoE, on two GPT-OSS-20B layers in fp32: a prompt longer than the
-    window against a CPU copy, then compiled decode and verify forwards (CUDA graphs) against eager."""
-    device = torch.device(q.device)
-    n, bs = q.prefill_lengths[0], q.block_size
-    target = random_model(lambda: Transformer(q.gpt_oss), device, torch.float32)
-    target.setup_caches(1, n + bs)
-    with torch.device("meta"):
-        on_cpu = Transformer(q.gpt_oss)
-    on_cpu.load_state_dict({k: v.cpu() for k, v in target.state_dict().items()}, assign=True)
-    on_cpu.setup_caches(1, n + bs)
-    tokens = torch.randint(0, q.gpt_oss.vocab_size, (1, n + bs), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(n + bs)[None]
-    prompt, prompt_pos = tokens[:, :n], positions[:, :n]
-    result = {"prefill_error": relative_error(target(prompt.to(device), prompt_pos.to(device))[0],
-                                              on_cpu(prompt, prompt_pos)[0])}
-    forward = compile_static(lambda t, tokens, positions: t(tokens, positions)[0], device, q.autotune,
-                             q.backend)
-    for name, span in [("decode", slice(n, n + 1)), ("verify", slice(n, n + bs))]:
-        args = (target, tokens[:, span].to(device), positions[:, span].to(device))
-        eager = target(*args[1:])[0]
-        result[f"{name}_first_call_s"] = first_call_s(lambda: forward(*args), device)
-        result[f"{name}_error"] = relative_error(forward(*args), eager)
-    print(f"  prefill ({n} tokens) against the CPU {result['prefill_error']:.1e} | compiled against eager: "
-          f"decode {result['decode_error']:.1e}, verify ({bs} tokens) {result['verify_error']:.1e}",
-          flush=True)
-    for name in ("prefill_error", "decode_error", "verify_error"):
-        check(result, result[name] < 1e-3, f"{name} {result[name]:.1e} (fp32: < 1e-3)")
-    return result
-
-
-def training_step(draft, target, batch, autocast):
-    """train.block_loss and its backward: the loss and the draft's gradients."""
-    draft.zero_grad()
-    loss, _ = train.block_loss(draft, draft, target, *batch, None, autocast)
-    loss.backward()
-    return loss.detach(), {name: p.grad for name, p in draft.named_parameters()}
-
-
-def part_training(q: Quick) -> dict:
-    """A training step on the device's path (on CUDA: block-sparse flex_attention, compiled, and its backward;
-    the fusion kernel's backward) against the same step on the CPU path (dense masks, a chunk of blocks at a
-    time), both fp32, checks target, 2-layer DFlare draft: the loss and every gradient. Then the step as
-    train.py runs it (fp32 weights under bf16 autocast on CUDA), timed."""
-    device = torch.device(q.device)
-    target = random_model(lambda: Transformer(q.checks_target), device, torch.float32)
-    draft = Draft.for_target(q.checks_target, num_layers=2, block_size=q.block_size).to(device)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, q.checks_target.vocab_size, q.train_tokens)
-    samples = [(tokens, np.ones(q.train_tokens, np.float32))]
-    anchors = [np.sort(rng.choice(q.train_tokens - q.block_size, q.train_anchors, replace=False))]
-    batch = lambda on: train.make_batch(samples, anchors, q.block_size, 7.0, on)
-    fp32 = torch.autocast(device.type, enabled=False)
-    loss, grads = training_step(draft, target, batch(device), fp32)
-    grads = {name: g.cpu() for name, g in grads.items()}
-    ref_loss, ref_grads = training_step(draft.cpu(), target.cpu(), batch("cpu"), fp32)  # the same models
-    result = {"loss_error": relative_error(loss, ref_loss),
-              "grad_errors": {name: relative_error(grads[name], ref_grads[name]) for name in grads}}
-    worst = max(result["grad_errors"], key=result["grad_errors"].get)
-    worst_error = result["grad_errors"][worst]
-    print(f"  {q.train_tokens} tokens, {q.train_anchors} blocks of {q.block_size}: loss against the CPU "
-          f"{result['loss_error']:.1e}, worst gradient ({worst}) {worst_error:.1e}", flush=True)
-    check(result, result["loss_error"] < 1e-4, f"loss error {result['loss_error']:.1e} (< 1e-4)")
-    check(result, worst_error < 1e-3, f"{worst}'s gradient error {worst_error:.1e} (< 1e-3)")
-    target, draft = target.to(device, compute_dtype(device)), draft.to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    result["step_ms"] = time_ms(lambda: training_step(draft, target, batch(device), autocast), device, 5)
-    print(f"  the step as train.py runs it: {result['step_ms']:.1f} ms", flush=True)
-    return result
 
 
 def step_calls(target, draft, steps, q: Quick) -> dict:
@@ -361,7 +277,7 @@ def step_calls(target, draft, steps, q: Quick) -> dict:
 
 
 @torch.no_grad()
-def part_steps(q: Quick) -> dict:
+def part_steps(q: Quick, result: dict):
     """AR decode, the speculative step and one tree step of the target (Qwen3-8B-shaped, bf16) with a DFlare
     draft, eager and compiled (CUDA graphs): ms per step, the weight bandwidth of an AR step, and the speedup
     at the papers' acceptance length (tau 6.5; random weights accept nothing)."""
@@ -377,13 +293,15 @@ def part_steps(q: Quick) -> dict:
     print(f"  target {q.target.num_hidden_layers} layers, hidden {q.target.hidden_size}, {dtype}, "
           f"{weight_bytes / 1e9:.2f} GB of weights a step; DFlare {q.draft_layers} layers over "
           f"{len(draft.args.target_layer_ids)} target layers; context {q.context}", flush=True)
-    result = {"weight_gb": weight_bytes / 1e9}
+    result["weight_gb"] = weight_bytes / 1e9
     compiled = generate.compile_steps(device, q.autotune, q.backend)
     for kind, steps in [("eager", generate.EAGER), ("compiled", compiled)]:
         for name, call in step_calls(target, draft, steps, q).items():
             row = result.setdefault(name, {})
-            compiling = f" (compiled in {first_call_s(call, device):.0f} s)" if kind == "compiled" else ""
+            if kind == "compiled":
+                row["compile_s"] = first_call_s(call, device)
             row[f"{kind}_ms"] = time_ms(call, device, q.iters)
+            compiling = f" (compiled in {row['compile_s']:.0f} s)" if kind == "compiled" else ""
             print(f"  {kind:<8} {name:<28} {row[f'{kind}_ms']:>8.3f} ms{compiling}", flush=True)
     ar_ms = result["AR decode (1 token)"]["compiled_ms"]
     step_ms = result[f"speculative step (block {q.block_size})"]["compiled_ms"]
@@ -391,11 +309,101 @@ def part_steps(q: Quick) -> dict:
     result["projected_speedup_at_tau_6_5"] = 6.5 * ar_ms / step_ms
     print(f"  compiled: the AR step reads the weights at {result['ar_weight_gbs']:.0f} GB/s; a speculative "
           f"step costs {step_ms / ar_ms:.2f} AR steps: {6.5 * ar_ms / step_ms:.2f}x at tau 6.5", flush=True)
-    return result
 
 
 @torch.no_grad()
-def part_twin(q: Quick) -> dict:
+def part_prefill(q: Quick, result: dict):
+    """The compiled prefill (dynamic prompt length, no CUDA graphs) at two prompt lengths against eager, on
+    the checks target with a DFlare draft capturing the prompt's context: one graph serves both lengths."""
+    device = torch.device(q.device)
+    target, draft = checks_models(q, device, compute_dtype(device))
+    target.setup_caches(1, max(q.prefill_lengths))
+    draft.setup_caches(1, max(q.prefill_lengths))
+    compiled = generate.compile_steps(device, q.autotune, q.backend).prefill
+    for n in q.prefill_lengths:
+        generator = torch.Generator(device).manual_seed(n)
+        tokens = torch.randint(0, q.checks_target.vocab_size, (1, n), device=device, generator=generator)
+        last = torch.tensor([n - 1], device=device)
+        args = (target, tokens, torch.arange(n, device=device)[None], last, draft)
+        eager = generate.prefill(*args)
+        seconds = first_call_s(lambda: compiled(*args), device)
+        result[n] = row = {"error": relative_error(compiled(*args), eager), "first_call_s": seconds}
+        print(f"  {n} tokens: compiled against eager {row['error']:.1e}, first call {seconds:.1f} s",
+              flush=True)
+        check(result, row["error"] < 3e-2, f"{n} tokens: the compiled prefill's error {row['error']:.1e}")
+    graphs = counters["stats"]["unique_graphs"]
+    check(result, graphs == 1, f"{graphs} graphs for {len(q.prefill_lengths)} lengths (one dynamic graph)")
+
+
+@torch.no_grad()
+def part_gpt_oss(q: Quick, result: dict):
+    """GPT-OSS's attention sinks (on CUDA through flex_attention's log-sum-exp; on CPU the scores in fp32),
+    its sliding and full layers, YaRN and its MoE, on two GPT-OSS-20B layers in fp32, against a CPU copy: a
+    prompt longer than the window (eager), then decode and verify forwards compiled (CUDA-graph replays)."""
+    device = torch.device(q.device)
+    n, bs = q.prefill_lengths[0], q.block_size
+    target = random_model(lambda: Transformer(q.gpt_oss), device, torch.float32)
+    target.setup_caches(1, n + bs)
+    with torch.device("meta"):
+        on_cpu = Transformer(q.gpt_oss)
+    on_cpu.load_state_dict({k: v.cpu() for k, v in target.state_dict().items()}, assign=True)
+    on_cpu.setup_caches(1, n + bs)
+    tokens = torch.randint(0, q.gpt_oss.vocab_size, (1, n + bs), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(n + bs)[None]
+    prompt, prompt_pos = tokens[:, :n], positions[:, :n]
+    result["prefill_error"] = relative_error(target(prompt.to(device), prompt_pos.to(device))[0],
+                                             on_cpu(prompt, prompt_pos)[0])
+    forward = compile_static(lambda t, tokens, positions: t(tokens, positions)[0], device, q.autotune,
+                             q.backend)
+    for name, span in [("decode", slice(n, n + 1)), ("verify", slice(n, n + bs))]:
+        reference = on_cpu(tokens[:, span], positions[:, span])[0]
+        call = lambda: forward(target, tokens[:, span].to(device), positions[:, span].to(device))
+        result[f"{name}_compile_s"] = first_call_s(call, device)
+        call()  # the second call records the CUDA graph: the third replays it
+        result[f"{name}_error"] = relative_error(call(), reference)
+    print(f"  against the CPU: prefill ({n} tokens, eager) {result['prefill_error']:.1e}, compiled decode "
+          f"{result['decode_error']:.1e}, compiled verify ({bs} tokens) {result['verify_error']:.1e}",
+          flush=True)
+    for name in ("prefill_error", "decode_error", "verify_error"):
+        check(result, result[name] < 1e-3, f"{name} {result[name]:.1e} (fp32: < 1e-3)")
+
+
+def training_step(draft, target, batch):
+    """train.block_loss (fp32) and its backward: the loss and the draft's gradients."""
+    draft.zero_grad()
+    loss, _ = train.block_loss(draft, draft, target, *batch, None, torch.autocast("cpu", enabled=False))
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in draft.named_parameters()}
+
+
+def part_training(q: Quick, result: dict):
+    """A training step on the device's path (on CUDA: block-sparse flex_attention, compiled, and its backward;
+    the fusion kernel's backward) against the same step on the CPU path (dense masks, a chunk of blocks at a
+    time), in fp32: the checks target and a 2-layer DFlare draft mixing both its layers. The loss and every
+    gradient."""
+    device = torch.device(q.device)
+    target = random_model(lambda: Transformer(q.checks_target), device, torch.float32)
+    draft = Draft.for_target(q.checks_target, 2, target_layer_ids=(0, 1), block_size=q.block_size).to(device)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, q.checks_target.vocab_size, q.train_tokens)
+    samples = [(tokens, np.ones(q.train_tokens, np.float32))]
+    anchors = [np.sort(rng.choice(q.train_tokens - q.block_size, q.train_anchors, replace=False))]
+    batch = lambda on: train.make_batch(samples, anchors, q.block_size, 7.0, on)
+    loss, grads = training_step(draft, target, batch(device))
+    grads = {name: g.cpu() for name, g in grads.items()}
+    ref_loss, ref_grads = training_step(draft.cpu(), target.cpu(), batch("cpu"))  # the same models, moved
+    result["loss_error"] = relative_error(loss, ref_loss)
+    result["grad_errors"] = {name: relative_error(grads[name], ref_grads[name]) for name in grads}
+    worst = max(result["grad_errors"], key=result["grad_errors"].get)
+    worst_error = result["grad_errors"][worst]
+    print(f"  {q.train_tokens} tokens, {q.train_anchors} blocks of {q.block_size}: loss against the CPU "
+          f"{result['loss_error']:.1e}, worst gradient ({worst}) {worst_error:.1e}", flush=True)
+    check(result, result["loss_error"] < 1e-4, f"loss error {result['loss_error']:.1e} (< 1e-4)")
+    check(result, worst_error < 1e-3, f"{worst}'s gradient error {worst_error:.1e} (< 1e-3)")
+
+
+@torch.no_grad()
+def part_twin(q: Quick, result: dict):
     """The committed demo DFlare draft on demo/twin (SmolLM2-135M-Instruct's config and tokenizer with random
     weights, built without network): AR and speculative decoding of the demo prompt, compiled, tokens/s. On
     random weights the draft's guesses are never accepted: its tau means nothing here, its step times do."""
@@ -408,61 +416,85 @@ def part_twin(q: Quick) -> dict:
     steps = generate.compile_steps(device, q.autotune, q.backend)._replace(prefill=generate.prefill)
     target.setup_caches(1, len(prompt) + q.twin_tokens + draft.args.block_size)
     draft.setup_caches(1, len(prompt) + q.twin_tokens + draft.args.block_size)
-    result = {}
     for name, d in [("autoregressive", None), ("DFlare (demo/dflare)", draft)]:
         run = lambda n: generate.generate(target, [prompt], n, generate.Sampling(), draft=d,
                                           block_size=draft.args.block_size, steps=steps)[1]
         compile_s = first_call_s(lambda: run(4), device)
         stats = run(q.twin_tokens)
-        result[name] = row = {"tokens_per_s": stats["tokens_per_s"], "step_ms": 1000 / stats["steps_per_s"]}
+        result[name] = row = {"tokens_per_s": stats["tokens_per_s"], "step_ms": 1000 / stats["steps_per_s"],
+                              "compile_s": compile_s}
         if d is not None:
             row["tau_meaningless"] = sum(stats["acceptance_lengths"][0]) / len(stats["acceptance_lengths"][0])
         tau = f"; tau {row['tau_meaningless']:.2f}, meaningless on random weights" if d is not None else ""
         print(f"  {name:<22} {row['tokens_per_s']:>8.1f} tokens/s, {row['step_ms']:.2f} ms a step "
               f"(compiled in {compile_s:.0f} s){tau}", flush=True)
-    return result
 
 
-# (part, its time limit in s): cheapest first, so that the slow step timings cannot starve the checks
-QUICK_PARTS = [(part_environment, 60), (part_fusion, 90), (part_sdpa, 90), (part_prefill, 120),
-               (part_gpt_oss, 150), (part_training, 150), (part_steps, 300), (part_twin, 240)]
+# (part, its time limit in s), in order: the checks that cost little, the step timings (the headline figures),
+# the checks that compile, and the twin if time is left
+QUICK_PARTS = [(part_environment, 60), (part_fusion, 90), (part_sdpa, 60), (part_steps, 210),
+               (part_prefill, 90), (part_gpt_oss, 120), (part_training, 120), (part_twin, 240)]
 
 
-def run_part(part, q: Quick, send):
-    """In the part's own process: run it and send back its result, with the graphs it compiled, the CUDA
-    graphs Inductor skipped and its peak CUDA memory."""
+def run_part(part, q: Quick, started: float, limit: float, send):
+    """In the part's own process (started at wall-clock time `started`): run it for at most `limit` seconds,
+    then send back what it measured (all of it, or what it had when the time ran out), the graphs it compiled,
+    the CUDA graphs Inductor skipped and its peak CUDA memory."""
     sys.stdout.reconfigure(line_buffering=True)
+    result, sent = {}, threading.Lock()
+
+    def report(error=None):
+        if not sent.acquire(blocking=False):  # the other thread is reporting: the process is about to end
+            time.sleep(60)
+        final = dict(result)  # a copy: a part cut short may still be writing to its dict
+        if error:
+            final["error"] = error
+        final.update(compiled_graphs=counters["stats"]["unique_graphs"],
+                     cudagraph_skips=counters["inductor"]["cudagraph_skips"])
+        skips = final["cudagraph_skips"]
+        check(final, not skips, f"{skips} CUDA graphs skipped (the warnings above say why)")
+        if torch.cuda.is_available():
+            try:
+                final["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            except RuntimeError:  # after a CUDA error the device answers nothing more
+                pass
+        final["ok"] = "error" not in final and not final.get("failed_checks")
+        send.send(final)
+
+    def time_up():
+        print(f"  time is up ({part.__name__}): reporting what it measured", flush=True)
+        report(f"timed out after {limit:.0f} s")
+        os._exit(1)  # the part may be stuck anywhere: end the process here
+
+    timer = threading.Timer(started + limit - time.time(), time_up)
+    timer.daemon = True
+    timer.start()
+    error = None
     try:
-        result = part(q)
+        part(q, result)
     except Exception as e:  # reported; the run goes on
         traceback.print_exc(file=sys.stdout)
-        result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
-    result.update(compiled_graphs=counters["stats"]["unique_graphs"],
-                  cudagraph_skips=counters["inductor"]["cudagraph_skips"])
-    skips = result["cudagraph_skips"]
-    check(result, not skips, f"{skips} CUDA graphs skipped (the warnings above say why)")
-    if torch.cuda.is_available():
-        result["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    result["ok"] = "error" not in result and not result.get("failed_checks")
-    send.send(result)
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    timer.cancel()
+    report(error)
 
 
 def run_in_process(part, q: Quick, limit: float) -> dict:
     """run_part in a fresh (spawned) process: CUDA state does not survive a fork, and a CUDA error poisons the
-    process it happens in. Killed after limit seconds."""
+    process it happens in. The part reports by itself at its limit; a process that cannot is killed."""
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=run_part, args=(part, q, send))
+    process = context.Process(target=run_part, args=(part, q, time.time(), limit, send))
     process.start()
     send.close()
-    result = {"ok": False, "error": f"timed out after {limit:.0f} s"}
-    if receive.poll(limit):
+    result = {"ok": False, "error": f"timed out after {limit:.0f} s, unresponsive"}
+    if receive.poll(limit + 30):
         try:
             result = receive.recv()
         except EOFError:  # it died without a word
             process.join(30)
             result = {"ok": False, "error": f"the process died (exit code {process.exitcode})"}
-        process.join(30)
+    process.join(5)
     if process.is_alive():
         process.kill()
         process.join()

@@ -2626,11 +2626,16 @@ def test_quick_gpu_run_runs_on_cpu_and_compiles_few_graphs(capfd, reference_fusi
     assert summary["failed"] == [], {name: p.get("failed_checks", p.get("error")) for name, p in parts.items()
                                      if not p["ok"]}
     assert parts["steps"]["compiled_graphs"] == 3 and parts["prefill"]["compiled_graphs"] == 1
-    assert 0 < summary["compiled_graphs"] <= 14, {name: p["compiled_graphs"] for name, p in parts.items()}
+    assert 0 < summary["compiled_graphs"] <= 16, {name: p["compiled_graphs"] for name, p in parts.items()}
     out = capfd.readouterr().out
     assert json.loads(out.splitlines()[-1].removeprefix("JSON "))["failed"] == []
     for line in ("[fusion] ok", "picks FLASH_ATTENTION", "speculative step (block 4)", "meaningless on"):
         assert line in out, line
+
+
+def part_dying(q, result):
+    """A quick-run part whose process dies (as on a crash), without a word."""
+    os._exit(3)
 
 
 def test_quick_gpu_run_reports_a_failing_part_and_goes_on(capfd):
@@ -2640,13 +2645,22 @@ def test_quick_gpu_run_reports_a_failing_part_and_goes_on(capfd):
     assert gpu_check.run_in_process(gpu_check.part_prefill, quick, 60) == {
         "ok": False, "error": "ValueError: max() arg is an empty sequence", "compiled_graphs": 0,
         "cudagraph_skips": 0}
-    timed_out = {"ok": False, "error": "timed out after 2 s"}
-    assert gpu_check.run_in_process(gpu_check.part_steps, quick, 2) == timed_out
-    with mock.patch.object(gpu_check, "QUICK_PARTS", [(sys.exit, 60), (gpu_check.part_environment, 60)]):
-        summary = gpu_check.run_quick(quick)  # sys.exit(quick): the part's process dies
-    assert summary["failed"] == ["exit"] and summary["parts"]["environment"]["ok"]
+    timed_out = gpu_check.run_in_process(gpu_check.part_steps, quick, 2)  # reported by the part's own process
+    assert not timed_out["ok"] and timed_out["error"] == "timed out after 2 s" and "compiled_graphs" in timed_out
+    with mock.patch.object(gpu_check, "QUICK_PARTS", [(part_dying, 60), (gpu_check.part_environment, 60)]):
+        summary = gpu_check.run_quick(quick)
+    assert summary["failed"] == ["dying"] and summary["parts"]["environment"]["ok"]
     out = capfd.readouterr().out
-    assert "[exit] FAILED: the process died (exit code 1)" in out and "[environment] ok" in out
+    assert "[dying] FAILED: the process died (exit code 3)" in out and "[environment] ok" in out
+
+
+def test_bench_gpu_flags(capsys):
+    """--quick and --autotune belong to --gpu, which needs CUDA: one line each, no traceback."""
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quick"])
+    assert "--quick and --autotune go with --gpu" in capsys.readouterr().err
+    with pytest.raises(InputError, match="--gpu needs a CUDA device"):
+        bench.main(["--gpu", "--quick"])
 
 
 def test_offline_twin_of_the_demo_target_loads_and_decodes(capsys, monkeypatch, reference_fusion):
