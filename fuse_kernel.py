@@ -1,18 +1,10 @@
-"""DFlare layer fusion in one Triton kernel, its backward, and the plain PyTorch reference (DESIGN.md section 2).
+"""DFlare layer fusion in one Triton kernel, its backward, and the PyTorch reference (DESIGN.md section 2).
 
-    out[n, d] = rmsnorm(sum_t softmax(W[d])_t * X[n, t]) * gamma        X [N, T, H], W [D, T], out [N, D, H]
+    out[n, d] = rmsnorm(sum_t softmax(W[d])_t * X[n, t]) * gamma      X [N, T, H], W [D, T], out [N, D, H]
 
-Every draft layer d reads its own softmax mixture of the T captured target layers, normalised by the shared
-hidden_norm (gamma). One program computes one (draft layer, token) row over the whole hidden size, so the RMS needs
-no second pass; programs of the same token run next to each other and share X[n] through the L2 cache.
-X is the frozen target's: the backward returns gradients for W and gamma only.
-
-The operator dflare::fuse_layers (torch.library.triton_op) runs these kernels on CUDA and the reference on CPU, in
-eager mode, inside torch.compile (which keeps the kernel in its graph) and in training (its backward is a second
-operator, registered as the autograd formula).
-
-`python bench.py --gpu --quick` (gpu_check.part_fusion) times the operator against the reference and
-torch.compile of the reference.
+One program per (draft layer, token) row, over the whole hidden size, so the RMS needs no second pass.
+X is the frozen target's: no gradient for it. The entry point is the operator dflare::fuse_layers;
+`python bench.py --gpu --quick` (gpu_check.part_fusion) times it against the reference.
 """
 import contextlib
 import os
@@ -48,8 +40,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _mix(x_ptr, w_ptr, w_max, w_sum, T, H, BLOCK_H: tl.constexpr):
-        """sum_t softmax(w)_t * X[t, :] over the [T, H] rows at x_ptr, as a [BLOCK_H] fp32 vector. Each weight is a
-        scalar load of its logit: picking it out of a [BLOCK_T] vector would be a block-wide reduction per t."""
+        """sum_t softmax(w)_t * X[t, :] over the [T, H] rows at x_ptr, a [BLOCK_H] fp32 vector; each weight
+        is a scalar load, not a block-wide reduction per t."""
         offs_h = tl.arange(0, BLOCK_H)
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         for t in range(T):
@@ -57,14 +49,14 @@ if HAVE_TRITON:
             acc += w_t * tl.load(x_ptr + t * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
         return acc
 
-    # Of the ints only H's divisibility by 16 changes the code (vector loads): no recompiles for new N, T or D
+    # Only H's divisibility by 16 changes the code (vector loads): no recompiles for new N, T or D
     @triton.jit(do_not_specialize=["T", "D"])
     def _fuse_forward_kernel(x_ptr, w_ptr, gamma_ptr, out_ptr, T, H, D, eps,
                              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-        # program n * D + d (see launch_config); 64-bit, as n * T * H passes 2^31 from N = 14,564 at T=36, H=4096
+        # program n * D + d (launch_config); 64-bit, as n * T * H can pass 2^31 (DESIGN.md section 2)
         pid = tl.program_id(0).to(tl.int64)
         n, d = pid // D, pid % D
-        eps = tl.cast(eps, tl.float32)  # Inductor passes a Python float as fp64: the arithmetic stays fp32
+        eps = tl.cast(eps, tl.float32)  # Inductor passes a float as fp64 (DESIGN.md section 8)
         offs_h = tl.arange(0, BLOCK_H)
         w_max, w_sum = _softmax_stats(w_ptr + d * T, T, BLOCK_T)
         mixed = _mix(x_ptr + n * T * H, w_ptr + d * T, w_max, w_sum, T, H, BLOCK_H)
@@ -94,7 +86,8 @@ if HAVE_TRITON:
                 x_n = x_ptr + n * T * H
                 mixed = _mix(x_n, w_ptr + d * T, w_max, w_sum, T, H, BLOCK_H)
                 rstd = 1.0 / tl.sqrt(tl.sum(mixed * mixed, axis=0) / H + eps)
-                g = tl.load(grad_out_ptr + (n * D + d) * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
+                g = tl.load(grad_out_ptr + (n * D + d) * H + offs_h, mask=offs_h < H,
+                            other=0.0).to(tl.float32)
                 grad_gamma += g * mixed * rstd
                 gy = g * gamma
                 # RMSNorm backward: d mixed = rstd * (gy - mixed * <gy, mixed> * rstd^2 / H)
@@ -110,10 +103,9 @@ TOKENS_PER_PROGRAM = 64
 
 
 def launch_config(N, T, H, D):
-    """(forward grid, backward grid, meta-parameters) of the kernels for x [N, T, H] and D draft layers; the tests
-    compile exactly these. The (token or token chunk, draft layer) programs are flattened onto grid axis 0, which
-    takes 2^31 - 1 programs (axis 1 stops at 65,535), with the draft layer fastest: programs of the same tokens run
-    together and share their X rows through the L2 cache."""
+    """(forward grid, backward grid, meta-parameters) for x [N, T, H] and D draft layers; the tests compile
+    exactly these. Programs (token or chunk, draft layer) on grid axis 0, draft layer fastest, so a token's
+    programs share its X rows in the L2 cache."""
     block_h = triton.next_power_of_2(H)
     meta = dict(BLOCK_T=triton.next_power_of_2(T), BLOCK_H=block_h, num_warps=min(max(block_h // 256, 1), 16))
     return (N * D,), (triton.cdiv(N, TOKENS_PER_PROGRAM) * D,), meta
@@ -131,14 +123,14 @@ def launch_forward(x, fusion_logits, gamma, eps):
     out = x.new_empty(N, D, H)
     grid, _, meta = launch_config(N, T, H, D)
     with on_device(x):
-        wrap_triton(_fuse_forward_kernel)[grid](x.contiguous(), fusion_logits.contiguous(), gamma.contiguous(), out,
-                                                T, H, D, eps, **meta)
+        wrap_triton(_fuse_forward_kernel)[grid](x.contiguous(), fusion_logits.contiguous(),
+                                                gamma.contiguous(), out, T, H, D, eps, **meta)
     return out
 
 
 def launch_backward(x, fusion_logits, gamma, grad_out, eps):
-    """The backward kernel: per-chunk partial sums, added up here. Returns dL/d(mixture weights) [D, T] and dL/dgamma
-    [H], fp32."""
+    """The backward kernel's per-chunk partial sums, added up: dL/d(mixture weights) [D, T] and
+    dL/dgamma [H], fp32."""
     N, T, H = x.shape
     D = fusion_logits.shape[0]
     chunks = triton.cdiv(N, TOKENS_PER_PROGRAM)
@@ -146,14 +138,14 @@ def launch_backward(x, fusion_logits, gamma, grad_out, eps):
     grad_gamma = x.new_empty(chunks, D, H, dtype=torch.float32)
     _, grid, meta = launch_config(N, T, H, D)
     with on_device(x):
-        wrap_triton(_fuse_backward_kernel)[grid](x.contiguous(), fusion_logits.contiguous(), gamma.contiguous(),
-                                                 grad_out.contiguous(), grad_mix, grad_gamma, N, T, H, D, eps,
-                                                 TOKENS_PER_PROGRAM, **meta)
+        wrap_triton(_fuse_backward_kernel)[grid](x.contiguous(), fusion_logits.contiguous(),
+                                                 gamma.contiguous(), grad_out.contiguous(), grad_mix,
+                                                 grad_gamma, N, T, H, D, eps, TOKENS_PER_PROGRAM, **meta)
     return grad_mix.sum(0), grad_gamma.sum((0, 1))
 
 
 def backward_reference(x, fusion_logits, gamma, grad_out, eps):
-    """What launch_backward computes, in PyTorch (fp32, or fp64 for fp64 inputs): the RMSNorm and mixture backward."""
+    """What launch_backward computes, in PyTorch (fp32, or fp64 for fp64 inputs)."""
     compute = torch.promote_types(x.dtype, torch.float32)
     x = x.to(compute)
     weights = torch.softmax(fusion_logits.to(compute), dim=-1)  # [D, T]
@@ -172,10 +164,10 @@ def use_kernel(x) -> bool:
 
 if HAVE_TRITON:
     @torch.library.triton_op("dflare::fuse_layers", mutates_args=())
-    def fuse_layers(x: torch.Tensor, fusion_logits: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
-        """The DFlare fusion [N, T, H] -> [N, D, H] as an operator: our Triton kernel on CUDA, the PyTorch reference
-        on CPU. torch.compile keeps the kernel in its graph (a triton_op is traced into a call of the kernel, which
-        CUDA graphs capture), and training differentiates it with the backward kernel (register_autograd below)."""
+    def fuse_layers(x: torch.Tensor, fusion_logits: torch.Tensor, gamma: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+        """The fusion [N, T, H] -> [N, D, H] as one operator: kernel on CUDA, reference on CPU;
+        torch.compile keeps the kernel in its graph."""
         if use_kernel(x):
             return launch_forward(x, fusion_logits, gamma, eps)
         return fuse_layers_reference(x, fusion_logits, gamma, eps)
@@ -183,8 +175,7 @@ if HAVE_TRITON:
     @torch.library.triton_op("dflare::fuse_layers_backward", mutates_args=())
     def fuse_layers_backward(x: torch.Tensor, fusion_logits: torch.Tensor, gamma: torch.Tensor,
                              grad_out: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """dL/d(mixture weights) [D, T] and dL/dgamma [H] of fuse_layers: the backward kernel on CUDA, PyTorch on
-        CPU."""
+        """fuse_layers' dL/d(mixture weights) [D, T] and dL/dgamma [H]."""
         if use_kernel(x):
             return launch_backward(x, fusion_logits, gamma, grad_out, eps)
         return backward_reference(x, fusion_logits, gamma, grad_out, eps)
@@ -199,7 +190,8 @@ if HAVE_TRITON:
         x, fusion_logits, gamma = ctx.saved_tensors
         grad_weights, grad_gamma = fuse_layers_backward(x, fusion_logits, gamma, grad_out, ctx.eps)
         weights = torch.softmax(fusion_logits.to(grad_weights.dtype), dim=-1)
-        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))  # softmax backward
+        # softmax backward
+        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))
         return None, grad_logits.to(fusion_logits.dtype), grad_gamma.to(gamma.dtype), None
 
     fuse_layers.register_autograd(fuse_layers_grad, setup_context=save_inputs)

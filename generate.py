@@ -4,69 +4,33 @@
     python generate.py --checkpoint TARGET_DIR --prompt "..."                      # autoregressive
     python generate.py --checkpoint TARGET_DIR --draft DRAFT_DIR --prompt "..."    # speculative
 
-Everything runs on static KV caches indexed by absolute position. Autoregressive: one compiled prefill, then one
-compiled single-token step per token. Speculative: the prefill also caches the prompt's context rows in the draft;
-then every step is one function on static shapes (compiled into one graph, CUDA graphs on GPU):
+The decoding core comes first: a prefill, then one step function on static shapes per token (autoregressive) or
+per block (speculative), each compiled into one graph (CUDA graphs on GPU):
 
     draft block [anchor, MASK x bs-1] -> bs-1 guesses -> target verifies the bs tokens in one forward (capturing
     its hidden states) -> accept the longest agreeing prefix + one token of the target's -> the block's hidden
     states become draft context (rows past the accepted ones are masked by position, overwritten later)
 
-With --tree_budget N the target verifies a tree instead: the N-1 continuations the draft finds most likely, in one
-forward, each node seeing only its ancestors; the path the target's own choices take through it is committed.
-
-The host reads the committed tokens and their count once per step. Prints the text (streamed for a single
-sequence), decode tokens/s and, speculating, tau (tokens committed per step) with its histogram; --compare_ar
+With --tree_budget N the target verifies a tree of the draft's likeliest continuations instead (trees.py). The host
+reads the committed tokens and their count once per step. The command line follows: it streams the text, and
+prints decode tokens/s and, speculating, tau (tokens committed per step) with its histogram; --compare_ar
 measures autoregressive decoding in the same run and reports the speedup.
 """
 import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
+from assets import DEMO, DEMO_PROMPT, build_demo_folder, demo_target
+from checkpoint import InputError, default_dtype, is_draft, load_checkpoint, load_draft, pick_device, read_config
 from draft import Draft
-from model import InputError, Transformer, is_draft, load_checkpoint, read_config
+from model import Transformer
+from sampling import Sampling, logits_to_probs, sample
 from tokenizer import chat_format, chat_prompt, check_chat_tokens, load_tokenizer, stop_token_ids
-
-DEMO = Path(__file__).resolve().parent / "demo"  # SmolLM2-135M-Instruct and the drafts demo.py trained for it
-DEMO_PROMPT = "Explain in a few sentences why the sky is blue."  # not among the drafts' training prompts
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-
-
-def logits_to_probs(logits, s: Sampling):
-    """Target distribution after temperature, top-k and top-p; [..., V] in fp32."""
-    logits = logits.float() / max(s.temperature, 1e-5)
-    if s.top_k > 0:
-        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if s.top_p < 1.0:
-        # keep the smallest set of most likely tokens whose mass reaches top_p
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= s.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def sample(logits, s: Sampling):
-    """Next token ids [...] from logits [..., V]. Exponential-race sampling needs no host sync."""
-    if s.temperature == 0:
-        return logits.argmax(-1)
-    probs = logits_to_probs(logits, s)
-    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+from trees import tree_step
 
 
 def prefill(target: Transformer, tokens, input_pos, last, draft=None):
@@ -82,7 +46,7 @@ def prefill(target: Transformer, tokens, input_pos, last, draft=None):
 def decode_one_token(target: Transformer, token, input_pos, sampling: Sampling):
     """token, input_pos [B, 1] -> next token [B]."""
     logits, _ = target(token, input_pos)
-    return sample(logits[:, -1], sampling)
+    return sample(logits[:, -1], sampling)[0]
 
 
 def speculative_step(target: Transformer, draft: Draft, anchor_token, anchor_pos, active, sampling: Sampling,
@@ -96,12 +60,8 @@ def speculative_step(target: Transformer, draft: Draft, anchor_token, anchor_pos
     """
     bs = block_size
     positions = anchor_pos[:, None] + torch.arange(bs, device=anchor_pos.device)  # [B, bs]
-    draft_logits = draft.block_logits(target, draft.noise_block(anchor_token, bs), anchor_pos)  # [B, bs-1, V]
-    if sampling.temperature == 0:
-        draft_tokens = draft_logits.argmax(-1)
-    else:
-        draft_probs = logits_to_probs(draft_logits, sampling)
-        draft_tokens = (draft_probs / torch.empty_like(draft_probs).exponential_(1)).argmax(-1)
+    draft_logits = draft.block_logits(draft.noise_block(anchor_token, bs), anchor_pos)  # [B, bs-1, V]
+    draft_tokens, draft_probs = sample(draft_logits, sampling)
     block = torch.cat([anchor_token[:, None], draft_tokens], dim=1)
     logits, hidden = target(block, positions, capture=draft.args.target_layer_ids)  # [B, bs, V], [B, bs, T, H]
     # The block's rows become draft context; those past the accepted ones sit at positions >= the next anchor,
@@ -135,104 +95,6 @@ def speculative_sampling(draft_tokens, draft_probs, target_probs):
     drafts_padded = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1)
     from_draft = torch.arange(n_draft + 1, device=draft_tokens.device) < n_accepted[:, None]
     return torch.where(from_draft, drafts_padded, replacement), n_accepted
-
-
-def draft_tree(draft_logits, budget: int):
-    """The tree of the budget - 1 continuations of the anchor that the draft finds most likely, on static shapes.
-
-    draft_logits [B, D, V] are the draft's guesses for depths 1..D, each position on its own, so a prefix x_1..x_d
-    scores sum_k log q_k(x_k) (the surrogate of DDTree). A prefix scores at least as high as its extensions, so the
-    best prefixes form a tree, and the best budget - 1 of one depth all extend the best budget - 1 of the depth
-    before: a beam of that width per depth, then the best budget - 1 over all depths are the tree.
-
-    Returns node tokens [B, N], depths [B, N] and parents [B, N] (N <= budget; node 0 is the root, the anchor:
-    depth 0, parent -1, token left to the caller), nodes ordered by depth, so a parent precedes its children."""
-    B, D, V = draft_logits.shape
-    width = budget - 1
-    top_logp, top_tokens = torch.log_softmax(draft_logits.float(), dim=-1).topk(min(width, V), dim=-1)  # [B, D, K]
-    K = top_logp.shape[-1]
-    scores, parents, tokens = [top_logp[:, 0]], [None], [top_tokens[:, 0]]  # beam of depth 1: [B, K] each
-    for d in range(1, D):
-        candidates = (scores[-1][:, :, None] + top_logp[:, d, None, :]).flatten(1)  # [B, beam * K]
-        score, index = candidates.topk(min(width, candidates.shape[1]), dim=-1)
-        scores.append(score)
-        parents.append(index // K)  # into the beam of depth d
-        tokens.append(top_tokens[:, d].gather(1, index % K))
-    # candidates of all depths in one row: C = sum of beam widths; parent C stands for the root
-    starts = [0]
-    for score in scores:
-        starts.append(starts[-1] + score.shape[1])
-    C = starts[-1]
-    device = draft_logits.device
-    depth_of = torch.cat([torch.full((s.shape[1],), d + 1, device=device) for d, s in enumerate(scores)])  # [C]
-    parent_of = torch.cat([torch.full((B, K), C, device=device)]
-                          + [starts[d - 1] + p for d, p in enumerate(parents) if p is not None], dim=1)  # [B, C]
-    # A prefix never scores below its extensions (log q <= 0, and rounding is monotone) and comes first in the row,
-    # so a stable sort ranks it first at a tie too (a certain guess adds 0; -inf ties -inf): the best n are a tree
-    n = min(width, C)
-    ranked = torch.sort(torch.cat(scores, dim=1), dim=-1, descending=True, stable=True).indices[:, :n]
-    chosen = ranked.sort(dim=-1).values  # [B, n] in candidate order, which is by depth
-    node_of = torch.zeros(B, C + 1, dtype=torch.long, device=device).scatter(
-        1, chosen, torch.arange(1, n + 1, device=device).expand(B, -1))  # candidate -> node; the root (C) -> 0
-    root = torch.zeros(B, 1, dtype=torch.long, device=device)
-    return (torch.cat([root, torch.cat(tokens, dim=1).gather(1, chosen)], dim=1),
-            torch.cat([root, depth_of[chosen]], dim=1),
-            torch.cat([root - 1, node_of.gather(1, parent_of.gather(1, chosen))], dim=1))
-
-
-def tree_step(target: Transformer, draft: Draft, anchor_token, anchor_pos, active, sampling: Sampling,
-              block_size: int, budget: int):
-    """One draft + tree-verify step on static shapes (DESIGN.md section 4): the target checks the draft's best
-    tree of `budget` nodes in one forward and the walk from the root follows the target's own choices.
-
-    Nodes are cached at scratch slots anchor_pos + 0..N-1 (node 0, the root, is the anchor at its own position),
-    rotated by their real positions anchor_pos + depth, and each sees the context and its ancestors only. At each
-    node of the walk the target picks its next token (argmax, or a sample of its distribution: every committed
-    token is then one of the target's own samples); the walk moves to the child holding that token while there is
-    one. The path's cache entries and draft context rows are then moved to their positions. Arguments and returns
-    as speculative_step.
-    """
-    bs = block_size
-    draft_logits = draft.block_logits(target, draft.noise_block(anchor_token, bs), anchor_pos)  # [B, bs-1, V]
-    tokens, depth, parent = draft_tree(draft_logits, budget)  # [B, N] each
-    tokens[:, 0] = anchor_token
-    B, N = tokens.shape
-    slots, visible = tree_layout(parent, anchor_pos, target.max_seq_length, bs - 1)
-    logits, hidden = target(tokens, anchor_pos[:, None] + depth, capture=draft.args.target_layer_ids,
-                            tree=(slots, visible))  # [B, N, V], [B, N, T, H]
-    choice = sample(logits, sampling)  # [B, N]: the target's next token after each node
-    is_parent = parent[:, None, :] == torch.arange(N, device=tokens.device)[:, None]  # [B, i, j]: i is j's parent
-    chosen_child = is_parent & (tokens[:, None, :] == choice[:, :, None])  # [B, i, j]: j holds i's choice
-    has_child, child = chosen_child.any(-1), chosen_child.int().argmax(-1)  # [B, N]
-    node, path = tokens.new_zeros(B), []
-    for _ in range(bs):
-        path.append(node)
-        node = torch.where(has_child.gather(1, node[:, None])[:, 0], child.gather(1, node[:, None])[:, 0], node)
-    path = torch.stack(path, dim=1)  # [B, bs]: root, the accepted nodes, then the last one repeated
-    n_accepted = depth.gather(1, path[:, -1:])[:, 0]
-    committed = choice.gather(1, path)  # the path's tokens after the root, then the target's own
-    positions = anchor_pos[:, None] + torch.arange(bs, device=tokens.device)
-    target.move_cached(slots.gather(1, path), positions)
-    draft.write_context(hidden.gather(1, path[:, :, None, None].expand(-1, -1, *hidden.shape[2:])), positions)
-    next_token = committed.gather(1, n_accepted[:, None])[:, 0]
-    return (committed, n_accepted, torch.where(active, next_token, anchor_token),
-            anchor_pos + (n_accepted + 1) * active)
-
-
-def tree_layout(parent, anchor_pos, cache_length: int, max_depth: int):
-    """Where a tree's nodes are cached and what each sees: slots [B, N] = anchor_pos + node (scratch slots past
-    the committed tokens; the root's is its own position) and visible [B, N, cache_length]: the slots before the
-    anchor and those of the node's ancestors and itself. parent [B, N] as draft_tree returns it."""
-    B, N = parent.shape
-    nodes = torch.arange(N, device=parent.device)
-    ancestors = torch.eye(N, dtype=torch.bool, device=parent.device).expand(B, N, N)  # i sees j: j is i or above
-    for _ in range(max_depth):
-        ancestors = ancestors | ancestors.gather(1, parent.clamp(min=0)[:, :, None].expand(B, N, N))
-    slots = anchor_pos[:, None] + nodes
-    key_slots = torch.arange(cache_length, device=parent.device)
-    in_tree = torch.zeros(B, N, cache_length, dtype=torch.bool, device=parent.device).scatter(
-        2, slots[:, None, :].expand(B, N, N), ancestors)
-    return slots, (key_slots < anchor_pos[:, None, None]) | in_tree
 
 
 class Steps(NamedTuple):
@@ -309,43 +171,19 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
         tokens[i, :len(p)] = torch.tensor(p)
     # shorter prompts are right-padded; the padding's cache entries are overwritten before any query sees them
     positions = torch.arange(tokens.shape[1], device=device)[None].expand(B, -1)
-
     synchronize(device)
     t0 = time.perf_counter()
-    next_token = sample(steps.prefill(target, tokens, positions, lengths - 1, draft), sampling)
+    next_token = sample(steps.prefill(target, tokens, positions, lengths - 1, draft), sampling)[0]
     out = Outputs(B, max_new_tokens, stop_ids, on_token)
     for row, t in enumerate(next_token.tolist()):
         out.add(row, [t])
     synchronize(device)
     t1 = time.perf_counter()
-    n_steps, acceptance_lengths, active_rows = 0, [[] for _ in range(B)], None
-    input_pos = lengths.clone()  # the position of next_token in each row
-    while not all(out.done):
-        if draft is None:
-            next_token = steps.decode(target, next_token[:, None].clone(), input_pos[:, None].clone(), sampling)
-            input_pos = input_pos + 1
-            for row, t in enumerate(next_token.tolist()):
-                out.add(row, [t])
-        else:
-            rows_active = [not d for d in out.done]
-            if rows_active != active_rows:  # a new device tensor only when a row has finished
-                active_rows, active = rows_active, torch.tensor(rows_active, device=device)
-            if tree_budget:
-                block, n_accepted, next_token, input_pos = steps.tree(target, draft, next_token, input_pos, active,
-                                                                      sampling, block_size, tree_budget)
-            else:
-                block, n_accepted, next_token, input_pos = steps.speculative(target, draft, next_token, input_pos,
-                                                                             active, sampling, block_size)
-            next_token = next_token.clone()  # CUDA graphs reuse output memory
-            # a row that ended inside its last block sits up to bs-1 positions past its end; frozen there, its
-            # block (or tree) would run past a cache sized prompt + max_new_tokens + step_span(...). Active rows
-            # are never moved by this.
-            input_pos = input_pos.clamp(max=target.max_seq_length - step_span(block_size, tree_budget))
-            rows = torch.cat([n_accepted[:, None], block], dim=1).tolist()  # the step's one host sync
-            for row, (n, *block_tokens) in enumerate(rows):
-                if not out.done[row]:
-                    acceptance_lengths[row].append(out.add(row, block_tokens[:n + 1]))
-        n_steps += 1
+    if draft is None:
+        n_steps = autoregressive_loop(target, next_token, lengths, sampling, steps, out)
+    else:
+        n_steps, acceptance_lengths = speculative_loop(target, draft, next_token, lengths, sampling, steps, out,
+                                                       block_size, tree_budget)
     synchronize(device)
     decode_time = max(time.perf_counter() - t1, 1e-9)
     stats = {"prefill_s": t1 - t0, "decode_s": decode_time, "decode_steps": n_steps,
@@ -354,6 +192,46 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
     if draft is not None:
         stats["acceptance_lengths"] = acceptance_lengths
     return out.tokens, stats
+
+
+def autoregressive_loop(target, next_token, input_pos, sampling, steps: Steps, out: Outputs) -> int:
+    """One token per step until every row is done (input_pos [B]: each row's next position). Returns the steps."""
+    n_steps = 0
+    while not all(out.done):
+        next_token = steps.decode(target, next_token[:, None].clone(), input_pos[:, None].clone(), sampling)
+        input_pos = input_pos + 1
+        for row, t in enumerate(next_token.tolist()):
+            out.add(row, [t])
+        n_steps += 1
+    return n_steps
+
+
+def speculative_loop(target, draft, next_token, input_pos, sampling, steps: Steps, out: Outputs, block_size: int,
+                     tree_budget: int):
+    """Draft + verify steps until every row is done. Returns the steps, and per row the tokens each committed."""
+    device, B = next_token.device, len(out.tokens)
+    n_steps, acceptance_lengths, active_rows = 0, [[] for _ in range(B)], None
+    while not all(out.done):
+        rows_active = [not d for d in out.done]
+        if rows_active != active_rows:  # a new device tensor only when a row has finished
+            active_rows, active = rows_active, torch.tensor(rows_active, device=device)
+        if tree_budget:
+            block, n_accepted, next_token, input_pos = steps.tree(target, draft, next_token, input_pos, active,
+                                                                  sampling, block_size, tree_budget)
+        else:
+            block, n_accepted, next_token, input_pos = steps.speculative(target, draft, next_token, input_pos,
+                                                                         active, sampling, block_size)
+        next_token = next_token.clone()  # CUDA graphs reuse output memory
+        # a row that ended inside its last block sits up to bs-1 positions past its end; frozen there, its block
+        # (or tree) would run past a cache sized prompt + max_new_tokens + step_span(...). Active rows are never
+        # moved by this.
+        input_pos = input_pos.clamp(max=target.max_seq_length - step_span(block_size, tree_budget))
+        rows = torch.cat([n_accepted[:, None], block], dim=1).tolist()  # the step's one host sync
+        for row, (n, *block_tokens) in enumerate(rows):
+            if not out.done[row]:
+                acceptance_lengths[row].append(out.add(row, block_tokens[:n + 1]))
+        n_steps += 1
+    return n_steps, acceptance_lengths
 
 
 def step_span(block_size: int, tree_budget: int) -> int:
@@ -373,7 +251,10 @@ def weight_bytes_per_step(model: Transformer) -> int:
     return int(total)
 
 
-def parse_args(argv=None):
+# ---------------------------------------------------------------------------------------------------------------
+# The command line
+
+def argument_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="Hugging Face model folder (config.json, *.safetensors); default: the embedded demo pair "
@@ -383,8 +264,8 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=None,
                    help="tokens per draft block, at most the draft's own (default: the draft's)")
     p.add_argument("--tree_budget", type=int, default=0,
-                   help="verify a tree of this many nodes per step, the draft's most likely continuations, instead "
-                        "of its one best guess per position (default: 0, the chain)")
+                   help="verify a tree of this many nodes per step, the draft's most likely continuations, "
+                        "instead of its one best guess per position (default: 0, the chain)")
     p.add_argument("--compare_ar", action="store_true",
                    help="also decode autoregressively in the same run and report the speedup")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for several prompts")
@@ -411,38 +292,37 @@ def parse_args(argv=None):
                    help="default: bfloat16 on cuda and for the embedded demo, float32 on cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    return p
+
+
+def parse_args(argv=None):
+    p = argument_parser()
     args = p.parse_args(argv)
     if args.checkpoint is None:  # the embedded demo: SmolLM2-135M-Instruct with its DFlare draft, a chat
-        if not (DEMO / "dflare" / "config.json").is_file():
-            p.error(f"pass --checkpoint MODEL_DIR (the embedded demo's drafts in {DEMO} are missing: python demo.py "
-                    f"builds them)")
-        args.checkpoint, args.draft = str(DEMO / "target"), args.draft or str(DEMO / "dflare")
+        args.checkpoint, args.draft = demo_target(p, "--checkpoint MODEL_DIR"), args.draft or str(DEMO / "dflare")
         args.compare_ar = not args.interactive
         args.chat = True
         args.dtype = args.dtype or "bfloat16"  # on CPU too: twice fp32's speed where the CPU has bf16 instructions
         args.prompt = args.prompt or [DEMO_PROMPT]
-    if args.max_new_tokens < 1:
-        p.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_k < 0:
-        p.error(f"--top_k must be >= 0 (0 = off), got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        p.error(f"--top_p must be in (0, 1] (1 = off), got {args.top_p}")
-    if args.batch_size < 1:
-        p.error(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.max_seq_len is not None and args.max_seq_len < 2:
-        p.error(f"--max_seq_len must be >= 2, got {args.max_seq_len}")
-    if args.draft is None and (args.block_size is not None or args.compare_ar or args.tree_budget):
-        p.error("--block_size, --tree_budget and --compare_ar need --draft DRAFT_DIR")
-    if args.tree_budget == 1 or args.tree_budget < 0:
-        p.error(f"--tree_budget must be 0 (the chain) or >= 2 (the root and a guess), got {args.tree_budget}")
-    if args.interactive and (args.compare_ar or args.json or args.batch_size > 1):
-        p.error("--interactive is one conversation: without --compare_ar, --json and --batch_size")
-    if args.block_size is not None and args.block_size < 2:
-        p.error(f"--block_size must be >= 2 (the anchor and at least one drafted token), got {args.block_size}")
-    if args.prompt is None:
-        args.prompt = ["Hello, my name is"]
+    checks = [(args.max_new_tokens < 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
+              (args.temperature < 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
+              (args.top_k < 0, f"--top_k must be >= 0 (0 = off), got {args.top_k}"),
+              (not 0 < args.top_p <= 1, f"--top_p must be in (0, 1] (1 = off), got {args.top_p}"),
+              (args.batch_size < 1, f"--batch_size must be >= 1, got {args.batch_size}"),
+              (args.max_seq_len is not None and args.max_seq_len < 2,
+               f"--max_seq_len must be >= 2, got {args.max_seq_len}"),
+              (args.draft is None and (args.block_size is not None or args.compare_ar or args.tree_budget),
+               "--block_size, --tree_budget and --compare_ar need --draft DRAFT_DIR"),
+              (args.tree_budget == 1 or args.tree_budget < 0,
+               f"--tree_budget must be 0 (the chain) or >= 2 (the root and a guess), got {args.tree_budget}"),
+              (args.interactive and (args.compare_ar or args.json or args.batch_size > 1),
+               "--interactive is one conversation: without --compare_ar, --json and --batch_size"),
+              (args.block_size is not None and args.block_size < 2,
+               f"--block_size must be >= 2 (the anchor and at least one drafted token), got {args.block_size}")]
+    for failed, message in checks:
+        if failed:
+            p.error(message)
+    args.prompt = args.prompt or ["Hello, my name is"]
     if len(args.prompt) > 1 and args.batch_size > len(args.prompt):
         p.error(f"--batch_size {args.batch_size} exceeds the {len(args.prompt)} prompts given")
     return args
@@ -463,58 +343,29 @@ def encode_prompts(args, tokenizer) -> list:
     return prompts
 
 
-def pick_device(name: str | None) -> torch.device:
-    """--device as a torch.device (default: cuda if available, else cpu), refused if this machine lacks it."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown --device {name!r}: use cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {name!r} is not supported: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("CUDA is not available here: use --device cpu")
-    n = torch.cuda.device_count()
-    if device.type == "cuda" and (device.index or 0) >= n:
-        raise InputError(f"--device {name}: this machine has no such GPU: use cuda:0 to cuda:{n - 1}")
-    return device
-
-
-def cache_length(args, longest_prompt: int, max_position_embeddings: int, block_size: int = 0,
-                 tree_budget: int = 0) -> int:
-    """KV cache length: the prompt, the new tokens and, when speculating, the slots a step writes past the last one
-    (step_span: the block, or the tree)."""
+def cache_length(longest_prompt: int, max_new_tokens: int, max_seq_len: int | None, max_position_embeddings: int,
+                 block_size: int = 0, tree_budget: int = 0) -> int:
+    """KV cache length: the prompt, the new tokens and, when speculating, the slots a step writes past the last
+    one (step_span: the block, or the tree); --max_seq_len if given, and checked."""
     span = step_span(block_size, tree_budget)
-    needed = longest_prompt + args.max_new_tokens + span
+    needed = longest_prompt + max_new_tokens + span
     block = (f" + tree budget ({span})" if span > block_size else f" + block size ({span})") if span else ""
     over = needed - max_position_embeddings
     if over > 0:
-        fixes = ([f"lower --max_new_tokens to {args.max_new_tokens - over}"] if over < args.max_new_tokens else []) \
+        fixes = ([f"lower --max_new_tokens to {max_new_tokens - over}"] if over < max_new_tokens else []) \
             + ([f"shorten the prompt by {over} tokens"] if over < longest_prompt else [])
-        raise InputError(f"prompt ({longest_prompt} tokens) + --max_new_tokens ({args.max_new_tokens}){block} = "
+        raise InputError(f"prompt ({longest_prompt} tokens) + --max_new_tokens ({max_new_tokens}){block} = "
                          f"{needed} exceeds the model's context of {max_position_embeddings} tokens: "
                          + (" or ".join(fixes) or f"take {over} tokens off the prompt and --max_new_tokens together"))
-    if args.max_seq_len is None:
+    if max_seq_len is None:
         return max(needed, min(-(-needed // 256) * 256, max_position_embeddings))
-    if longest_prompt > args.max_seq_len:
-        raise InputError(f"prompt has {longest_prompt} tokens, longer than --max_seq_len {args.max_seq_len}: "
+    if longest_prompt > max_seq_len:
+        raise InputError(f"prompt has {longest_prompt} tokens, longer than --max_seq_len {max_seq_len}: "
                          f"shorten the prompt or raise --max_seq_len")
-    if needed > args.max_seq_len:
-        raise InputError(f"prompt ({longest_prompt} tokens) + --max_new_tokens ({args.max_new_tokens}){block} "
-                         f"exceeds --max_seq_len {args.max_seq_len}: raise --max_seq_len or lower --max_new_tokens")
-    return args.max_seq_len
-
-
-def load_draft(folder, target: Transformer, device, dtype) -> Draft:
-    if not Path(folder, "config.json").is_file():
-        raise InputError(f"--draft {str(folder)!r} is not a draft folder (no config.json)")
-    if not is_draft(folder):
-        raise InputError(f"--draft {str(folder)!r} is a target model, not a draft: pass a DFlash / DFlare draft "
-                         f"folder as --draft, and the target as --checkpoint")
-    draft = Draft.from_pretrained(folder, device, dtype)
-    draft.check_target(target.args)
-    return draft
+    if needed > max_seq_len:
+        raise InputError(f"prompt ({longest_prompt} tokens) + --max_new_tokens ({max_new_tokens}){block} "
+                         f"exceeds --max_seq_len {max_seq_len}: raise --max_seq_len or lower --max_new_tokens")
+    return max_seq_len
 
 
 def acceptance_histogram(lengths: list, block_size: int) -> str:
@@ -523,35 +374,8 @@ def acceptance_histogram(lengths: list, block_size: int) -> str:
     return "\n".join(f"{n:>4} | {'#' * round(c * scale):<40} {c}" for n, c in enumerate(counts, 1) if c)
 
 
-def build_demo_target(checkpoint):
-    """The demo's target folder is built from its GGUF on first use, and its random-weight twin (offline) from
-    the committed config and tokenizer: once each, git-ignored. The twin is for timings only: say so."""
-    folder = Path(checkpoint).resolve()
-    if folder == DEMO / "target" and not (folder / "config.json").is_file():
-        import demo
-
-        demo.build_target(folder)
-    if folder == DEMO / "twin":
-        if not (folder / "model.safetensors").is_file():
-            import demo
-
-            demo.build_twin(folder)
-        print(f"note: {folder} has random weights: its text is noise and tau means nothing there (no draft "
-              f"guess is accepted); its step times are real", file=sys.stderr, flush=True)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-
-    build_demo_target(args.checkpoint)
-    config = read_config(args.checkpoint)
-    if is_draft(args.checkpoint):
-        raise InputError(f"--checkpoint {args.checkpoint!r} is a draft: pass it as --draft, with its target model "
-                         f"as --checkpoint")
-    tokenizer = load_tokenizer(args.checkpoint)
-    prompts = [] if args.interactive else encode_prompts(args, tokenizer)  # before loading: a bad prompt fails fast
+def load_models(args, device, dtype, log):
+    """The target, the draft if any, and the block size to draft (at most the draft's)."""
     t0 = time.perf_counter()
     model = load_checkpoint(args.checkpoint, device, dtype)
     draft = load_draft(args.draft, model, device, dtype) if args.draft else None
@@ -561,9 +385,24 @@ def main(argv=None):
         if block_size > draft.args.block_size:
             raise InputError(f"--block_size {block_size} is larger than the draft's block size "
                              f"{draft.args.block_size}: use at most {draft.args.block_size}")
-    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     log(f"loaded {args.checkpoint}{' + draft ' + str(args.draft) if draft else ''} ({model.args.model_type}, "
         f"{dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
+    return model, draft, block_size
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    dtype = default_dtype(device, args.dtype)
+    build_demo_folder(args.checkpoint)
+    config = read_config(args.checkpoint)
+    if is_draft(args.checkpoint):
+        raise InputError(f"--checkpoint {args.checkpoint!r} is a draft: pass it as --draft, with its target model "
+                         f"as --checkpoint")
+    tokenizer = load_tokenizer(args.checkpoint)
+    prompts = [] if args.interactive else encode_prompts(args, tokenizer)  # before loading: a bad prompt fails fast
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    model, draft, block_size = load_models(args, device, dtype, log)
     stop_ids = stop_token_ids(args.checkpoint, config, tokenizer)
     steps = compile_steps(device) if args.compile else EAGER
     if args.interactive:
@@ -571,81 +410,91 @@ def main(argv=None):
     if len(prompts) == 1:
         prompts = prompts * args.batch_size
     batch_size = min(args.batch_size, len(prompts))
-    max_seq_len = cache_length(args, max(map(len, prompts)), model.args.max_position_embeddings, block_size,
-                               args.tree_budget)
+    max_seq_len = cache_length(max(map(len, prompts)), args.max_new_tokens, args.max_seq_len,
+                               model.args.max_position_embeddings, block_size, args.tree_budget)
     model.setup_caches(batch_size, max_seq_len)
     if draft is not None:
         draft.setup_caches(batch_size, max_seq_len)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    run_ar = draft is None or args.compare_ar
     if args.compile:
         t0 = time.perf_counter()
-        for d in ([None] if run_ar else []) + ([draft] if draft is not None else []):
+        for d in ([None] if draft is None or args.compare_ar else []) + ([draft] if draft is not None else []):
             generate(model, prompts[:batch_size], 2, sampling, draft=d, block_size=block_size, steps=steps,
                      tree_budget=args.tree_budget)
         log(f"compiled in {time.perf_counter() - t0:.1f} s")
     torch.manual_seed(args.seed)
-    stream = batch_size == 1 and not args.json
-    bytes_per_step = weight_bytes_per_step(model)
-    totals = {"tokens": 0, "decode_s": 0.0, "ar_tokens": 0, "ar_decode_s": 0.0, "identical": 0, "rows": 0}
-    all_acceptance = []
-
+    totals = {"tokens": 0, "decode_s": 0.0, "ar_tokens": 0, "ar_decode_s": 0.0, "identical": 0, "rows": 0,
+              "acceptance": []}
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        n_real = len(batch)
-        batch = batch + [batch[-1]] * (batch_size - n_real)  # the caches have batch_size rows
-        if args.compare_ar:
-            ar_outputs, ar_stats = generate(model, batch, args.max_new_tokens, sampling, stop_ids, steps=steps)
-        printer = StreamPrinter(tokenizer, stop_ids) if stream else None
-        if stream:  # a chat shows the user's text, a raw prompt itself
-            print(args.prompt[start] + "\n" if args.chat else tokenizer.decode(batch[0]), end="", flush=True)
-        outputs, stats = generate(model, batch, args.max_new_tokens, sampling, stop_ids, on_token=printer,
-                                  draft=draft, block_size=block_size, steps=steps, tree_budget=args.tree_budget)
-        for row in range(n_real):
-            tokens = outputs[row]
-            text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens)
-            record = {"prompt": tokenizer.decode(batch[row]), "tokens": tokens, "text": text,
-                      "tokens_per_s": (len(tokens) - 1) / stats["decode_s"], "prefill_s": stats["prefill_s"]}
-            totals["tokens"] += len(tokens) - 1
-            totals["rows"] += 1
-            if draft is not None:
-                lengths = stats["acceptance_lengths"][row]
-                all_acceptance += lengths
-                record.update(acceptance_lengths=lengths, tau=sum(lengths) / len(lengths) if lengths else None)
-            if args.compare_ar:
-                ar_tokens = ar_outputs[row]
-                record["ar_tokens_per_s"] = (len(ar_tokens) - 1) / ar_stats["decode_s"]
-                record["speedup"] = record["tokens_per_s"] / max(record["ar_tokens_per_s"], 1e-9)
-                if sampling.temperature == 0:
-                    record["identical_to_ar"] = ar_tokens == tokens
-                    totals["identical"] += ar_tokens == tokens
-                totals["ar_tokens"] += len(ar_tokens) - 1
-            if args.json:
-                print(json.dumps(record), flush=True)
-            elif not stream:
-                print(f"--- prompt {start + row}\n{record['prompt']}{text}")
-        totals["decode_s"] += stats["decode_s"]
-        if args.compare_ar:
-            totals["ar_decode_s"] += ar_stats["decode_s"]
-        if stream:
-            print(flush=True)
-        if draft is None:
-            log(f"prefill {stats['prefill_s'] * 1000:.1f} ms | decode {stats['tokens_per_s']:.1f} tokens/s "
-                f"(batch {batch_size}) | {bytes_per_step * stats['steps_per_s'] / 1e9:.2f} GB/s of weights")
+        decode_batch(args, model, draft, tokenizer, prompts, start, batch_size, sampling, stop_ids, steps,
+                     block_size, totals, log)
     if draft is not None:
-        tokens_per_s = totals["tokens"] / max(totals["decode_s"], 1e-9)
-        tau = sum(all_acceptance) / max(len(all_acceptance), 1)
-        tree = f", trees of {args.tree_budget} nodes" if args.tree_budget else ""
-        depth = f", mean accepted depth {tau - 1:.2f}" if args.tree_budget else ""
-        log(f"speculative decoding, block {block_size}{tree}: tau {tau:.2f} tokens per draft+verify step "
-            f"({len(all_acceptance)} steps{depth}) | {tokens_per_s:.1f} tokens/s (batch {batch_size})")
-        log("tokens committed per step:\n" + acceptance_histogram(all_acceptance, block_size))
+        log_speculative_totals(totals, args, block_size, batch_size, sampling, log)
+
+
+def decode_batch(args, model, draft, tokenizer, prompts, start: int, batch_size: int, sampling, stop_ids, steps,
+                 block_size: int, totals: dict, log):
+    """The prompts of one batch (the last one padded with copies), printed as text or JSON, added to totals."""
+    batch = prompts[start:start + batch_size]
+    n_real = len(batch)
+    batch = batch + [batch[-1]] * (batch_size - n_real)  # the caches have batch_size rows
+    stream = batch_size == 1 and not args.json
+    if args.compare_ar:
+        ar_outputs, ar_stats = generate(model, batch, args.max_new_tokens, sampling, stop_ids, steps=steps)
+    if stream:  # a chat shows the user's text, a raw prompt itself
+        print(args.prompt[start] + "\n" if args.chat else tokenizer.decode(batch[0]), end="", flush=True)
+    outputs, stats = generate(model, batch, args.max_new_tokens, sampling, stop_ids,
+                              on_token=StreamPrinter(tokenizer, stop_ids) if stream else None, draft=draft,
+                              block_size=block_size, steps=steps, tree_budget=args.tree_budget)
+    for row in range(n_real):
+        tokens = outputs[row]
+        text = tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens)
+        record = {"prompt": tokenizer.decode(batch[row]), "tokens": tokens, "text": text,
+                  "tokens_per_s": (len(tokens) - 1) / stats["decode_s"], "prefill_s": stats["prefill_s"]}
+        totals["tokens"] += len(tokens) - 1
+        totals["rows"] += 1
+        if draft is not None:
+            lengths = stats["acceptance_lengths"][row]
+            totals["acceptance"] += lengths
+            record.update(acceptance_lengths=lengths, tau=sum(lengths) / len(lengths) if lengths else None)
         if args.compare_ar:
-            ar_tokens_per_s = totals["ar_tokens"] / max(totals["ar_decode_s"], 1e-9)
-            same = (f" | greedy output identical to AR for {totals['identical']}/{totals['rows']} prompts"
-                    if sampling.temperature == 0 else "")
-            log(f"autoregressive {ar_tokens_per_s:.1f} tokens/s | speedup "
-                f"{tokens_per_s / max(ar_tokens_per_s, 1e-9):.2f}x{same}")
+            ar_tokens = ar_outputs[row]
+            record["ar_tokens_per_s"] = (len(ar_tokens) - 1) / ar_stats["decode_s"]
+            record["speedup"] = record["tokens_per_s"] / max(record["ar_tokens_per_s"], 1e-9)
+            if sampling.temperature == 0:
+                record["identical_to_ar"] = ar_tokens == tokens
+                totals["identical"] += ar_tokens == tokens
+            totals["ar_tokens"] += len(ar_tokens) - 1
+        if args.json:
+            print(json.dumps(record), flush=True)
+        elif not stream:
+            print(f"--- prompt {start + row}\n{record['prompt']}{text}")
+    totals["decode_s"] += stats["decode_s"]
+    totals["ar_decode_s"] += ar_stats["decode_s"] if args.compare_ar else 0.0
+    if stream:
+        print(flush=True)
+    if draft is None:
+        log(f"prefill {stats['prefill_s'] * 1000:.1f} ms | decode {stats['tokens_per_s']:.1f} tokens/s "
+            f"(batch {batch_size}) | {weight_bytes_per_step(model) * stats['steps_per_s'] / 1e9:.2f} GB/s of "
+            f"weights")
+
+
+def log_speculative_totals(totals: dict, args, block_size: int, batch_size: int, sampling, log):
+    """tau, its histogram, tokens/s and, with --compare_ar, the speedup over AR and how many outputs match."""
+    tokens_per_s = totals["tokens"] / max(totals["decode_s"], 1e-9)
+    acceptance = totals["acceptance"]
+    tau = sum(acceptance) / max(len(acceptance), 1)
+    tree = f", trees of {args.tree_budget} nodes" if args.tree_budget else ""
+    depth = f", mean accepted depth {tau - 1:.2f}" if args.tree_budget else ""
+    log(f"speculative decoding, block {block_size}{tree}: tau {tau:.2f} tokens per draft+verify step "
+        f"({len(acceptance)} steps{depth}) | {tokens_per_s:.1f} tokens/s (batch {batch_size})")
+    log("tokens committed per step:\n" + acceptance_histogram(acceptance, block_size))
+    if args.compare_ar:
+        ar_tokens_per_s = totals["ar_tokens"] / max(totals["ar_decode_s"], 1e-9)
+        same = (f" | greedy output identical to AR for {totals['identical']}/{totals['rows']} prompts"
+                if sampling.temperature == 0 else "")
+        log(f"autoregressive {ar_tokens_per_s:.1f} tokens/s | speedup "
+            f"{tokens_per_s / max(ar_tokens_per_s, 1e-9):.2f}x{same}")
 
 
 def chat_loop(args, model, draft, tokenizer, stop_ids, block_size: int, steps, log):
@@ -669,8 +518,8 @@ def chat_loop(args, model, draft, tokenizer, stop_ids, block_size: int, steps, l
         ids = tokenizer.encode(chat_prompt(messages, fmt, thinking=args.thinking == "on",
                                            reasoning_effort=args.reasoning_effort))
         try:
-            max_seq_len = cache_length(args, len(ids), model.args.max_position_embeddings, block_size,
-                                       args.tree_budget)
+            max_seq_len = cache_length(len(ids), args.max_new_tokens, args.max_seq_len,
+                                       model.args.max_position_embeddings, block_size, args.tree_budget)
         except InputError as e:  # the conversation outgrew the context: say so, keep the session
             log(f"error: {e}")
             messages.pop()

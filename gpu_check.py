@@ -37,16 +37,20 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 import generate
-import train
+from assets import DEMO, DEMO_PROMPT, build_demo_folder
 from bench_gpu import QWEN3_8B, copy_bandwidth, random_model, time_ms
+from checkpoint import load_checkpoint, load_draft, model_args
 from draft import Draft
 from fuse_kernel import fuse_layers, fuse_layers_reference
 from generate import compile_static
-from model import ModelArgs, Transformer, load_checkpoint
+from loss import block_loss, make_batch
+from model import ModelArgs, Transformer
+from sampling import Sampling
 from tokenizer import chat_format, chat_prompt, load_tokenizer
+from trees import draft_tree, tree_layout
 
 # openai/gpt-oss-20b's config.json with two of its 24 layers (one sliding, one full) and a smaller vocabulary
-GPT_OSS_20B_2L = ModelArgs.from_hf_config({
+GPT_OSS_20B_2L = model_args({
     "model_type": "gpt_oss", "vocab_size": 32768, "hidden_size": 2880, "num_hidden_layers": 2,
     "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 2880,
     "num_local_experts": 32, "num_experts_per_tok": 4, "sliding_window": 128, "rms_norm_eps": 1e-5,
@@ -175,8 +179,8 @@ def part_fusion(q: Quick, result: dict):
 def checks_models(q: Quick, device, dtype):
     """The checks target and a 1-layer DFlare draft for it, random, in dtype."""
     target = random_model(lambda: Transformer(q.checks_target), device, dtype)
-    return target, random_model(lambda: Draft.for_target(q.checks_target, 1, block_size=q.block_size), device,
-                                dtype)
+    draft = random_model(lambda: Draft.for_target(q.checks_target, 1, block_size=q.block_size), device, dtype)
+    return target, draft.bind(target)
 
 
 class FirstSdpaCall(TorchFunctionMode):
@@ -232,8 +236,8 @@ def part_sdpa(q: Quick, result: dict):
     block = prompt[:, :q.block_size]
     block_pos = pos[:, None] + torch.arange(q.block_size, device=device)
     guesses = torch.randn(1, q.block_size - 1, q.checks_target.vocab_size, device=device, generator=generator)
-    nodes, depth, parent = generate.draft_tree(guesses, q.tree_budget)
-    tree = generate.tree_layout(parent, pos, max_seq_len, q.block_size - 1)
+    nodes, depth, parent = draft_tree(guesses, q.tree_budget)
+    tree = tree_layout(parent, pos, max_seq_len, q.block_size - 1)
     ids = draft.args.target_layer_ids
     positions = torch.arange(q.context, device=device)[None]
     sites = {f"target prefill ({q.context})": lambda: generate.prefill(target, prompt, positions, pos - 1,
@@ -242,8 +246,7 @@ def part_sdpa(q: Quick, result: dict):
              f"target verify ({q.block_size})": lambda: target(block, block_pos, capture=ids),
              f"target tree ({nodes.shape[1]})": lambda: target(nodes, pos[:, None] + depth, capture=ids,
                                                                tree=tree),
-             f"draft block ({q.block_size})": lambda: draft.block_logits(
-                 target, draft.noise_block(block[:, 0]), pos)}
+             f"draft block ({q.block_size})": lambda: draft.block_logits(draft.noise_block(block[:, 0]), pos)}
     for site, call in sites.items():
         with FirstSdpaCall() as first:
             call()
@@ -268,7 +271,7 @@ def step_calls(target, draft, steps, q: Quick) -> dict:
     device = target.embed_tokens.weight.device
     token = torch.randint(0, target.args.vocab_size, (1,), device=device)
     pos = torch.full((1,), q.context, device=device)
-    active, sampling = torch.ones(1, dtype=torch.bool, device=device), generate.Sampling()
+    active, sampling = torch.ones(1, dtype=torch.bool, device=device), Sampling()
     return {"AR decode (1 token)": lambda: steps.decode(target, token[:, None], pos[:, None], sampling),
             f"speculative step (block {q.block_size})":
                 lambda: steps.speculative(target, draft, token, pos, active, sampling, q.block_size),
@@ -285,7 +288,7 @@ def part_steps(q: Quick, result: dict):
     dtype = compute_dtype(device)
     target = random_model(lambda: Transformer(q.target), device, dtype)
     draft = random_model(lambda: Draft.for_target(q.target, q.draft_layers, block_size=q.block_size), device,
-                         dtype)
+                         dtype).bind(target)
     max_seq_len = q.context + generate.step_span(q.block_size, q.tree_budget)
     target.setup_caches(1, max_seq_len)
     draft.setup_caches(1, max_seq_len)
@@ -369,9 +372,9 @@ def part_gpt_oss(q: Quick, result: dict):
 
 
 def training_step(draft, target, batch):
-    """train.block_loss (fp32) and its backward: the loss and the draft's gradients."""
+    """loss.block_loss (fp32) and its backward: the loss and the draft's gradients."""
     draft.zero_grad()
-    loss, _ = train.block_loss(draft, draft, target, *batch, None, torch.autocast("cpu", enabled=False))
+    loss, _ = block_loss(draft, target, batch)
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in draft.named_parameters()}
 
@@ -383,12 +386,13 @@ def part_training(q: Quick, result: dict):
     gradient."""
     device = torch.device(q.device)
     target = random_model(lambda: Transformer(q.checks_target), device, torch.float32)
-    draft = Draft.for_target(q.checks_target, 2, target_layer_ids=(0, 1), block_size=q.block_size).to(device)
+    draft = Draft.for_target(q.checks_target, 2, target_layer_ids=(0, 1), block_size=q.block_size)
+    draft = draft.to(device).bind(target)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, q.checks_target.vocab_size, q.train_tokens)
     samples = [(tokens, np.ones(q.train_tokens, np.float32))]
     anchors = [np.sort(rng.choice(q.train_tokens - q.block_size, q.train_anchors, replace=False))]
-    batch = lambda on: train.make_batch(samples, anchors, q.block_size, 7.0, on)
+    batch = lambda on: make_batch(samples, anchors, q.block_size, 7.0, on)
     loss, grads = training_step(draft, target, batch(device))
     grads = {name: g.cpu() for name, g in grads.items()}
     ref_loss, ref_grads = training_step(draft.cpu(), target.cpu(), batch("cpu"))  # the same models, moved
@@ -407,17 +411,17 @@ def part_twin(q: Quick, result: dict):
     """The committed demo DFlare draft on demo/twin (SmolLM2-135M-Instruct's config and tokenizer with random
     weights, built without network): AR and speculative decoding of the demo prompt, compiled, tokens/s. On
     random weights the draft's guesses are never accepted: its tau means nothing here, its step times do."""
-    device, folder = torch.device(q.device), generate.DEMO / "twin"
-    generate.build_demo_target(folder)
+    device, folder = torch.device(q.device), DEMO / "twin"
+    build_demo_folder(folder)
     target = load_checkpoint(folder, device, compute_dtype(device))
-    draft = generate.load_draft(generate.DEMO / "dflare", target, device, compute_dtype(device))
-    prompt = load_tokenizer(folder).encode(chat_prompt([{"role": "user", "content": generate.DEMO_PROMPT}],
+    draft = load_draft(DEMO / "dflare", target, device, compute_dtype(device))
+    prompt = load_tokenizer(folder).encode(chat_prompt([{"role": "user", "content": DEMO_PROMPT}],
                                                         chat_format(folder)))
     steps = generate.compile_steps(device, q.autotune, q.backend)._replace(prefill=generate.prefill)
     target.setup_caches(1, len(prompt) + q.twin_tokens + draft.args.block_size)
     draft.setup_caches(1, len(prompt) + q.twin_tokens + draft.args.block_size)
     for name, d in [("autoregressive", None), ("DFlare (demo/dflare)", draft)]:
-        run = lambda n: generate.generate(target, [prompt], n, generate.Sampling(), draft=d,
+        run = lambda n: generate.generate(target, [prompt], n, Sampling(), draft=d,
                                           block_size=draft.args.block_size, steps=steps)[1]
         compile_s = first_call_s(lambda: run(4), device)
         stats = run(q.twin_tokens)

