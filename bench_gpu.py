@@ -1,10 +1,9 @@
-"""GPU step timings on random weights: the full sweep behind `python bench.py --gpu`, and the helpers that
-the quick run (gpu_check.py, `python bench.py --gpu --quick`) shares.
+"""GPU step timings on random weights: the sweep behind `python bench.py --gpu`, and helpers shared with
+the quick run (gpu_check.py, `python bench.py --gpu --quick`). DESIGN.md section 8.
 
     python bench.py --gpu [--autotune]   # three drafts, each step's parts, four tree budgets, eager, compiled
 
-Compiled steps are CUDA graphs; --autotune adds max-autotune's search over GEMM kernels (minutes per graph of
-a 36-layer target: the sweep compiles about 27 graphs, 20 of them holding the whole target).
+Compiled steps are CUDA graphs; --autotune adds max-autotune's GEMM search (minutes per graph).
 """
 import statistics
 import time
@@ -27,9 +26,8 @@ QWEN3_8B = ModelArgs(model_type="qwen3", vocab_size=151936, hidden_size=4096, nu
 
 
 def random_model(module_fn, device, dtype):
-    """A module built on the meta device and allocated once, in dtype, on device, with small random weights
-    (RMSNorm weights stay 1): no host copy, no fp32 first (a Qwen3-8B in fp32 would be 33 GB). A DFlare
-    draft's fusion logits stay fp32, as Draft.from_pretrained loads them."""
+    """module_fn() allocated once, in dtype, on device (built on meta: no fp32 host copy, 33 GB for a
+    Qwen3-8B), with small random weights, RMSNorm weights 1; DFlare fusion logits stay fp32, as loaded."""
     with torch.device("meta"):
         module = module_fn().to(dtype)
         if isinstance(module, Draft) and module.args.fusion == "layerwise":
@@ -65,9 +63,8 @@ def copy_bandwidth(device, n_bytes: int) -> float:
 
 
 def draft_block_bytes(draft: Draft, target: Transformer) -> int:
-    """Weight bytes a draft block reads: the draft's layers and final norm, and the target's lm_head (every
-    block position's logits); not the context fusion and projections (fc / layer_fusion_weights, hidden_norm,
-    k/v_proj_target), which only write_context reads."""
+    """Weight bytes a draft block reads: the draft's layers and norm and the target's lm_head; not the context
+    fusion and projections, which only write_context reads."""
     context_only = ("fc.", "layer_fusion_weights", "hidden_norm.", "_proj_target.")
     own = sum(p.numel() * p.element_size() for name, p in draft.named_parameters()
               if not any(part in name for part in context_only))
@@ -78,9 +75,9 @@ def draft_block_bytes(draft: Draft, target: Transformer) -> int:
 def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=torch.bfloat16, compile=True,
                 context=1024, block_size=16, tau=6.5, iters=50, tree_budgets=(16, 32, 64, 128),
                 autotune=False):
-    """Time the AR step, the draft block, the verify forward and the whole speculative step at one context
-    length; print them with the weight bandwidth they imply and the speedup projected at acceptance length
-    tau. Then the tree step's parts per budget, with the largest DFlare draft."""
+    """Time and print the AR step; per draft its block, verify forward and speculative step, with their weight
+    bandwidth and the speedup projected at acceptance length tau; then the tree step's parts per budget with
+    the largest DFlare draft."""
     device = torch.device(device)
     target = random_model(lambda: Transformer(target_args), device, dtype)
     max_seq_len = context + max(2 * block_size, *tree_budgets)
@@ -97,13 +94,7 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
     verify = maybe_compile(lambda t, tokens, positions, ids: t(tokens, positions, capture=ids))
     block_positions = pos[:, None] + torch.arange(block_size, device=device)
     block_tokens = torch.zeros(1, block_size, dtype=torch.long, device=device)
-    how = ("compiled (CUDA graphs)" if device.type == "cuda" else "compiled") if compile else "eager"
-    print(f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), torch "
-          f"{torch.__version__}, {dtype}, {how}; target {target_args.num_hidden_layers} layers, hidden "
-          f"{target_args.hidden_size}, {weight_bytes / 1e9:.2f} GB of weights per step; context {context}, "
-          f"block {block_size}")
-    print(f"copy bandwidth {copy_gbs:.0f} GB/s")
-    print(f"{'step':<34} {'ms':>8} {'GB/s of weights':>16}")
+    print_header(device, dtype, compile, target_args, weight_bytes, context, block_size, copy_gbs)
     print(f"{'AR step (1 token)':<34} {ar_ms:>8.3f} {weight_bytes / ar_ms / 1e6:>16.0f}")
     results = {"copy_gbs": copy_gbs, "ar_ms": ar_ms}
     for fusion, n_layers in [("linear", draft_layers[0])] + [("layerwise", n) for n in draft_layers]:
@@ -132,21 +123,39 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
             print(f"{f'{name} step, PyTorch fusion':<34} {ms:>8.3f}   (ours / this: {step_ms / ms:.2f})")
     results["tree"] = time_tree_steps(target, draft, steps, maybe_compile, pos, block_size, tree_budgets,
                                       iters)
-    try:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                          SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):  # not our code: math allowed
-            ms = time_dflash_reference(target, block_size, context, draft_layers[0], device, dtype)
-        name = f"dflash package, DFlash {draft_layers[0]}L step"
-        print(f"{name:<34} {ms:>8.3f}   (its own dflash_generate loop)")
-        results["dflash_reference_step_ms"] = ms
-    except ImportError:
-        print("dflash package not importable here: reference-implementation timing skipped")
+    results.update(dflash_reference_row(target, block_size, context, draft_layers[0], device, dtype))
     return results
 
 
+def print_header(device, dtype, compile: bool, target_args, weight_bytes: int, context: int, block_size: int,
+                 copy_gbs: float):
+    """bench_steps' setup line, copy bandwidth and table heads."""
+    how = ("compiled (CUDA graphs)" if device.type == "cuda" else "compiled") if compile else "eager"
+    print(f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), torch "
+          f"{torch.__version__}, {dtype}, {how}; target {target_args.num_hidden_layers} layers, hidden "
+          f"{target_args.hidden_size}, {weight_bytes / 1e9:.2f} GB of weights per step; context {context}, "
+          f"block {block_size}")
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s")
+    print(f"{'step':<34} {'ms':>8} {'GB/s of weights':>16}")
+
+
+def dflash_reference_row(target, block_size: int, context: int, n_layers: int, device, dtype) -> dict:
+    """{"dflash_reference_step_ms": ms} of the dflash package's own loop, printed; {} without the package."""
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):  # not our code: math allowed
+            ms = time_dflash_reference(target, block_size, context, n_layers, device, dtype)
+        name = f"dflash package, DFlash {n_layers}L step"
+        print(f"{name:<34} {ms:>8.3f}   (its own dflash_generate loop)")
+        return {"dflash_reference_step_ms": ms}
+    except ImportError:
+        print("dflash package not importable here: reference-implementation timing skipped")
+        return {}
+
+
 def time_tree_steps(target, draft, steps, maybe_compile, pos, block_size: int, budgets, iters: int) -> dict:
-    """Per tree budget N: picking the tree from the draft's guesses (draft_tree), the verify forward of its N
-    nodes, moving the accepted path's cache entries (a full block's worth), and the whole tree step."""
+    """Per tree budget N: ms of picking the tree (draft_tree), the verify forward of its N nodes, moving a
+    block's worth of accepted cache entries, and the whole tree step."""
     device = pos.device
     pick = maybe_compile(trees.draft_tree)
     verify = maybe_compile(lambda t, tokens, positions, ids, layout: t(tokens, positions, capture=ids,
@@ -179,9 +188,8 @@ def time_tree_steps(target, draft, steps, maybe_compile, pos, block_size: int, b
 
 def time_dflash_reference(target: Transformer, block_size: int, context: int, n_layers: int, device, dtype,
                           new_tokens: int = 32) -> float:
-    """ms per draft+verify step of the z-lab `dflash` package's own decoding loop (transformers target,
-    dynamic caches), on a transformers copy of the same target weights and a random DFlash draft. Raises
-    ImportError without the package."""
+    """ms per draft+verify step of the z-lab `dflash` package's own loop (transformers, dynamic caches), on a
+    transformers copy of the same target weights and a random DFlash draft; ImportError without it."""
     import transformers
     from dflash.model import DFlashDraftModel, dflash_generate
 

@@ -137,6 +137,12 @@ UNSUPPORTED_FIELDS = {
 }
 
 
+def require_fields(config: dict, names, where: str, hint: str = ""):
+    missing = [k for k in names if k not in config]
+    if missing:
+        raise InputError(f"{where} lacks {', '.join(missing)}{hint}")
+
+
 def refuse_unsupported_fields(config: dict, where: str):
     sections = [config, config.get("dflash_config") or {}, config.get("rope_scaling") or {},
                 config.get("rope_parameters") or {}]
@@ -198,10 +204,8 @@ def model_args(config: dict) -> ModelArgs:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(f"config.json has model_type {model_type!r}; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-               if k not in config]
-    if missing:
-        raise InputError(f"config.json lacks {', '.join(missing)}: is this a {model_type} checkpoint?")
+    require_fields(config, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"),
+                   "config.json", f": is this a {model_type} checkpoint?")
     refuse_unsupported_fields(config, "config.json")
     quantization = (config.get("quantization_config") or {}).get("quant_method")
     if quantization not in (None, "mxfp4") or (quantization == "mxfp4" and model_type != "gpt_oss"):
@@ -413,10 +417,8 @@ def draft_args(config: dict, fusion: str) -> DraftArgs:
     if unknown:
         raise InputError(f"draft config.json's dflash_config sets {', '.join(unknown)}, which this "
                          f"implementation does not know: a newer draft design than it supports")
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-               if k not in config]
-    if missing:
-        raise InputError(f"draft config.json lacks {', '.join(missing)}")
+    require_fields(config, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+                   "draft config.json")
     field = lambda name, default=None: dflash.get(name, config.get(name, default))  # noqa: E731
     if field("mask_token_id") is None:
         raise InputError("draft config.json has no mask_token_id (in dflash_config or at the top level): "

