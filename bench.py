@@ -1,21 +1,14 @@
 """Benchmarks: autoregressive vs speculative decoding on prompt sets, the GPU step timings, peak memory.
 
-    python bench.py              # the embedded demo: AR vs DFlash vs DFlare (2 and 1 layers),
-                                 # MT-Bench, HumanEval, math
-    python bench.py --checkpoint TARGET_DIR --draft DFLARE_DIR --draft DFLASH_DIR
-                    [--sets mt-bench my.jsonl ...]
-    python bench.py --tree_budget 0 16 32 64 128   # every draft with the chain (0) and with trees
-                                                   # of these budgets
+    python bench.py                   # the embedded demo: AR vs DFlash vs DFlare (2 and 1 layers), 3 sets
+    python bench.py --checkpoint TARGET_DIR --draft DFLARE_DIR --draft DFLASH_DIR [--sets mt-bench my.jsonl]
+    python bench.py --tree_budget 0 16 32 64 128   # every draft as the chain (0) and as trees of these sizes
     python -u bench.py --gpu --quick  # every GPU check in one bounded run (at most 6 minutes, offline)
-    python bench.py --gpu        # Qwen3-8B-shaped random bf16 weights: the step timings of three drafts,
-                                 # tree steps per budget (--autotune: max-autotune's GEMM search)
-    python bench.py --memory     # peak memory of a training step, a prefill and decoding
-                                 # at Qwen3's vocabulary
+    python bench.py --gpu             # Qwen3-8B-shaped random bf16 weights: step timings, tree steps
+    python bench.py --memory          # peak memory of a training step, a prefill and decoding
 
-Prompt sets: MT-Bench's first turns and HumanEval's functions (read from their PyPI packages), or JSONL
-files, one prompt a line: {"prompt": "raw text"} or {"messages": [{"role": ..., "content": ...}]} (chat
-template applied). Per set, the table gives each decoder's tau (tokens committed per draft+verify step),
-decode tokens/s, speedup over autoregressive decoding in the same run, and greedy outputs identical to it.
+Prompt sets: mt-bench, humaneval (from PyPI packages) or JSONL files, a line {"prompt": "raw text"} or
+{"messages": [...]}. Per set and decoder: tau, tokens/s, speedup over AR, greedy outputs identical to AR.
 """
 import argparse
 import dataclasses
@@ -46,8 +39,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def package_set(name: str) -> list:
-    """A benchmark set from its PyPI package (assets.package_file) as chat records: MT-Bench's 80 first turns,
-    or HumanEval's 164 functions to complete."""
+    """A package set as chat records: MT-Bench's 80 first turns, or HumanEval's 164 functions to complete."""
     if name == "mt-bench":
         return [{"messages": [{"role": "user", "content": q["turns"][0]}]}
                 for q in assets.mt_bench_questions()]
@@ -67,8 +59,7 @@ DEFAULT_SETS = [*PACKAGE_SETS, str(HERE / "prompts" / "math.jsonl")]
 
 
 def read_prompt_set(path, tokenizer, checkpoint, thinking: bool) -> list:
-    """Token ids of every prompt of a set (a JSONL file or one of PACKAGE_SETS), chats in checkpoint's
-    format."""
+    """Token ids of every prompt of a set (a JSONL file or one of PACKAGE_SETS), chats in its chat format."""
     if path in PACKAGE_SETS:
         lines = [json.dumps(record) for record in package_set(path)]
     elif Path(path).is_file():
@@ -167,7 +158,7 @@ def bench_sets(args):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(decoders))
     first = next(iter(sets.values()))[:1] * args.batch_size
     t0 = time.perf_counter()
-    for _, draft, block_size, budget in decoders:  # warm-up (and compilation): untimed
+    for _, draft, block_size, budget in decoders:
         generate(target, first, 4, sampling, draft=draft, block_size=block_size, steps=steps,
                  tree_budget=budget)
     print(f"{args.checkpoint} ({target.args.model_type}, {dtype}, {device}), warm-up "
@@ -186,9 +177,6 @@ def bench_sets(args):
     return results
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Peak memory (--memory)
-
 # Qwen3's vocabulary and depth on a narrow target: vocabulary-sized tensors (logits, embeddings) at full size
 MEMORY_TARGET = dataclasses.replace(QWEN3_8B, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                                     head_dim=32, intermediate_size=384)
@@ -196,10 +184,8 @@ MEMORY_TARGET = dataclasses.replace(QWEN3_8B, hidden_size=128, num_attention_hea
 
 def bench_memory(target_args=MEMORY_TARGET, device="cpu", seq_len=3072, num_anchors=512, prompt_len=4096,
                  new_tokens=64, block_size=16):
-    """Print peak memory, each in a fresh process so peaks do not mix, of a training step (the README recipe's
-    micro-batch: seq_len tokens, num_anchors blocks, forward and backward), a prefill of prompt_len tokens and
-    speculative decoding (a block_size-token prompt, prompt_len-context caches).
-    Returns {row: (peak RSS, peak CUDA allocated) in GB}."""
+    """Print the peak memory of a training step (seq_len tokens, num_anchors blocks), a prefill and
+    speculative decoding, each in a fresh process so peaks do not mix. Returns {row: (RSS, CUDA) in GB}."""
     cache_len = prompt_len + new_tokens + block_size
     rows = {f"training step ({seq_len} tokens, {num_anchors} blocks of {block_size})":
             (memory_training_step, target_args, device, seq_len, num_anchors, block_size),
@@ -249,8 +235,7 @@ def memory_training_step(target_args, device, seq_len, num_anchors, block_size):
 
 
 def memory_generate(target_args, device, prompt_len, new_tokens, cache_len, speculative: bool, block_size):
-    """new_tokens after a random prompt_len-token prompt, caches of cache_len positions (autoregressive with
-    one new token: the prefill alone)."""
+    """new_tokens after a random prompt_len-token prompt, caches of cache_len positions."""
     target, draft, dtype = memory_models(target_args, device, block_size)
     target.setup_caches(1, cache_len)
     draft.to(dtype).setup_caches(1, cache_len)
@@ -298,12 +283,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.quick or args.autotune) and not args.gpu:
         p.error("--quick and --autotune go with --gpu")
-    if not args.gpu and not args.memory and not args.checkpoint:  # the embedded demo's three drafts
+    if not args.gpu and not args.memory and not args.checkpoint:
         args.checkpoint = assets.demo_target(p, "--checkpoint TARGET_DIR "
                                                 "(and --draft DRAFT_DIR ...), or --gpu")
         args.draft = args.draft or [str(assets.DEMO / name) for name in ("dflash", "dflare", "dflare-1l")]
         args.limit = args.limit or 20  # 4 decoders x 3 sets on a CPU: about half an hour
-        args.dtype = args.dtype or "bfloat16"  # as generate.py runs the demo
+        args.dtype = args.dtype or "bfloat16"
     if args.block_size is not None and args.block_size < 2:
         p.error(f"--block_size must be >= 2, got {args.block_size}")
     if any(budget == 1 or budget < 0 for budget in args.tree_budget):

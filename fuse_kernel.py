@@ -1,11 +1,8 @@
-"""DFlare layer fusion in one Triton kernel, its backward, and the PyTorch reference (DESIGN.md section 2).
+"""DFlare layer fusion in one Triton kernel, its backward, and the PyTorch reference (DESIGN.md section 2):
 
     out[n, d] = rmsnorm(sum_t softmax(W[d])_t * X[n, t]) * gamma      X [N, T, H], W [D, T], out [N, D, H]
 
-One program per (draft layer, token) row, over the whole hidden size, so the RMS needs no second pass.
-X is the frozen target's: no gradient for it. The entry point is the operator dflare::fuse_layers;
-`python bench.py --gpu --quick` (gpu_check.part_fusion) times it against the reference.
-"""
+The entry point is the operator dflare::fuse_layers; gpu_check.part_fusion times it against the reference."""
 import contextlib
 import os
 
@@ -23,7 +20,7 @@ except ImportError:  # Triton has no wheels for macOS and Windows: the PyTorch f
 def fuse_layers_reference(x, fusion_logits, gamma, eps):
     """x [N, T, H], fusion_logits [D, T], gamma [H] -> [N, D, H] in x's dtype; computed in fp32 (or fp64)."""
     compute = torch.promote_types(x.dtype, torch.float32)
-    weights = torch.softmax(fusion_logits.to(compute), dim=-1)  # [D, T]
+    weights = torch.softmax(fusion_logits.to(compute), dim=-1)
     mixed = torch.einsum("dt,nth->ndh", weights, x.to(compute))
     normed = mixed * torch.rsqrt(mixed.pow(2).mean(-1, keepdim=True) + eps)
     return (normed * gamma.to(compute)).to(x.dtype)
@@ -40,8 +37,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _mix(x_ptr, w_ptr, w_max, w_sum, T, H, BLOCK_H: tl.constexpr):
-        """sum_t softmax(w)_t * X[t, :] over the [T, H] rows at x_ptr, a [BLOCK_H] fp32 vector; each weight
-        is a scalar load, not a block-wide reduction per t."""
+        """sum_t softmax(w)_t * X[t, :] over the [T, H] rows at x_ptr -> a [BLOCK_H] fp32 vector."""
         offs_h = tl.arange(0, BLOCK_H)
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         for t in range(T):
@@ -49,7 +45,7 @@ if HAVE_TRITON:
             acc += w_t * tl.load(x_ptr + t * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
         return acc
 
-    # Only H's divisibility by 16 changes the code (vector loads): no recompiles for new N, T or D
+    # only H's divisibility by 16 changes the code (vector loads): no recompiles for new N, T or D
     @triton.jit(do_not_specialize=["T", "D"])
     def _fuse_forward_kernel(x_ptr, w_ptr, gamma_ptr, out_ptr, T, H, D, eps,
                              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -63,7 +59,7 @@ if HAVE_TRITON:
         rstd = 1.0 / tl.sqrt(tl.sum(mixed * mixed, axis=0) / H + eps)
         gamma = tl.load(gamma_ptr + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
         out = mixed * rstd * gamma
-        tl.store(out_ptr + pid * H + offs_h, out.to(out_ptr.dtype.element_ty), mask=offs_h < H)  # out[n, d]
+        tl.store(out_ptr + pid * H + offs_h, out.to(out_ptr.dtype.element_ty), mask=offs_h < H)
 
     @triton.jit(do_not_specialize=["N", "T", "D"])
     def _fuse_backward_kernel(x_ptr, w_ptr, gamma_ptr, grad_out_ptr, grad_mix_ptr, grad_gamma_ptr,
@@ -71,7 +67,7 @@ if HAVE_TRITON:
                               BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
         """For draft layer d and a chunk of tokens: partial sums over the chunk of
         dL/d(mixture weight t) = <dL/dmixed, X[n, t]> and of dL/dgamma = grad_out * normed."""
-        pid = tl.program_id(0).to(tl.int64)  # chunk * D + d, 64-bit as in the forward
+        pid = tl.program_id(0).to(tl.int64)
         chunk, d = pid // D, pid % D
         eps = tl.cast(eps, tl.float32)  # as in the forward
         offs_h = tl.arange(0, BLOCK_H)
@@ -90,12 +86,11 @@ if HAVE_TRITON:
                             other=0.0).to(tl.float32)
                 grad_gamma += g * mixed * rstd
                 gy = g * gamma
-                # RMSNorm backward: d mixed = rstd * (gy - mixed * <gy, mixed> * rstd^2 / H)
                 grad_mixed = rstd * (gy - mixed * (tl.sum(gy * mixed, axis=0) * rstd * rstd / H))
                 for t in range(T):
                     x = tl.load(x_n + t * H + offs_h, mask=offs_h < H, other=0.0).to(tl.float32)
                     grad_mix += tl.where(offs_t == t, tl.sum(grad_mixed * x, axis=0), 0.0)
-        tl.store(grad_mix_ptr + pid * T + offs_t, grad_mix, mask=offs_t < T)  # grad_mix[chunk, d]
+        tl.store(grad_mix_ptr + pid * T + offs_t, grad_mix, mask=offs_t < T)
         tl.store(grad_gamma_ptr + pid * H + offs_h, grad_gamma, mask=offs_h < H)
 
 
@@ -103,9 +98,8 @@ TOKENS_PER_PROGRAM = 64
 
 
 def launch_config(N, T, H, D):
-    """(forward grid, backward grid, meta-parameters) for x [N, T, H] and D draft layers; the tests compile
-    exactly these. Programs (token or chunk, draft layer) on grid axis 0, draft layer fastest, so a token's
-    programs share its X rows in the L2 cache."""
+    """(forward grid, backward grid, meta-parameters) for x [N, T, H] and D draft layers, as the tests compile
+    them; programs (token or chunk, draft layer) on axis 0, draft layer fastest (DESIGN.md section 2)."""
     block_h = triton.next_power_of_2(H)
     meta = dict(BLOCK_T=triton.next_power_of_2(T), BLOCK_H=block_h, num_warps=min(max(block_h // 256, 1), 16))
     return (N * D,), (triton.cdiv(N, TOKENS_PER_PROGRAM) * D,), meta
@@ -129,8 +123,7 @@ def launch_forward(x, fusion_logits, gamma, eps):
 
 
 def launch_backward(x, fusion_logits, gamma, grad_out, eps):
-    """The backward kernel's per-chunk partial sums, added up: dL/d(mixture weights) [D, T] and
-    dL/dgamma [H], fp32."""
+    """The backward kernel's per-chunk sums, added up: dL/d(mixture weights) [D, T], dL/dgamma [H] in fp32."""
     N, T, H = x.shape
     D = fusion_logits.shape[0]
     chunks = triton.cdiv(N, TOKENS_PER_PROGRAM)
@@ -148,8 +141,8 @@ def backward_reference(x, fusion_logits, gamma, grad_out, eps):
     """What launch_backward computes, in PyTorch (fp32, or fp64 for fp64 inputs)."""
     compute = torch.promote_types(x.dtype, torch.float32)
     x = x.to(compute)
-    weights = torch.softmax(fusion_logits.to(compute), dim=-1)  # [D, T]
-    mixed = torch.einsum("dt,nth->ndh", weights, x)  # [N, D, H]
+    weights = torch.softmax(fusion_logits.to(compute), dim=-1)
+    mixed = torch.einsum("dt,nth->ndh", weights, x)
     rstd = torch.rsqrt(mixed.pow(2).mean(-1, keepdim=True) + eps)
     g = grad_out.to(compute)
     gy = g * gamma.to(compute)
@@ -166,8 +159,7 @@ if HAVE_TRITON:
     @torch.library.triton_op("dflare::fuse_layers", mutates_args=())
     def fuse_layers(x: torch.Tensor, fusion_logits: torch.Tensor, gamma: torch.Tensor,
                     eps: float) -> torch.Tensor:
-        """The fusion [N, T, H] -> [N, D, H] as one operator: kernel on CUDA, reference on CPU;
-        torch.compile keeps the kernel in its graph."""
+        """The fusion [N, T, H] -> [N, D, H] as one operator: kernel on CUDA, reference on CPU."""
         if use_kernel(x):
             return launch_forward(x, fusion_logits, gamma, eps)
         return fuse_layers_reference(x, fusion_logits, gamma, eps)
@@ -190,7 +182,6 @@ if HAVE_TRITON:
         x, fusion_logits, gamma = ctx.saved_tensors
         grad_weights, grad_gamma = fuse_layers_backward(x, fusion_logits, gamma, grad_out, ctx.eps)
         weights = torch.softmax(fusion_logits.to(grad_weights.dtype), dim=-1)
-        # softmax backward
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum(-1, keepdim=True))
         return None, grad_logits.to(fusion_logits.dtype), grad_gamma.to(gamma.dtype), None
 

@@ -4,17 +4,9 @@
     python generate.py --checkpoint TARGET_DIR --prompt "..."                      # autoregressive
     python generate.py --checkpoint TARGET_DIR --draft DRAFT_DIR --prompt "..."    # speculative
 
-The decoding core comes first: a prefill, then one step function on static shapes per token (autoregressive)
-or per block (speculative), each compiled into one graph (CUDA graphs on GPU):
-
-    draft block [anchor, MASK x bs-1] -> bs-1 guesses -> the target verifies the bs tokens in one forward
-    (capturing its hidden states) -> accept the longest agreeing prefix + one token of the target's -> the
-    block's hidden states become draft context (rows past the accepted ones: masked, overwritten later)
-
-With --tree_budget N the target verifies a tree of the draft's likeliest continuations instead (trees.py). The
-host reads the committed tokens and their count once per step. The command line follows: it streams the text,
-prints decode tokens/s and, speculating, tau (tokens committed per step) with its histogram; --compare_ar
-measures autoregressive decoding in the same run and reports the speedup.
+Streams the text, prints decode tokens/s and, speculating, tau (tokens committed per step) with its
+histogram; --compare_ar also decodes autoregressively and reports the speedup; --tree_budget N checks a tree.
+The decoding core (prefill, the steps, generate) comes first in this file; its command line follows.
 """
 import argparse
 import json
@@ -52,26 +44,18 @@ def decode_one_token(target: Transformer, token, input_pos, sampling: Sampling):
 
 def speculative_step(target: Transformer, draft: Draft, anchor_token, anchor_pos, active, sampling: Sampling,
                      block_size: int):
-    """One draft-block + verify step for every row, on static shapes (DESIGN.md section 4).
-
-    anchor_token, anchor_pos [B]: each row's last committed token (not yet seen by the target) and its
-    position; active [B] bool: finished rows stay where they are. The draft's context cache must hold every
-    position before the anchor. Returns tokens [B, bs] (the accepted draft tokens, then the target's own
-    token), n_accepted [B] (the row commits tokens[:n_accepted + 1]), and each row's next anchor token and
-    position.
-    """
+    """One draft-block + verify step for every row (DESIGN.md section 4). anchor_token, anchor_pos [B]: each
+    row's last committed token and its position; active [B] bool. Returns tokens [B, bs] (accepted guesses,
+    then the target's), n_accepted [B] (a row commits tokens[:n_accepted + 1]), next anchors and positions."""
     bs = block_size
-    positions = anchor_pos[:, None] + torch.arange(bs, device=anchor_pos.device)  # [B, bs]
-    draft_logits = draft.block_logits(draft.noise_block(anchor_token, bs), anchor_pos)  # [B, bs-1, V]
+    positions = anchor_pos[:, None] + torch.arange(bs, device=anchor_pos.device)
+    draft_logits = draft.block_logits(draft.noise_block(anchor_token, bs), anchor_pos)
     draft_tokens, draft_probs = sample(draft_logits, sampling)
     block = torch.cat([anchor_token[:, None], draft_tokens], dim=1)
     # logits [B, bs, V], hidden [B, bs, T, H]
     logits, hidden = target(block, positions, capture=draft.args.target_layer_ids)
-    # The block's rows become draft context; those past the accepted ones sit at positions >= the next anchor,
-    # where they are masked until overwritten.
     draft.write_context(hidden, positions)
     if sampling.temperature == 0:
-        # greedy: accepted drafts equal the target's argmax, so the target's tokens are the committed ones
         tokens = logits.argmax(-1)
         n_accepted = (draft_tokens == tokens[:, :-1]).long().cumprod(1).sum(1)
     else:
@@ -83,20 +67,18 @@ def speculative_step(target: Transformer, draft: Draft, anchor_token, anchor_pos
 
 
 def speculative_sampling(draft_tokens, draft_probs, target_probs):
-    """Accept draft token x with probability min(1, p(x) / q(x)); at the first rejection sample from
-    normalise(max(0, p - q)); after bs-1 acceptances sample the bonus from p. The result is distributed
-    exactly as the target's own samples. draft_tokens [B, bs-1], draft_probs q [B, bs-1, V], target_probs p
-    [B, bs, V]."""
+    """Accept guess x with probability min(1, p(x) / q(x)); at the first rejection sample max(0, p - q), else
+    the bonus from p. draft_tokens [B, bs-1], draft_probs q [B, bs-1, V], target_probs p [B, bs, V]."""
     B, n_draft = draft_tokens.shape
     p_x = target_probs[:, :-1].gather(-1, draft_tokens[..., None])[..., 0]
     q_x = draft_probs.gather(-1, draft_tokens[..., None])[..., 0]
     accepted = torch.rand_like(q_x) * q_x < p_x  # u < p(x) / q(x), without dividing by q
     n_accepted = accepted.long().cumprod(1).sum(1)
-    # sample a replacement at every position (static shapes), keep the one at n_accepted
+    # a replacement at every position (static shapes; the last row's residual is p), kept at n_accepted
     q_padded = torch.cat([draft_probs, draft_probs.new_zeros(B, 1, draft_probs.shape[-1])], dim=1)
-    residual = (target_probs - q_padded).clamp(min=0)  # the last row is p itself
+    residual = (target_probs - q_padded).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target_probs)  # p == q, rounded
-    replacement = (residual / torch.empty_like(residual).exponential_(1)).argmax(-1)  # [B, bs]
+    replacement = (residual / torch.empty_like(residual).exponential_(1)).argmax(-1)
     drafts_padded = torch.cat([draft_tokens, draft_tokens[:, :1]], dim=1)
     from_draft = torch.arange(n_draft + 1, device=draft_tokens.device) < n_accepted[:, None]
     return torch.where(from_draft, drafts_padded, replacement), n_accepted
@@ -113,10 +95,8 @@ EAGER = Steps(prefill, decode_one_token, speculative_step, tree_step)
 
 
 def compile_steps(device: torch.device, autotune: bool = True, backend: str = "inductor") -> Steps:
-    """Compiled prefill (dynamic prompt length) and steps (static shapes: CUDA graphs on GPU, with
-    max-autotune's search over GEMM kernels when autotune). The steps stay static: a second block size or tree
-    budget gets a graph of its own, rather than one where the size is symbolic (a symbolic tree budget, top-k
-    of a symbolic k, compiled for minutes). backend: another torch.compile backend (tests count graphs)."""
+    """Compiled prefill (dynamic prompt length) and steps (static shapes: CUDA graphs on GPU, max-autotune
+    when autotune; a symbolic tree budget compiled for minutes). backend: another torch.compile backend."""
     return Steps(torch.compile(prefill, fullgraph=True, dynamic=True, backend=backend),
                  *(compile_static(step, device, autotune, backend) for step in EAGER[1:]))
 
@@ -160,14 +140,9 @@ class Outputs:
 def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: Sampling, stop_ids=(),
              on_token=None, draft: Draft | None = None, block_size: int = 0, steps: Steps = EAGER,
              tree_budget: int = 0):
-    """Decode a batch of token-id prompts (each row at its own positions): autoregressive without a draft,
-    speculative with one (block_size tokens per step, at most the draft's block size), verifying a tree of
-    tree_budget nodes per step instead of the chain if tree_budget > 0.
-
-    Returns the new tokens per row (ending with the stop token when one was hit) and stats; with a draft the
-    stats hold "acceptance_lengths": per row, the tokens committed by each draft+verify step.
-    on_token(row, token_id) is called for every token kept.
-    """
+    """Decode a batch of token-id prompts: autoregressive, or speculative with a draft (a tree of tree_budget
+    nodes per step if > 0). Returns the new tokens per row and stats (with a draft "acceptance_lengths": per
+    row, the tokens each step committed); on_token(row, token_id) sees every token kept."""
     device = target.embed_tokens.weight.device
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -218,7 +193,7 @@ def speculative_loop(target, draft, next_token, input_pos, sampling, steps: Step
     n_steps, acceptance_lengths, active_rows = 0, [[] for _ in range(B)], None
     while not all(out.done):
         rows_active = [not d for d in out.done]
-        if rows_active != active_rows:  # a new device tensor only when a row has finished
+        if rows_active != active_rows:
             active_rows, active = rows_active, torch.tensor(rows_active, device=device)
         if tree_budget:
             block, n_accepted, next_token, input_pos = steps.tree(target, draft, next_token, input_pos,
@@ -227,9 +202,7 @@ def speculative_loop(target, draft, next_token, input_pos, sampling, steps: Step
             block, n_accepted, next_token, input_pos = steps.speculative(target, draft, next_token, input_pos,
                                                                          active, sampling, block_size)
         next_token = next_token.clone()  # CUDA graphs reuse output memory
-        # a row that ended inside its last block sits up to bs-1 positions past its end; frozen there, its
-        # block (or tree) would run past a cache sized prompt + max_new_tokens + step_span(...). Active rows
-        # are never moved by this.
+        # a finished row's frozen step must stay inside the cache; active rows never reach the clamp
         input_pos = input_pos.clamp(max=target.max_seq_length - step_span(block_size, tree_budget))
         rows = torch.cat([n_accepted[:, None], block], dim=1).tolist()  # the step's one host sync
         for row, (n, *block_tokens) in enumerate(rows):
@@ -245,8 +218,7 @@ def step_span(block_size: int, tree_budget: int) -> int:
 
 
 def weight_bytes_per_step(model: Transformer) -> int:
-    """Weight bytes one decode step reads: everything but the embedding table (unless it is the tied lm_head),
-    and only the routed share (top-k of E) of the experts."""
+    """Weight bytes a decode step reads: all but an untied embedding; experts at their share (top-k of E)."""
     a, total = model.args, 0
     for name, p in model.named_parameters():
         if name == "embed_tokens.weight" and not a.tie_word_embeddings:
@@ -305,7 +277,7 @@ def argument_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     p = argument_parser()
     args = p.parse_args(argv)
-    if args.checkpoint is None:  # the embedded demo: SmolLM2-135M-Instruct with its DFlare draft, a chat
+    if args.checkpoint is None:
         args.checkpoint = demo_target(p, "--checkpoint MODEL_DIR")
         args.draft = args.draft or str(DEMO / "dflare")
         args.compare_ar = not args.interactive
@@ -347,15 +319,14 @@ def encode_prompts(args, tokenizer) -> list:
                              reasoning_effort=args.reasoning_effort) for t in texts]
     prompts = [tokenizer.encode(t) for t in texts]
     for text, ids in zip(args.prompt, prompts):
-        if not ids:  # nothing to prefill, and no last token to continue from
+        if not ids:
             raise InputError(f"--prompt {text!r} encodes to no tokens: give a prompt with some text")
     return prompts
 
 
 def cache_length(longest_prompt: int, max_new_tokens: int, max_seq_len: int | None,
                  max_position_embeddings: int, block_size: int = 0, tree_budget: int = 0) -> int:
-    """KV cache length: the prompt, the new tokens and, when speculating, the slots a step writes past the
-    last one (step_span: the block, or the tree); --max_seq_len if given, and checked."""
+    """KV cache length: prompt + new tokens (+ step_span, speculating); --max_seq_len if given, checked."""
     span = step_span(block_size, tree_budget)
     needed = longest_prompt + max_new_tokens + span
     block = (f" + tree budget ({span})" if span > block_size else f" + block size ({span})") if span else ""
@@ -452,7 +423,7 @@ def decode_batch(args, model, draft, tokenizer, prompts, start: int, batch_size:
     stream = batch_size == 1 and not args.json
     if args.compare_ar:
         ar_outputs, ar_stats = generate(model, batch, args.max_new_tokens, sampling, stop_ids, steps=steps)
-    if stream:  # a chat shows the user's text, a raw prompt itself
+    if stream:
         print(args.prompt[start] + "\n" if args.chat else tokenizer.decode(batch[0]), end="", flush=True)
     outputs, stats = generate(model, batch, args.max_new_tokens, sampling, stop_ids,
                               on_token=StreamPrinter(tokenizer, stop_ids) if stream else None, draft=draft,
@@ -509,8 +480,8 @@ def log_speculative_totals(totals: dict, args, block_size: int, batch_size: int,
 
 
 def chat_loop(args, model, draft, tokenizer, stop_ids, block_size: int, steps, log):
-    """--interactive: a multi-turn chat on the terminal. Every answer streams, then its tokens/s (and tau).
-    The caches grow only when the conversation needs more (a new cache length recompiles a compiled step)."""
+    """--interactive: a multi-turn chat on the terminal, each answer streamed, then its tokens/s (and tau).
+    The caches grow only when the conversation needs more: a new cache length recompiles a compiled step."""
     fmt = chat_format(args.checkpoint)
     check_chat_tokens(tokenizer, fmt)
     messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -1,22 +1,12 @@
-"""Every GPU check in one bounded run, offline: `python -u bench.py --gpu --quick` (at most 6 minutes).
-
-Random weights in real shapes, nothing downloaded. Each part runs in a fresh process under a time limit, so a
-crash, a hang or a CUDA error in one is reported and the next still runs; each prints as it goes, a failing
-check says what failed, and a JSON summary (one line, "JSON {...}") ends the run. Per part the summary also
-counts the graphs torch.compile built and the CUDA graphs Inductor skipped (a fallback Inductor only logs;
-here it fails the part). A part cut short at its limit reports what it measured until then. Compiled steps
-are CUDA graphs, without max-autotune's GEMM search unless --autotune. The parts, in order:
-
-  environment  versions; the two ceilings: device-to-device copy GB/s, bf16 matrix product TFLOP/s
-  fusion       our fusion kernel (eager, compiled) against the PyTorch fusion (eager, Inductor's): errors of
-               the forward and the backward against fp64, GB/s
+"""Every GPU check in one bounded offline run (DESIGN.md section 8), `python -u bench.py --gpu --quick`:
+  environment  versions; device-to-device copy GB/s, bf16 matrix product TFLOP/s
+  fusion       our fusion kernel and its backward against fp64, compiled against eager; GB/s against PyTorch's
   sdpa         per attention call site of the steps: the SDPA backend PyTorch picks, each backend's error
   steps        AR decode, speculative step, tree step of a Qwen3-8B-shaped target: eager and compiled ms
   prefill      the compiled prefill (dynamic length) at two prompt lengths against eager
-  gpt_oss      GPT-OSS sinks (flex_attention), windows, YaRN, MoE in fp32: eager and CUDA-graph replays
-               against a CPU copy
+  gpt_oss      GPT-OSS sinks, windows, YaRN, MoE in fp32, eager and CUDA-graph replays, against a CPU copy
   training     a training step (block-sparse flex_attention and its backward) against the CPU path
-  twin         the committed demo draft on demo/twin (the demo target's shapes, random weights): tokens/s
+  twin         the committed demo draft on demo/twin (random weights): tokens/s
 """
 import dataclasses
 import json
@@ -67,23 +57,23 @@ QWEN3_8B_2L = dataclasses.replace(QWEN3_8B, vocab_size=32768, num_hidden_layers=
 class Quick:
     """What the quick run builds and how long it may take: the GPU run's sizes (the tests shrink them)."""
     device: str = "cuda"
-    target: ModelArgs = dataclasses.field(default_factory=lambda: QWEN3_8B)  # the step timings'
+    target: ModelArgs = dataclasses.field(default_factory=lambda: QWEN3_8B)
     checks_target: ModelArgs = dataclasses.field(default_factory=lambda: QWEN3_8B_2L)
     gpt_oss: ModelArgs = dataclasses.field(default_factory=lambda: GPT_OSS_20B_2L)
     draft_layers: int = 7  # DFlare over 9 target layers: the shape of AngelSlim's Qwen3-8B draft
-    context: int = 1024  # the position the timed steps decode at
+    context: int = 1024
     block_size: int = 16
     tree_budget: int = 32
     prefill_lengths: tuple = (300, 1000)  # both longer than GPT-OSS's 128-token window
     train_tokens: int = 512
     train_anchors: int = 32
-    fusion_rows: tuple = (16, 16384)  # a decode block's rows; a training batch's
+    fusion_rows: tuple = (16, 16384)
     copy_bytes: int = 2**31
     matmul_size: int = 8192
     twin_tokens: int = 128
     iters: int = 20
     autotune: bool = False
-    backend: str = "inductor"  # the tests count graphs with "eager"
+    backend: str = "inductor"
     deadline_s: float = 360.0
 
 
@@ -137,11 +127,8 @@ def fusion_gradients(fuse, x, w, gamma, grad_out, eps):
 
 
 def part_fusion(q: Quick, result: dict):
-    """The DFlare fusion of T = 9 target layers for D = 8 draft layers at the target's width: our kernels (the
-    dflare::fuse_layers operator and its backward, eager and inside compiled graphs, where Inductor passes eps
-    as fp64) against fp64, the compiled forward bit for bit against the eager one; the forward timed against
-    the PyTorch fusion it replaces (eager, and Inductor's kernel for it), at a decode block's rows and a
-    training batch's. At 16 rows the time is the launch's; inside a step's CUDA graph that cost is gone."""
+    """DFlare fusion (T = 9, D = 8) at a decode block's rows and a training batch's: our operator and its
+    backward, eager and compiled, against fp64; the forward timed against the PyTorch fusion it replaces."""
     device, T, D, H, eps = torch.device(q.device), 9, 8, q.target.hidden_size, q.target.rms_norm_eps
     # no CUDA graphs here: they would copy X into the graph's own input buffer at every call
     compiled = lambda fn: torch.compile(lambda *a: fn(*a), fullgraph=True, dynamic=False, backend=q.backend)
@@ -157,7 +144,7 @@ def part_fusion(q: Quick, result: dict):
         with torch.no_grad():
             out, exact = fuse_layers(x, w, gamma, eps), fuse_layers_reference(*as64[:3], eps)
             compiled_out = systems["ours compiled"](x, w, gamma, eps)
-        exact_grads = fusion_gradients(fuse_layers_reference, *as64, eps)  # autograd through the fp64 fusion
+        exact_grads = fusion_gradients(fuse_layers_reference, *as64, eps)
         result[N] = row = {"error": relative_error(out, exact),
                            "compiled_equals_eager": torch.equal(compiled_out, out)}
         for name in ("ours", "ours compiled"):
@@ -222,9 +209,8 @@ def sdpa_backends(q, k, v, mask) -> dict:
 
 @torch.no_grad()
 def part_sdpa(q: Quick, result: dict):
-    """Every attention call site of the steps, on the checks target with a 1-layer DFlare draft (the real
-    heads; a cache of context + a step): the SDPA backend PyTorch picks and each backend's error against fp32
-    math. Compiled steps pick the same way (on the same shapes, at trace time)."""
+    """Every attention call site of the steps: the SDPA backend PyTorch picks, each backend's error against
+    fp32 math. Compiled steps pick the same way (same shapes, at trace time)."""
     device = torch.device(q.device)
     target, draft = checks_models(q, device, compute_dtype(device))
     max_seq_len = q.context + generate.step_span(q.block_size, q.tree_budget)
@@ -255,7 +241,7 @@ def part_sdpa(q: Quick, result: dict):
                                                         else "refused") for b in SDPA_BACKENDS]
         print(f"  {site:<20} q {row['q']} k {row['k']}: picks {row['chosen']} | {' '.join(errors)}",
               flush=True)
-        if device.type == "cuda":  # why a backend refuses: what a GPU run is for
+        if device.type == "cuda":
             for backend in SDPA_BACKENDS:
                 if isinstance(row[backend.name], str):
                     print(f"    {backend.name}: {row[backend.name]}")
@@ -281,9 +267,8 @@ def step_calls(target, draft, steps, q: Quick) -> dict:
 
 @torch.no_grad()
 def part_steps(q: Quick, result: dict):
-    """AR decode, the speculative step and one tree step of the target (Qwen3-8B-shaped, bf16) with a DFlare
-    draft, eager and compiled (CUDA graphs): ms per step, the weight bandwidth of an AR step, and the speedup
-    at the papers' acceptance length (tau 6.5; random weights accept nothing)."""
+    """AR decode, speculative step and tree step of the Qwen3-8B-shaped target, eager and compiled: ms, the AR
+    step's weight bandwidth, the speedup at the papers' tau 6.5 (random weights accept nothing)."""
     device = torch.device(q.device)
     dtype = compute_dtype(device)
     target = random_model(lambda: Transformer(q.target), device, dtype)
@@ -316,8 +301,7 @@ def part_steps(q: Quick, result: dict):
 
 @torch.no_grad()
 def part_prefill(q: Quick, result: dict):
-    """The compiled prefill (dynamic prompt length, no CUDA graphs) at two prompt lengths against eager, on
-    the checks target with a DFlare draft capturing the prompt's context: one graph serves both lengths."""
+    """The compiled prefill (a draft capturing context) at two prompt lengths against eager: one graph."""
     device = torch.device(q.device)
     target, draft = checks_models(q, device, compute_dtype(device))
     target.setup_caches(1, max(q.prefill_lengths))
@@ -340,9 +324,7 @@ def part_prefill(q: Quick, result: dict):
 
 @torch.no_grad()
 def part_gpt_oss(q: Quick, result: dict):
-    """GPT-OSS's attention sinks (on CUDA through flex_attention's log-sum-exp; on CPU the scores in fp32),
-    its sliding and full layers, YaRN and its MoE, on two GPT-OSS-20B layers in fp32, against a CPU copy: a
-    prompt longer than the window (eager), then decode and verify forwards compiled (CUDA-graph replays)."""
+    """Two GPT-OSS-20B layers in fp32 against a CPU copy: a prompt past the window, then compiled steps."""
     device = torch.device(q.device)
     n, bs = q.prefill_lengths[0], q.block_size
     target = random_model(lambda: Transformer(q.gpt_oss), device, torch.float32)
@@ -380,10 +362,7 @@ def training_step(draft, target, batch):
 
 
 def part_training(q: Quick, result: dict):
-    """A training step on the device's path (on CUDA: block-sparse flex_attention, compiled, and its backward;
-    the fusion kernel's backward) against the same step on the CPU path (dense masks, a chunk of blocks at a
-    time), in fp32: the checks target and a 2-layer DFlare draft mixing both its layers. The loss and every
-    gradient."""
+    """A training step (fp32, 2-layer DFlare draft) on the device's path against the CPU path: loss, grads."""
     device = torch.device(q.device)
     target = random_model(lambda: Transformer(q.checks_target), device, torch.float32)
     draft = Draft.for_target(q.checks_target, 2, target_layer_ids=(0, 1), block_size=q.block_size)
@@ -395,7 +374,7 @@ def part_training(q: Quick, result: dict):
     batch = lambda on: make_batch(samples, anchors, q.block_size, 7.0, on)
     loss, grads = training_step(draft, target, batch(device))
     grads = {name: g.cpu() for name, g in grads.items()}
-    ref_loss, ref_grads = training_step(draft.cpu(), target.cpu(), batch("cpu"))  # the same models, moved
+    ref_loss, ref_grads = training_step(draft.cpu(), target.cpu(), batch("cpu"))
     result["loss_error"] = relative_error(loss, ref_loss)
     result["grad_errors"] = {name: relative_error(grads[name], ref_grads[name]) for name in grads}
     worst = max(result["grad_errors"], key=result["grad_errors"].get)
@@ -408,9 +387,7 @@ def part_training(q: Quick, result: dict):
 
 @torch.no_grad()
 def part_twin(q: Quick, result: dict):
-    """The committed demo DFlare draft on demo/twin (SmolLM2-135M-Instruct's config and tokenizer with random
-    weights, built without network): AR and speculative decoding of the demo prompt, compiled, tokens/s. On
-    random weights the draft's guesses are never accepted: its tau means nothing here, its step times do."""
+    """The demo DFlare draft on demo/twin (random weights), AR and speculative, compiled: tokens/s."""
     device, folder = torch.device(q.device), DEMO / "twin"
     build_demo_folder(folder)
     target = load_checkpoint(folder, device, compute_dtype(device))
@@ -434,16 +411,12 @@ def part_twin(q: Quick, result: dict):
               f"(compiled in {compile_s:.0f} s){tau}", flush=True)
 
 
-# (part, its time limit in s), in order: the checks that cost little, the step timings (the headline figures),
-# the checks that compile, and the twin if time is left
 QUICK_PARTS = [(part_environment, 60), (part_fusion, 90), (part_sdpa, 60), (part_steps, 210),
                (part_prefill, 90), (part_gpt_oss, 120), (part_training, 120), (part_twin, 240)]
 
 
 def run_part(part, q: Quick, started: float, limit: float, send):
-    """In the part's own process (started at wall-clock time `started`): run it for at most `limit` seconds,
-    then send back what it measured (all of it, or what it had when the time ran out), the graphs it compiled,
-    the CUDA graphs Inductor skipped and its peak CUDA memory."""
+    """In the part's own process: run it until wall-clock `started` + `limit`, then send what it measured."""
     sys.stdout.reconfigure(line_buffering=True)
     result, sent = {}, threading.Lock()
 
@@ -476,7 +449,7 @@ def run_part(part, q: Quick, started: float, limit: float, send):
     error = None
     try:
         part(q, result)
-    except Exception as e:  # reported; the run goes on
+    except Exception as e:
         traceback.print_exc(file=sys.stdout)
         error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     timer.cancel()
@@ -495,7 +468,7 @@ def run_in_process(part, q: Quick, limit: float) -> dict:
     if receive.poll(limit + 30):
         try:
             result = receive.recv()
-        except EOFError:  # it died without a word
+        except EOFError:
             process.join(30)
             result = {"ok": False, "error": f"the process died (exit code {process.exitcode})"}
     process.join(5)

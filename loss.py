@@ -1,5 +1,4 @@
-"""The draft's training loss (DESIGN.md section 5): blocks at anchors inside the answers, the draft's
-guesses against the tokens that follow, weighted cross-entropy computed a chunk of labels at a time."""
+"""The draft's training loss (DESIGN.md section 5): weighted cross-entropy of its guesses at anchor blocks."""
 from typing import NamedTuple
 
 import numpy as np
@@ -7,10 +6,10 @@ import torch
 
 
 class Batch(NamedTuple):
-    tokens: torch.Tensor  # [B, S]
+    tokens: torch.Tensor
     anchors: torch.Tensor  # [B, nb]: block j of row b sits at anchors[b, j] + 0..bs-1
-    weights: torch.Tensor  # [B, nb, bs-1]: label loss weights (0: padding, or not an answer token)
-    hidden: torch.Tensor | None = None  # target's captured states [B, S, T, H]; None: block_loss runs it
+    weights: torch.Tensor  # [B, nb, bs-1]: label weights, 0 for padding and non-answer tokens
+    hidden: torch.Tensor | None = None  # target's states [B, S, T, H]; None: block_loss runs the target
 
 
 def sample_anchors(mask, block_size: int, num_anchors: int, rng) -> np.ndarray:
@@ -27,10 +26,9 @@ def anchor_rng(seed: int, split: int, epoch: int, index: int):
 
 
 def make_batch(samples, anchors, block_size: int, gamma: float, device) -> Batch:
-    """A padded micro-batch of samples [(tokens, loss mask)] and their anchors. Label weights: loss mask
-    x exp(-(k-1)/gamma), 0 in padding blocks (at position 0)."""
+    """Padded micro-batch of samples [(tokens, loss mask)] and anchors; padding blocks at 0 with weight 0."""
     B, nb = len(samples), max(1, max(len(a) for a in anchors))
-    S = max(block_size, max(len(t) for t, _ in samples))  # padding blocks at 0 fit too
+    S = max(block_size, max(len(t) for t, _ in samples))
     tokens = np.zeros((B, S), dtype=np.int64)
     loss_mask = np.zeros((B, S), dtype=np.float32)
     anchor_pos = np.zeros((B, nb), dtype=np.int64)
@@ -38,7 +36,7 @@ def make_batch(samples, anchors, block_size: int, gamma: float, device) -> Batch
     for i, ((t, m), a) in enumerate(zip(samples, anchors)):
         tokens[i, :len(t)], loss_mask[i, :len(m)] = t, m
         anchor_pos[i, :len(a)], block_valid[i, :len(a)] = a, 1.0
-    label_pos = anchor_pos[:, :, None] + np.arange(1, block_size)  # [B, nb, bs-1], inside S by construction
+    label_pos = anchor_pos[:, :, None] + np.arange(1, block_size)
     decay = np.exp(-np.arange(block_size - 1) / gamma)
     weights = np.take_along_axis(loss_mask, label_pos.reshape(B, -1), 1).reshape(label_pos.shape)
     weights = weights * block_valid[:, :, None] * decay
@@ -47,19 +45,18 @@ def make_batch(samples, anchors, block_size: int, gamma: float, device) -> Batch
 
 
 def block_loss(draft, target, batch: Batch):
-    """Sum over the micro-batch of weight x cross-entropy, and the accuracy counts
-    [correct by position (bs-1) | labels by position (bs-1) | leading correct guesses summed | blocks].
-    draft: the Draft, or its DDP wrapper (whose forward syncs the gradients); autocast is the caller's."""
+    """Sum of weight x cross-entropy, and counts [correct by position (bs-1) | labels by position (bs-1) |
+    leading correct guesses | blocks]. draft: the Draft or its DDP wrapper (whose forward syncs gradients)."""
     args = getattr(draft, "module", draft).args
     tokens, anchors, weights, hidden = batch
     if hidden is None:
-        with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):  # target in its own dtype
-            hidden = target.hidden_states(tokens, args.target_layer_ids)  # [B, S, T, H]
-    label_pos = anchors[:, :, None] + torch.arange(args.block_size, device=tokens.device)  # [B, nb, bs]
+        with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
+            hidden = target.hidden_states(tokens, args.target_layer_ids)
+    label_pos = anchors[:, :, None] + torch.arange(args.block_size, device=tokens.device)
     blocks = torch.full_like(label_pos, args.mask_token_id)
     blocks[:, :, 0] = tokens.gather(1, anchors)
-    labels = tokens.gather(1, label_pos[:, :, 1:].flatten(1)).view_as(weights)  # [B, nb, bs-1]
-    states = draft(hidden, blocks, anchors)  # [B, nb, bs-1, H]
+    labels = tokens.gather(1, label_pos[:, :, 1:].flatten(1)).view_as(weights)
+    states = draft(hidden, blocks, anchors)
     ce, guesses = chunked_cross_entropy(target.lm_head, states.flatten(0, 2), labels.flatten())
     ce, guesses = ce.view_as(labels), guesses.view_as(labels)
     with torch.no_grad():
@@ -71,21 +68,17 @@ def block_loss(draft, target, batch: Batch):
     return (ce * weights).sum(), stats
 
 
-# Logits the loss holds at a time, rows x vocabulary: 256 MB in fp32 (441 rows at Qwen3's 151,936 tokens)
 LOGITS_CHUNK_ELEMENTS = 2**26
 
 
 def chunked_cross_entropy(lm_head, states, labels):
-    """Cross-entropy [N] and argmax [N] of lm_head(states) for states [N, H] and labels [N], a chunk of rows
-    at a time (LinearCrossEntropy)."""
+    """states [N, H], labels [N] -> cross-entropy [N] and argmax [N] of lm_head(states), a chunk at a time."""
     rows = max(1, LOGITS_CHUNK_ELEMENTS // lm_head.out_features)
     return LinearCrossEntropy.apply(states, lm_head.weight, labels, rows)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of states @ weight.T against labels, with the gradient for states computed in the
-    forward chunk by chunk: the logits are never all held, nor computed twice (DESIGN.md section 5).
-    weight, the target's lm_head, is frozen."""
+    """Cross-entropy of states @ weight.T; states' gradient computed in the forward (DESIGN.md section 5)."""
 
     @staticmethod
     def forward(ctx, states, weight, labels, rows):
@@ -100,20 +93,19 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_ce, grad_guesses):
-        (grad_states,) = ctx.saved_tensors  # d ce_i / d states_i
+        (grad_states,) = ctx.saved_tensors
         return grad_states * grad_ce[:, None].to(grad_states.dtype), None, None, None
 
 
 def chunk_cross_entropy(states, weight, labels, with_grad: bool):
-    """One chunk: cross-entropy and argmax of the logits (in fp32), and with_grad,
-    d ce_i / d states_i = (softmax_i - onehot(label_i)) @ weight."""
+    """One chunk's cross-entropy, argmax (fp32 logits) and, with_grad, (softmax - onehot(label)) @ weight."""
     logits = (states @ weight.T).float()
     lse = logits.logsumexp(-1, keepdim=True)
     ce = (lse - logits.gather(1, labels[:, None]))[:, 0]
     guesses = logits.argmax(-1)
     if not with_grad:
         return ce, guesses, None
-    probs = logits.sub_(lse).exp_()  # the softmax, in place of the logits
+    probs = logits.sub_(lse).exp_()
     probs[torch.arange(len(labels), device=labels.device), labels] -= 1
     return ce, guesses, (probs.to(weight.dtype) @ weight).to(states.dtype)
 

@@ -1,8 +1,5 @@
-"""Target models: Qwen3 dense, Qwen3-MoE, GPT-OSS and Llama in one small Transformer (DESIGN.md section 1).
-
-Static KV caches indexed by absolute position keep a compiled decode step's shapes fixed; `capture`
-returns chosen layers' outputs for the draft. checkpoint.py loads it.
-"""
+"""Target models: Qwen3 dense, Qwen3-MoE, GPT-OSS and Llama in one small Transformer (DESIGN.md section 1),
+with static KV caches indexed by absolute position and `capture` of chosen layers' outputs for the draft."""
 import functools
 import math
 from dataclasses import dataclass, field
@@ -32,13 +29,13 @@ class ModelArgs:
     mlp_bias: bool = False  # Llama: biases on the dense MLP's projections
     qk_norm: bool = True  # Qwen3: RMSNorm on each head of q and k before RoPE
     attention_sinks: bool = False  # GPT-OSS: a learned logit per head in the softmax denominator
-    layer_types: tuple = ()  # "full_attention" / "sliding_attention" per layer
+    layer_types: tuple = ()
     sliding_window: int = 0  # keys a sliding layer sees, the current one included
-    moe_layers: tuple = ()  # layers whose MLP is a mixture of experts
+    moe_layers: tuple = ()
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
-    norm_topk_prob: bool = True  # renormalise the top-k router probabilities
+    norm_topk_prob: bool = True
     moe_bias: bool = False  # GPT-OSS: router and expert biases
     swiglu_limit: float = 0.0  # > 0: GPT-OSS clamped SwiGLU; else SiLU gating
     swiglu_alpha: float = 1.702
@@ -58,15 +55,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(args, max_seq_length: int, head_dim: int | None = None):
-    """cos and sin [max_seq_length, head_dim // 2] in fp32 of every position and frequency;
-    args: ModelArgs or DraftArgs."""
+    """cos and sin [max_seq_length, head_dim // 2], fp32, for args (ModelArgs or DraftArgs)."""
     dim = head_dim or args.head_dim
     wavelength_base = args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     inv_freq = 1.0 / wavelength_base
     rs, scale = args.rope_scaling or {"rope_type": "default"}, 1.0
-    if rs["rope_type"] == "linear":  # positions divided by factor
+    if rs["rope_type"] == "linear":
         inv_freq = inv_freq / rs["factor"]
-    elif rs["rope_type"] == "llama3":  # Llama 3.1: slow frequencies / factor, fast ones kept, blend between
+    elif rs["rope_type"] == "llama3":
         original_len, factor = rs["original_max_position_embeddings"], rs["factor"]
         low, high = rs["low_freq_factor"], rs["high_freq_factor"]
         wavelength = 2 * math.pi / inv_freq
@@ -74,7 +70,7 @@ def rope_tables(args, max_seq_length: int, head_dim: int | None = None):
         blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
         inv_freq = torch.where(wavelength < original_len / high, inv_freq,
                                torch.where(wavelength > original_len / low, inv_freq / factor, blended))
-    elif rs["rope_type"] == "yarn":  # slow frequencies interpolated, fast ones kept, attention scaled
+    elif rs["rope_type"] == "yarn":
         original_len = rs["original_max_position_embeddings"]
         factor = rs.get("factor") or args.max_position_embeddings / original_len
 
@@ -112,8 +108,7 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots, k, v):
-        """Write k/v [B, H, S, D] at each row's slots [B, S] (absolute positions, except for a token
-        tree's nodes); return the caches."""
+        """Write k/v [B, H, S, D] at slots [B, S] (positions, except in a tree); return the caches."""
         index = slots[:, None, :, None].expand(k.shape)
         self.k_cache.scatter_(2, index, k)
         self.v_cache.scatter_(2, index, v)
@@ -138,9 +133,8 @@ class Attention(nn.Module):
         self.kv_cache = None
 
     def forward(self, x, cache_pos, cos, sin, mask, cached: bool):
-        """x [B, S, H] cached at slots cache_pos [B, S] (positions, except in a tree); mask
-        [B, 1, rep * S, L], folded as in `attention`. cached: keys from the KV cache (L = max_seq_length),
-        else the S tokens'."""
+        """x [B, S, H] -> [B, S, H], cached at slots cache_pos [B, S]; mask [B, 1, rep * S, L] as in
+        `attention`. cached: keys from the KV cache (L = max_seq_length), else the S tokens'."""
         B, S, _ = x.shape
         hd = self.args.head_dim
         q = self.q_proj(x).view(B, S, -1, hd)
@@ -149,9 +143,9 @@ class Attention(nn.Module):
         if self.args.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cached:
-            k, v = self.kv_cache.update(cache_pos, k, v)  # [B, H_kv, max_seq_length, D]
+            k, v = self.kv_cache.update(cache_pos, k, v)
         if self.args.attention_sinks:
             y = attention_with_sinks(q, k, v, mask, self.sinks)
         else:
@@ -160,14 +154,11 @@ class Attention(nn.Module):
 
 
 def attention(q, k, v, mask):
-    """Softmax attention of q [B, H, S, D] over k, v [B, H_kv, L, D] under a boolean mask [B, 1, rep * S, L].
-
-    The rep = H / H_kv query heads of a K/V head are folded into the query length (row r * S + s of
-    [B, H_kv, rep * S, D] is head g * rep + r at position s), so the fused SDPA kernels take the mask
-    (DESIGN.md section 1)."""
+    """q [B, H, S, D], k, v [B, H_kv, L, D], boolean mask [B, 1, rep * S, L] -> [B, H, S, D]. Query heads
+    fold into the query length: row r * S + s of K/V head g is head g * rep + r at s (DESIGN.md section 1)."""
     B, H, S, D = q.shape
     q = q.reshape(B, k.shape[1], H // k.shape[1] * S, D)
-    # reshape: the memory-efficient kernel returns [B, H_kv, rep * S, D] in a [B, rep * S, H_kv, D] layout
+    # reshape, not view: the memory-efficient kernel returns a [B, rep * S, H_kv, D] layout
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, H, S, D)
 
 
@@ -179,14 +170,13 @@ def compiled_flex_attention():
 
 
 def attention_with_sinks(q, k, v, mask, sinks):
-    """Softmax attention whose denominator also holds exp(sink) per head (GPT-OSS); shapes as in `attention`.
-    CUDA: through flex_attention's log-sum-exp; CPU: from fp32 scores (DESIGN.md section 1)."""
+    """`attention` whose softmax denominator also holds exp(sink) per head (GPT-OSS; DESIGN.md section 1)."""
     if q.is_cuda:
         flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
         return attention_with_sinks_by_lse(q, k, v, mask, sinks, flex)
     B, H, S, D = q.shape
     q = q.reshape(B, k.shape[1], H // k.shape[1] * S, D)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * D ** -0.5  # [B, H_kv, rep * S, L]
+    scores = (q.float() @ k.float().transpose(-1, -2)) * D ** -0.5
     scores = scores.masked_fill(~mask, float("-inf"))
     sink = sinks.float().view(k.shape[1], -1, 1).expand(-1, -1, S).reshape(1, k.shape[1], -1, 1)
     top = torch.maximum(scores.amax(-1, keepdim=True), sink)
@@ -196,8 +186,8 @@ def attention_with_sinks(q, k, v, mask, sinks):
 
 
 def attention_with_sinks_by_lse(q, k, v, mask, sinks, flex=flex_attention):
-    """attention_with_sinks via flex_attention's log-sum-exp lse: the sink scales the output by
-    sigmoid(lse - sink). The CUDA path; eager flex runs it on CPU too."""
+    """attention_with_sinks via flex_attention's log-sum-exp lse: output x sigmoid(lse - sink). The CUDA path;
+    eager flex runs it on CPU too."""
     B, H, S, D = q.shape
     rep = H // k.shape[1]
 
@@ -242,17 +232,17 @@ class MoE(nn.Module):
     def activation(self, gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
         limit = self.args.swiglu_limit
-        if limit > 0:  # GPT-OSS clamped SwiGLU
+        if limit > 0:
             gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
             return gate * torch.sigmoid(self.args.swiglu_alpha * gate) * (up + 1)
         return F.silu(gate) * up
 
     def forward(self, x):
         B, S, H = x.shape
-        x = x.reshape(-1, H)  # [N, H]
+        x = x.reshape(-1, H)
         N, k, E = x.shape[0], self.args.num_experts_per_tok, self.args.num_experts
         router_logits = self.router(x).float()
-        top_logits, top_idx = torch.topk(router_logits, k, dim=-1)  # [N, k]
+        top_logits, top_idx = torch.topk(router_logits, k, dim=-1)
         if self.args.norm_topk_prob:
             weights = torch.softmax(top_logits, dim=-1)
         else:
@@ -261,21 +251,21 @@ class MoE(nn.Module):
         ex = self.experts
         has_bias = self.args.moe_bias
         if N * k <= E:
-            # Few tokens (decode, verify): read only the routed experts' weights
-            h = torch.einsum("nh,nkih->nki", x, ex.gate_up_proj[top_idx])  # [N, k, 2I]
+            # few tokens (decode, verify): read only the routed experts' weights
+            h = torch.einsum("nh,nkih->nki", x, ex.gate_up_proj[top_idx])
             if has_bias:
                 h = h + ex.gate_up_proj_bias[top_idx]
-            out = torch.einsum("nki,nkhi->nkh", self.activation(h), ex.down_proj[top_idx])  # [N, k, H]
+            out = torch.einsum("nki,nkhi->nkh", self.activation(h), ex.down_proj[top_idx])
             if has_bias:
                 out = out + ex.down_proj_bias[top_idx]
             y = torch.einsum("nkh,nk->nh", out, weights)
         else:
-            # Many tokens (prefill): every expert on every token, weight 0 off its top-k
+            # many tokens (prefill): every expert on every token, weight 0 off its top-k
             dense_weights = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, top_idx, weights)
-            h = torch.einsum("nh,eih->nei", x, ex.gate_up_proj)  # [N, E, 2I]
+            h = torch.einsum("nh,eih->nei", x, ex.gate_up_proj)
             if has_bias:
                 h = h + ex.gate_up_proj_bias
-            out = torch.einsum("nei,ehi->neh", self.activation(h), ex.down_proj)  # [N, E, H]
+            out = torch.einsum("nei,ehi->neh", self.activation(h), ex.down_proj)
             if has_bias:
                 out = out + ex.down_proj_bias
             y = torch.einsum("neh,ne->nh", out, dense_weights)
@@ -326,15 +316,9 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def forward(self, tokens, input_pos, capture: tuple = (), logits_at=None, tree=None):
-        """tokens, input_pos [B, S] (each row at its own positions), through the KV caches.
-
-        Returns logits [B, S, V] (with logits_at [B], an index into S per row: [B, 1, V]) and the outputs
-        [B, S, T, H] of the layers in capture (layer i's = transformers' hidden_states[i + 1]), else None.
-
-        tree = (slots [B, S], visible [B, S, L]) verifies a token tree (trees.tree_step,
-        DESIGN.md section 4): token s sits at position input_pos[:, s] but is cached at slots[:, s] and
-        sees only the cache slots visible[:, s]; L = max_seq_length.
-        """
+        """tokens, input_pos [B, S] -> logits [B, S, V] ([B, 1, V] at logits_at [B], an index into S) and the
+        outputs [B, S, T, H] of the layers in capture (else None). tree = (slots [B, S], visible [B, S, L]):
+        token s is cached at slots[:, s] and sees the cache slots visible[:, s] (DESIGN.md section 4)."""
         x, hidden = self.run_layers(tokens, input_pos, self.rope_cos[input_pos], self.rope_sin[input_pos],
                                     torch.arange(self.max_seq_length, device=tokens.device), capture,
                                     cached=True, tree=tree)
@@ -343,16 +327,15 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x)), hidden
 
     def move_cached(self, source, dest):
-        """Copy every layer's cached keys/values at slots source [B, n] to slots dest [B, n] (a tree's
-        accepted path to its positions)."""
+        """Copy every layer's cached keys/values at slots source [B, n] to dest [B, n] (a tree's path)."""
         for layer in self.layers:
             cache = layer.self_attn.kv_cache
             index = source[:, None, :, None].expand(-1, cache.k_cache.shape[1], -1, cache.k_cache.shape[3])
             cache.update(dest, cache.k_cache.gather(2, index), cache.v_cache.gather(2, index))
 
     def hidden_states(self, tokens, layer_ids):
-        """Training: the outputs [B, S, T, H] of layers layer_ids for whole sequences at positions 0..S-1;
-        no KV cache, no logits, no layer past the deepest of layer_ids."""
+        """Training: tokens [B, S] at 0..S-1 -> the outputs [B, S, T, H] of layers layer_ids; no KV cache, no
+        logits, no layer past the deepest of layer_ids."""
         S = tokens.shape[1]
         positions = torch.arange(S, device=tokens.device)
         cos, sin = (t.to(tokens.device)[None] for t in rope_tables(self.args, S))
@@ -361,21 +344,19 @@ class Transformer(nn.Module):
 
     def run_layers(self, tokens, input_pos, cos, sin, key_pos, capture, cached: bool, n_layers=None,
                    tree=None):
-        """The first n_layers decoder layers (default all) on tokens at input_pos [B, S], keys at key_pos [L]
-        (the KV caches' positions when cached, else the tokens'); tree: see forward. Returns the last
-        hidden states and the captured ones (or None)."""
+        """The first n_layers (default all) on tokens at input_pos [B, S], keys at key_pos [L]; tree: see
+        forward. Returns the last hidden states and the captured ones (or None)."""
         x = self.embed_tokens(tokens)
         rep = self.args.num_attention_heads // self.args.num_key_value_heads
         query_pos = input_pos.repeat(1, rep)[:, None, :, None]  # [B, 1, rep * S, 1], folded as in `attention`
         cache_pos = input_pos
         if tree is None:
-            visible = key_pos <= query_pos  # [B, 1, rep * S, L]; masks stale entries past a row's position
+            visible = key_pos <= query_pos  # also masks stale entries past a row's position
         else:
             cache_pos, tree_visible = tree
             # [B, 1, 1, L]: each slot's real position
             key_pos = key_pos.expand(len(tokens), -1).scatter(1, cache_pos, input_pos)[:, None, None, :]
-            visible = tree_visible.repeat(1, rep, 1)[:, None]  # [B, 1, rep * S, L]
-        # only built for models that use it
+            visible = tree_visible.repeat(1, rep, 1)[:, None]
         sliding = (visible & (key_pos > query_pos - self.args.sliding_window)
                    if "sliding_attention" in self.args.layer_types else None)
         captured = []
