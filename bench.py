@@ -5,7 +5,8 @@
     python bench.py --tree_budget 0 16 32 64 128   # every draft as the chain (0) and as trees of these sizes
     python -u bench.py --gpu --quick  # every GPU check in one bounded run (at most 6 minutes, offline)
     python bench.py --gpu             # Qwen3-8B-shaped random bf16 weights: step timings, tree steps
-    python bench.py --memory          # peak memory of a training step, a prefill and decoding
+    python bench.py --memory          # peak memory: a training step, a prefill, decoding; gpt-oss-20b's load
+    python bench.py --moe             # CPU: MoE targets (GPT-OSS MXFP4, Qwen3-MoE) against transformers
 
 Prompt sets: mt-bench, humaneval (from PyPI packages) or JSONL files, a line {"prompt": "raw text"} or
 {"messages": [...]}. Per set and decoder: tau, tokens/s, speedup over AR, greedy outputs identical to AR.
@@ -25,8 +26,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import assets
 import bench_gpu
+import bench_moe
 import gpu_check
-from bench_gpu import QWEN3_8B, random_model
+from bench_gpu import GPT_OSS_20B_CONFIG, QWEN3_8B, random_model
+from bench_moe import in_fresh_process
 from checkpoint import InputError, default_dtype, load_checkpoint, load_draft, pick_device, read_config
 from draft import Draft
 from generate import EAGER, compile_steps, generate, step_span
@@ -198,10 +201,27 @@ def bench_memory(target_args=MEMORY_TARGET, device="cpu", seq_len=3072, num_anch
           f"layers; 2-layer DFlare draft")
     results = {}
     for name, (fn, *args) in rows.items():
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results[name] = rss, cuda = pool.submit(peak_memory, fn, *args).result()
+        results[name] = rss, cuda = in_fresh_process(peak_memory, fn, *args)
         print(f"{name:<46} {rss:>6.2f} GB RSS" + (f" {cuda:>6.2f} GB CUDA allocated" if cuda else ""))
     return results
+
+
+def bench_memory_of_a_target(folder: Path, config: dict, device="cpu") -> dict:
+    """Print the peak memory of loading a random target of config's shape (gpt-oss-20b's, MXFP4 experts, by
+    default) and decoding 8 tokens, in a fresh process, beside its checkpoint's size and a process that loads
+    nothing. The folder is built once (on disk, 13 GB for gpt-oss-20b)."""
+    in_fresh_process(bench_moe.build_random_folder, folder, config)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
+    rss, cuda = in_fresh_process(peak_memory, bench_moe.load_and_decode, str(folder), device)
+    baseline, _ = in_fresh_process(peak_memory, nothing)
+    print(f"{f'{folder.name}: load and decode 8 tokens':<46} {rss:>6.2f} GB RSS" +
+          (f" {cuda:>6.2f} GB CUDA allocated" if cuda else "") +
+          f" (checkpoint {size:.2f} GB, a process that loads nothing {baseline:.2f} GB)")
+    return {"rss_gb": rss, "cuda_gb": cuda, "checkpoint_gb": size, "baseline_rss_gb": baseline}
+
+
+def nothing():
+    pass
 
 
 def peak_memory(fn, *args):
@@ -253,7 +273,11 @@ def parse_args(argv=None):
     p.add_argument("--autotune", action="store_true",
                    help="with --gpu: max-autotune's GEMM search (minutes per graph of a real target)")
     p.add_argument("--memory", action="store_true",
-                   help="peak memory of a training step, a prefill and decoding")
+                   help="peak memory of a training step, a prefill and decoding; of loading and decoding "
+                        "gpt-oss-20b")
+    p.add_argument("--moe", action="store_true",
+                   help="CPU decoding of GPT-OSS- and Qwen3-MoE-shaped folders (built once in "
+                        ".cache/moe-bench) against transformers on the same folders")
     p.add_argument("--checkpoint", help="target model folder")
     p.add_argument("--draft", action="append", help="draft folder; repeat to compare several")
     p.add_argument("--sets", nargs="+",
@@ -283,7 +307,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.quick or args.autotune) and not args.gpu:
         p.error("--quick and --autotune go with --gpu")
-    if not args.gpu and not args.memory and not args.checkpoint:
+    if not args.gpu and not args.memory and not args.moe and not args.checkpoint:
         args.checkpoint = assets.demo_target(p, "--checkpoint TARGET_DIR "
                                                 "(and --draft DRAFT_DIR ...), or --gpu")
         args.draft = args.draft or [str(assets.DEMO / name) for name in ("dflash", "dflare", "dflare-1l")]
@@ -314,9 +338,14 @@ def main(argv=None):
             for compile in (False, True):
                 bench_gpu.bench_steps(compile=compile, autotune=args.autotune)
                 torch.cuda.empty_cache()
+            bench_gpu.bench_moe(autotune=args.autotune)
         return None
     if args.memory:
-        return bench_memory(device=str(pick_device(args.device)))
+        device = str(pick_device(args.device))
+        return (bench_memory(device=device),
+                bench_memory_of_a_target(HERE / ".cache" / "gpt-oss-20b", GPT_OSS_20B_CONFIG, device))
+    if args.moe:
+        return bench_moe.bench_moe_cpu(HERE / ".cache" / "moe-bench")
     return bench_sets(args)
 
 

@@ -1,7 +1,8 @@
 """GPU step timings on random weights: the sweep behind `python bench.py --gpu`, and helpers shared with
 the quick run (gpu_check.py, `python bench.py --gpu --quick`). DESIGN.md section 8.
 
-    python bench.py --gpu [--autotune]   # three drafts, each step's parts, four tree budgets, eager, compiled
+    python bench.py --gpu [--autotune]   # three drafts, their steps' parts, four tree budgets, eager and
+                                         # compiled; gpt-oss-20b, Qwen3-30B-A3B: steps, prefill, experts
 
 Compiled steps are CUDA graphs; --autotune adds max-autotune's GEMM search (minutes per graph).
 """
@@ -13,16 +14,34 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import generate
 import trees
-from checkpoint import hf_name
+from checkpoint import hf_name, model_args
 from draft import Draft
 from fuse_kernel import fuse_layers_reference
 from generate import compile_static
-from model import ModelArgs, Transformer
+from model import MoE, ModelArgs, Transformer
+from moe_kernel import moe_experts, moe_experts_reference
 from sampling import Sampling
 
 QWEN3_8B = ModelArgs(model_type="qwen3", vocab_size=151936, hidden_size=4096, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=12288,
                      max_position_embeddings=40960, layer_types=("full_attention",) * 36)
+# openai/gpt-oss-20b's config.json (experts in MXFP4, as released)
+GPT_OSS_20B_CONFIG = {
+    "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "num_hidden_layers": 24,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 2880,
+    "num_local_experts": 32, "num_experts_per_tok": 4, "sliding_window": 128, "rms_norm_eps": 1e-5,
+    "rope_theta": 150000, "max_position_embeddings": 131072,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                     "truncate": False, "original_max_position_embeddings": 4096},
+    "quantization_config": {"quant_method": "mxfp4"}}
+# Qwen/Qwen3-30B-A3B's config.json (experts in bf16)
+QWEN3_30B_A3B_CONFIG = {
+    "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 48,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+    "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+    "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 40960}
+MOE_TARGETS = {"gpt-oss-20b": GPT_OSS_20B_CONFIG, "Qwen3-30B-A3B": QWEN3_30B_A3B_CONFIG}
 
 
 def random_model(module_fn, device, dtype):
@@ -35,11 +54,19 @@ def random_model(module_fn, device, dtype):
     module = module.to_empty(device=device)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02)
+            fill_random_(name, p)
     return module.eval()
+
+
+def fill_random_(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Small random weights: RMSNorm weights 1, MXFP4 experts any e2m1 pairs with scales near 2^-6."""
+    if name.endswith("norm.weight"):
+        return tensor.fill_(1.0)
+    if name.endswith("_blocks"):
+        return tensor.random_(0, 256)
+    if name.endswith("_scales"):
+        return tensor.random_(119, 123)
+    return tensor.normal_(0, 0.02)
 
 
 def time_ms(fn, device, iters: int) -> float:
@@ -123,7 +150,67 @@ def bench_steps(target_args=QWEN3_8B, draft_layers=(5, 8), device="cuda", dtype=
             print(f"{f'{name} step, PyTorch fusion':<34} {ms:>8.3f}   (ours / this: {step_ms / ms:.2f})")
     results["tree"] = time_tree_steps(target, draft, steps, maybe_compile, pos, block_size, tree_budgets,
                                       iters)
-    results.update(dflash_reference_row(target, block_size, context, draft_layers[0], device, dtype))
+    if target_args.model_type == "qwen3":  # the dflash package runs Qwen3 targets (transformers' classes)
+        results.update(dflash_reference_row(target, block_size, context, draft_layers[0], device, dtype))
+    return results
+
+
+@torch.no_grad()
+def bench_moe(device="cuda", dtype=torch.bfloat16, compile=True, autotune=False, prefill_len=4096,
+              iters=20) -> dict:
+    """Per MoE target (random weights, real shapes): the compiled steps (decode, verify of 16, speculative
+    step, tree of 32), a prefill, and one layer's experts through the kernel and the PyTorch reference."""
+    results = {}
+    for name, config in MOE_TARGETS.items():
+        target_args = model_args(config)
+        print(f"== {name} ==")
+        results[name] = bench_steps(target_args, draft_layers=(5,), device=device, dtype=dtype,
+                                    compile=compile, iters=iters, tree_budgets=(32,), autotune=autotune)
+        torch.cuda.empty_cache()
+        results[name]["prefill_tokens_per_s"] = time_prefill(target_args, device, dtype, prefill_len)
+        results[name]["experts"] = time_experts(target_args, device, dtype, iters)
+        torch.cuda.empty_cache()
+    return results
+
+
+def time_prefill(target_args: ModelArgs, device, dtype, prefill_len: int) -> float:
+    """Tokens/s of an eager prefill of prefill_len random tokens (logits at the last one only), printed."""
+    target = random_model(lambda: Transformer(target_args), device, dtype)
+    target.setup_caches(1, prefill_len)
+    tokens = torch.randint(0, target_args.vocab_size, (1, prefill_len), device=device)
+    positions = torch.arange(prefill_len, device=device)[None]
+    last = torch.tensor([prefill_len - 1], device=device)
+    ms = time_ms(lambda: target(tokens, positions, logits_at=last), torch.device(device), 3)
+    print(f"{f'prefill ({prefill_len} tokens, eager)':<34} {ms:>8.1f} ms, "
+          f"{prefill_len / ms * 1000:,.0f} tokens/s")
+    return prefill_len / ms * 1000
+
+
+def time_experts(target_args: ModelArgs, device, dtype, iters: int, token_counts=(1, 16, 4096)) -> dict:
+    """One layer's experts (random routing) through dflare::moe_experts (our kernel on CUDA) and the PyTorch
+    reference: ms, GB/s of the routed experts' weights, the kernel's error against the reference."""
+    device = torch.device(device)
+    layer = random_model(lambda: MoE(target_args), device, dtype)
+    weights = (*layer.experts.weights("gate_up_proj"), *layer.experts.weights("down_proj"),
+               target_args.swiglu_limit, target_args.swiglu_alpha)
+    expert_bytes = sum(t.numel() * t.element_size() for t in weights[:6] if t is not None)
+    expert_bytes /= target_args.num_experts
+    print(f"{'experts of one layer':<34} {'kernel ms':>9} {'GB/s':>6} {'reference ms':>12} {'GB/s':>6} "
+          f"{'error':>8}")
+    results = {}
+    for n in token_counts:
+        x = torch.randn(n, target_args.hidden_size, device=device, dtype=dtype)
+        scores = torch.randn(n, target_args.num_experts, device=device)
+        top, expert_ids = scores.topk(target_args.num_experts_per_tok, dim=-1)
+        args = (x, expert_ids, torch.softmax(top, dim=-1).to(dtype), *weights)
+        read = expert_ids.unique().numel() * expert_bytes  # each routed expert's weights, once
+        row = {"kernel_ms": time_ms(lambda: moe_experts(*args), device, iters),
+               "reference_ms": time_ms(lambda: moe_experts_reference(*args), device, iters)}
+        reference = moe_experts_reference(*args).float()
+        row["error"] = ((moe_experts(*args).float() - reference).norm() / reference.norm()).item()
+        print(f"{f'  {n} tokens':<34} {row['kernel_ms']:>9.3f} {read / row['kernel_ms'] / 1e6:>6.0f} "
+              f"{row['reference_ms']:>12.3f} {read / row['reference_ms'] / 1e6:>6.0f} {row['error']:>8.1e}")
+        results[n] = row
     return results
 
 

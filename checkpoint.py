@@ -248,18 +248,11 @@ def set_family_fields(args: ModelArgs, config: dict):
         args.moe_bias = True
         args.swiglu_limit = config.get("swiglu_limit", 7.0)
         args.swiglu_alpha = config.get("swiglu_alpha", 1.702)
-
-
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def dequantize_mxfp4(blocks, scales, dtype=torch.bfloat16):
-    """MXFP4 -> dtype: blocks [..., G, 16] uint8 (two e2m1 values a byte, low nibble first) and scales
-    [..., G] uint8 (e8m0: 2^(s-127) per 32 values) -> [..., G * 32]."""
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    values = torch.stack([lut[(blocks & 0x0F).int()], lut[(blocks >> 4).int()]], dim=-1)  # [..., G, 16, 2]
-    values = torch.ldexp(values.flatten(-2), (scales.int() - 127)[..., None])  # [..., G, 32]
-    return values.flatten(-2).to(dtype)
+        args.mxfp4_experts = (config.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+        if args.mxfp4_experts and (args.hidden_size % 32 or args.moe_intermediate_size % 32):
+            raise InputError(f"config.json's MXFP4 experts need hidden_size and intermediate_size in whole "
+                             f"groups of 32 (it gives {args.hidden_size} and "
+                             f"{args.moe_intermediate_size}): a damaged config.json")
 
 
 class SafetensorsFolder:
@@ -320,11 +313,6 @@ class SafetensorsFolder:
                              f"({shown}): a different architecture or format than config.json says")
 
 
-def deinterleave(w):
-    """GPT-OSS stores gate/up interleaved along dim 1 (even = gate, odd = up); we keep [gate; up]."""
-    return torch.cat([w[:, 0::2], w[:, 1::2]], dim=1)
-
-
 def hf_name(name: str) -> str:
     """The Hugging Face name of our parameter `name`: all but lm_head sit in model."""
     return name if name == "lm_head.weight" else "model." + name
@@ -344,18 +332,14 @@ def read_hf_tensor(ckpt: SafetensorsFolder, name: str, args: ModelArgs, checkpoi
     if args.model_type == "qwen3_moe":
         if name.endswith(".mlp.router.weight"):
             return get(hf.replace(".router.", ".gate."))
+        if leaf == "gate_up_proj" and hf in ckpt:  # transformers 5.x saves [E, 2I, H], gate above up
+            return ckpt.get(hf).unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)  # interleaved, as GPT-OSS
         if leaf and hf not in ckpt:  # released checkpoints: one tensor per expert and projection
             projs = ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
-            return torch.stack([torch.cat([get(f"{prefix}.experts.{e}.{p}.weight") for p in projs])
-                                for e in range(args.num_experts)])
+            return torch.stack([torch.stack([get(f"{prefix}.experts.{e}.{p}.weight") for p in projs], 1)
+                                .flatten(0, 1) for e in range(args.num_experts)])  # [E, out, H], interleaved
     if args.model_type == "gpt_oss" and leaf in ("gate_up_proj", "down_proj"):
-        if hf in ckpt:  # transformers 5.x saves dense [E, in, out]
-            w = ckpt.get(hf).transpose(1, 2)
-        else:  # released checkpoints: MXFP4 blocks [E, out, in / 32, 16] and scales [E, out, in / 32]
-            w = dequantize_mxfp4(get(hf + "_blocks"), get(hf + "_scales"), torch.float32)
-        return deinterleave(w) if leaf == "gate_up_proj" else w
-    if leaf == "gate_up_proj_bias":
-        return deinterleave(get(hf))
+        return get(hf).transpose(1, 2).contiguous()  # transformers 5.x saves dense [E, in, out]
     return get(hf)
 
 
@@ -375,7 +359,7 @@ def load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Trans
         if tuple(tensor.shape) != tuple(param.shape):
             raise InputError(f"tensor for {name!r} in {str(checkpoint_dir)!r} has shape "
                              f"{tuple(tensor.shape)}, but config.json implies {tuple(param.shape)}")
-        state[name] = tensor.to(device=device, dtype=dtype)
+        state[name] = tensor.to(device, dtype if tensor.is_floating_point() else None)  # no copy
     ckpt.check_all_used(f"checkpoint {str(checkpoint_dir)!r}")
     model.load_state_dict(state, strict=False, assign=True)
     if args.tie_word_embeddings:

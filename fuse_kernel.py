@@ -151,8 +151,9 @@ def backward_reference(x, fusion_logits, gamma, grad_out, eps):
 
 
 def use_kernel(x) -> bool:
-    """The Triton kernels run on CUDA tensors, and on CPU ones under TRITON_INTERPRET=1 (the tests)."""
-    return x.is_cuda or triton_interpreted()
+    """The Triton kernels run on CUDA tensors, and on CPU ones under TRITON_INTERPRET=1 (the tests) outside
+    compiled graphs (the interpreter needs real data)."""
+    return x.is_cuda or (triton_interpreted() and not torch.compiler.is_compiling())
 
 
 if HAVE_TRITON:

@@ -4,7 +4,9 @@
   sdpa         per attention call site of the steps: the SDPA backend PyTorch picks, each backend's error
   steps        AR decode, speculative step, tree step of a Qwen3-8B-shaped target: eager and compiled ms
   prefill      the compiled prefill (dynamic length) at two prompt lengths against eager
-  gpt_oss      GPT-OSS sinks, windows, YaRN, MoE in fp32, eager and CUDA-graph replays, against a CPU copy
+  gpt_oss      GPT-OSS sinks, windows, YaRN, MXFP4 experts in fp32, eager and CUDA-graph replays, against a
+               CPU copy
+  experts      the MoE kernel against the PyTorch reference, gpt-oss-20b and Qwen3-30B-A3B layers: error, ms
   training     a training step (block-sparse flex_attention and its backward) against the CPU path
   twin         the committed demo draft on demo/twin (random weights): tokens/s
 """
@@ -28,7 +30,8 @@ from torch.overrides import TorchFunctionMode
 
 import generate
 from assets import DEMO, DEMO_PROMPT, build_demo_folder
-from bench_gpu import QWEN3_8B, copy_bandwidth, random_model, time_ms
+from bench_gpu import (GPT_OSS_20B_CONFIG, QWEN3_8B, QWEN3_30B_A3B_CONFIG, copy_bandwidth, random_model,
+                       time_experts, time_ms)
 from checkpoint import load_checkpoint, load_draft, model_args
 from draft import Draft
 from fuse_kernel import fuse_layers, fuse_layers_reference
@@ -39,15 +42,12 @@ from sampling import Sampling
 from tokenizer import chat_format, chat_prompt, load_tokenizer
 from trees import draft_tree, tree_layout
 
-# openai/gpt-oss-20b's config.json with two of its 24 layers (one sliding, one full) and a smaller vocabulary
-GPT_OSS_20B_2L = model_args({
-    "model_type": "gpt_oss", "vocab_size": 32768, "hidden_size": 2880, "num_hidden_layers": 2,
-    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 2880,
-    "num_local_experts": 32, "num_experts_per_tok": 4, "sliding_window": 128, "rms_norm_eps": 1e-5,
-    "rope_theta": 150000, "max_position_embeddings": 131072,
-    "layer_types": ["sliding_attention", "full_attention"],
-    "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                     "truncate": False, "original_max_position_embeddings": 4096}})
+# openai/gpt-oss-20b's config.json (MXFP4 experts) with two of its 24 layers (one sliding, one full) and a
+# smaller vocabulary
+GPT_OSS_20B_2L = model_args({**GPT_OSS_20B_CONFIG, "vocab_size": 32768, "num_hidden_layers": 2,
+                             "layer_types": ["sliding_attention", "full_attention"]})
+# one layer of Qwen3-30B-A3B (128 bf16 experts, top-8)
+QWEN3_30B_A3B_1L = model_args({**QWEN3_30B_A3B_CONFIG, "vocab_size": 32768, "num_hidden_layers": 1})
 # the checks' dense target: Qwen3-8B's layers and attention, two of them, a smaller vocabulary
 QWEN3_8B_2L = dataclasses.replace(QWEN3_8B, vocab_size=32768, num_hidden_layers=2,
                                   layer_types=("full_attention",) * 2)
@@ -60,6 +60,8 @@ class Quick:
     target: ModelArgs = dataclasses.field(default_factory=lambda: QWEN3_8B)
     checks_target: ModelArgs = dataclasses.field(default_factory=lambda: QWEN3_8B_2L)
     gpt_oss: ModelArgs = dataclasses.field(default_factory=lambda: GPT_OSS_20B_2L)
+    qwen3_moe: ModelArgs = dataclasses.field(default_factory=lambda: QWEN3_30B_A3B_1L)
+    moe_tokens: tuple = (1, 16, 4096)  # decode, verify, prefill
     draft_layers: int = 7  # DFlare over 9 target layers: the shape of AngelSlim's Qwen3-8B draft
     context: int = 1024
     block_size: int = 16
@@ -353,6 +355,18 @@ def part_gpt_oss(q: Quick, result: dict):
         check(result, result[name] < 1e-3, f"{name} {result[name]:.1e} (fp32: < 1e-3)")
 
 
+@torch.no_grad()
+def part_experts(q: Quick, result: dict):
+    """One MoE layer of each shape (GPT-OSS's MXFP4 experts, Qwen3-MoE's bf16 ones): dflare::moe_experts (the
+    kernel on CUDA) against the PyTorch reference, error and ms."""
+    device = torch.device(q.device)
+    for name, args in (("gpt-oss-20b", q.gpt_oss), ("Qwen3-30B-A3B", q.qwen3_moe)):
+        print(f"  {name}:", flush=True)
+        result[name] = rows = time_experts(args, device, compute_dtype(device), q.iters, q.moe_tokens)
+        for n, row in rows.items():
+            check(result, row["error"] < 2e-2, f"{name}, {n} tokens: error {row['error']:.1e} (bf16: < 2e-2)")
+
+
 def training_step(draft, target, batch):
     """loss.block_loss (fp32) and its backward: the loss and the draft's gradients."""
     draft.zero_grad()
@@ -412,7 +426,8 @@ def part_twin(q: Quick, result: dict):
 
 
 QUICK_PARTS = [(part_environment, 60), (part_fusion, 90), (part_sdpa, 60), (part_steps, 210),
-               (part_prefill, 90), (part_gpt_oss, 120), (part_training, 120), (part_twin, 240)]
+               (part_prefill, 90), (part_gpt_oss, 120), (part_experts, 90), (part_training, 120),
+               (part_twin, 240)]
 
 
 def run_part(part, q: Quick, started: float, limit: float, send):

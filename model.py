@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
+from moe_kernel import moe_experts
+
 
 @dataclass
 class ModelArgs:
@@ -37,6 +39,7 @@ class ModelArgs:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     moe_bias: bool = False  # GPT-OSS: router and expert biases
+    mxfp4_experts: bool = False  # released GPT-OSS: experts kept in MXFP4 as on disk
     swiglu_limit: float = 0.0  # > 0: GPT-OSS clamped SwiGLU; else SiLU gating
     swiglu_alpha: float = 1.702
     eos_token_id: list = field(default_factory=list)
@@ -210,16 +213,31 @@ class MLP(nn.Module):
 
 
 class Experts(nn.Module):
-    """All experts of one layer as stacked weights; gate_up_proj holds [gate; up] (not interleaved)."""
+    """All experts of one layer, stacked: gate_up_proj [E, 2I, H] with gate and up rows interleaved (GPT-OSS's
+    layout), down_proj [E, H, I]. MXFP4 (released GPT-OSS): *_blocks [E, out, in / 32, 16] and *_scales
+    [E, out, in / 32], uint8 as on disk, in their place."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         E, H, I = args.num_experts, args.hidden_size, args.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
-        self.down_proj = nn.Parameter(torch.empty(E, H, I))
-        if args.moe_bias:
-            self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
-            self.down_proj_bias = nn.Parameter(torch.zeros(E, H))
+        for name, (out_features, in_features) in (("gate_up_proj", (2 * I, H)), ("down_proj", (H, I))):
+            if args.mxfp4_experts:
+                packed = lambda *shape: nn.Parameter(torch.empty(*shape, dtype=torch.uint8),  # noqa: E731
+                                                     requires_grad=False)
+                setattr(self, name + "_blocks", packed(E, out_features, in_features // 32, 16))
+                setattr(self, name + "_scales", packed(E, out_features, in_features // 32))
+            else:
+                setattr(self, name, nn.Parameter(torch.empty(E, out_features, in_features)))
+            if args.moe_bias:
+                setattr(self, name + "_bias", nn.Parameter(torch.zeros(E, out_features)))
+
+    def weights(self, name: str) -> tuple:
+        """(weight or blocks, scales or None, bias or None) of gate_up_proj or down_proj."""
+        if hasattr(self, name + "_blocks"):
+            weight, scales = getattr(self, name + "_blocks"), getattr(self, name + "_scales")
+        else:
+            weight, scales = getattr(self, name), None
+        return weight, scales, getattr(self, name + "_bias", None)
 
 
 class MoE(nn.Module):
@@ -229,46 +247,17 @@ class MoE(nn.Module):
         self.router = nn.Linear(args.hidden_size, args.num_experts, bias=args.moe_bias)
         self.experts = Experts(args)
 
-    def activation(self, gate_up):
-        gate, up = gate_up.chunk(2, dim=-1)
-        limit = self.args.swiglu_limit
-        if limit > 0:
-            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-            return gate * torch.sigmoid(self.args.swiglu_alpha * gate) * (up + 1)
-        return F.silu(gate) * up
-
     def forward(self, x):
         B, S, H = x.shape
         x = x.reshape(-1, H)
-        N, k, E = x.shape[0], self.args.num_experts_per_tok, self.args.num_experts
         router_logits = self.router(x).float()
-        top_logits, top_idx = torch.topk(router_logits, k, dim=-1)
+        top_logits, expert_ids = torch.topk(router_logits, self.args.num_experts_per_tok, dim=-1)
         if self.args.norm_topk_prob:
             weights = torch.softmax(top_logits, dim=-1)
         else:
-            weights = torch.softmax(router_logits, dim=-1).gather(-1, top_idx)
-        weights = weights.to(x.dtype)
-        ex = self.experts
-        has_bias = self.args.moe_bias
-        if N * k <= E:
-            # few tokens (decode, verify): read only the routed experts' weights
-            h = torch.einsum("nh,nkih->nki", x, ex.gate_up_proj[top_idx])
-            if has_bias:
-                h = h + ex.gate_up_proj_bias[top_idx]
-            out = torch.einsum("nki,nkhi->nkh", self.activation(h), ex.down_proj[top_idx])
-            if has_bias:
-                out = out + ex.down_proj_bias[top_idx]
-            y = torch.einsum("nkh,nk->nh", out, weights)
-        else:
-            # many tokens (prefill): every expert on every token, weight 0 off its top-k
-            dense_weights = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, top_idx, weights)
-            h = torch.einsum("nh,eih->nei", x, ex.gate_up_proj)
-            if has_bias:
-                h = h + ex.gate_up_proj_bias
-            out = torch.einsum("nei,ehi->neh", self.activation(h), ex.down_proj)
-            if has_bias:
-                out = out + ex.down_proj_bias
-            y = torch.einsum("neh,ne->nh", out, dense_weights)
+            weights = torch.softmax(router_logits, dim=-1).gather(-1, expert_ids)
+        y = moe_experts(x, expert_ids, weights.to(x.dtype), *self.experts.weights("gate_up_proj"),
+                        *self.experts.weights("down_proj"), self.args.swiglu_limit, self.args.swiglu_alpha)
         return y.view(B, S, H)
 
 

@@ -5,8 +5,8 @@ speculative decoding.
 
 Run: TRITON_INTERPRET=1 python -m pytest -q test_all.py
 The sections follow the modules, each with its fixtures at its head; `-k test_draft_` (or test_target_,
-test_tokenizer_, test_kernel_, test_decode_, test_tree_, test_cli_, test_bench_, test_prepare_, test_train_,
-test_demo_) runs one of them.
+test_tokenizer_, test_kernel_, test_moe_, test_decode_, test_tree_, test_cli_, test_bench_, test_prepare_,
+test_train_, test_demo_) runs one of them.
 """
 import argparse
 import base64
@@ -42,19 +42,21 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask, fl
 import assets  # noqa: E402
 import bench  # noqa: E402
 import bench_gpu  # noqa: E402
+import bench_moe  # noqa: E402
 import draft as draft_module  # noqa: E402
 import fuse_kernel  # noqa: E402
 import generate  # noqa: E402
 import gguf_to_hf  # noqa: E402
 import gpu_check  # noqa: E402
 import loss as loss_module  # noqa: E402
+import moe_kernel  # noqa: E402
 import prepare  # noqa: E402
 import sampling  # noqa: E402
 import train  # noqa: E402
 import trees  # noqa: E402
-from checkpoint import (InputError, check_draft_target, dequantize_mxfp4, draft_args,  # noqa: E402
-                        load_checkpoint, load_draft, pick_device, read_config, read_json, save_draft,
-                        save_folder)
+from checkpoint import (InputError, check_draft_target, draft_args,  # noqa: E402
+                        load_checkpoint, load_draft, model_args, pick_device, read_config, read_json,
+                        save_draft, save_folder)
 from data import PackedData  # noqa: E402
 from draft import Draft, default_target_layer_ids, draft_block_logits, training_mask_mod  # noqa: E402
 from fuse_kernel import fuse_layers, fuse_layers_reference  # noqa: E402
@@ -240,8 +242,9 @@ def tiny_target(vocab_size=16, seed=0):
 
 
 @pytest.fixture
-def reference_fusion(monkeypatch):
-    """Decode with the PyTorch fusion: the interpreted Triton kernel takes ~0.3 s a call (tested above)."""
+def reference_kernels(monkeypatch):
+    """Run the kernels' PyTorch references: interpreted, the fusion kernel takes ~0.3 s a call and the MoE
+    kernel ~0.5 s (each tested against its reference in its section)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
@@ -463,24 +466,51 @@ def test_target_sharded_checkpoint_loads_like_single_file(targets, tmp_path):
     folder, hf = targets["qwen3_moe"]
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    tokens = torch.arange(10)[None]
+    assert_same_logits(folder, tmp_path, 10)
+
+
+def assert_same_logits(folder, other, length):
+    """The two checkpoint folders give the same fp32 logits, bit for bit, on a prompt of `length` tokens."""
     logits = []
-    for f in (folder, tmp_path):
+    for f in (folder, other):
         model = load_checkpoint(f, dtype=torch.float32)
-        model.setup_caches(1, 16)
-        logits.append(model(tokens, torch.arange(10)[None])[0])
+        model.setup_caches(1, length)
+        logits.append(model(torch.arange(length)[None], torch.arange(length)[None])[0])
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
 
 
-def test_target_mxfp4_decoding_matches_transformers():
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+def test_target_qwen3_moe_stacked_experts_load_like_per_expert_ones(targets, tmp_path):
+    """Released Qwen3-MoE checkpoints (and transformers' save_pretrained) hold a tensor per expert and
+    projection; a folder with them stacked as transformers holds them in memory, gate_up_proj [E, 2I, H] with
+    gate above up, loads to the same model."""
+    folder, _ = targets["qwen3_moe"]
 
-    g = torch.Generator().manual_seed(0)
-    blocks = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8, generator=g)
-    scales = torch.randint(118, 136, (3, 10, 4), dtype=torch.uint8, generator=g)
-    # back to [E, out, in]
-    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)
-    torch.testing.assert_close(dequantize_mxfp4(blocks, scales, torch.float32), ref, rtol=0, atol=0)
+    def stacked(state):
+        for prefix in {n.partition(".experts.")[0] for n in state if ".experts." in n}:
+            for name, projs in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+                state[f"{prefix}.experts.{name}"] = torch.stack([  # the fixture's 8 experts
+                    torch.cat([state.pop(f"{prefix}.experts.{e}.{p}.weight") for p in projs])
+                    for e in range(8)])
+
+    assert "model.layers.0.mlp.experts.7.up_proj.weight" in load_file(folder / "model.safetensors")
+    assert_same_logits(folder, copy_checkpoint(folder, tmp_path / "stacked", stacked), 30)
+
+
+def test_target_mxfp4_experts_stay_packed_as_on_disk(targets):
+    """GPT-OSS's released experts load as the file's uint8 blocks and scales, not dequantized."""
+    folder, _ = targets["gpt_oss"]
+    model = load_checkpoint(folder)
+    on_disk = load_file(folder / "model.safetensors")
+    experts = model.layers[0].mlp.experts
+    for proj in ("gate_up_proj", "down_proj"):
+        assert not hasattr(experts, proj)
+        for part in ("blocks", "scales"):
+            tensor = getattr(experts, f"{proj}_{part}")
+            assert tensor.dtype == torch.uint8 and not tensor.requires_grad
+            assert torch.equal(tensor, on_disk[f"model.layers.0.mlp.experts.{proj}_{part}"])
+    config = json.loads((folder / "config.json").read_text())
+    one_line_error(r"MXFP4 experts need hidden_size and intermediate_size in whole groups of 32 "
+                   r"\(it gives 48 and 64\)", model_args, {**config, "hidden_size": 48})
 
 
 ROPE_CASES = {
@@ -1280,12 +1310,9 @@ GPU_NAMES = {90: "sm_90a", 80: "sm_80"}  # Triton builds sm_90a code for capabil
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
-def recorded_launches(N, T, H, D, x_dtype, weight_dtype, backward):
-    """(kernel, grid, args, kwargs) of each kernel launch of the operator's forward (and backward) for
-    x [N, T, H] and D draft layers: run on meta tensors, with the kernels recording their launches instead
-    of running."""
-    launches = []
-
+def launch_recorder(launches: list):
+    """A stand-in for wrap_triton: kernel[grid](*args, **kwargs) appends (kernel, grid, args, kwargs) to
+    launches instead of running."""
     class Recorder:
         def __init__(self, kernel):
             self.kernel = kernel
@@ -1293,7 +1320,15 @@ def recorded_launches(N, T, H, D, x_dtype, weight_dtype, backward):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.kernel, grid, args, kwargs))
 
-    with mock.patch.object(fuse_kernel, "wrap_triton", Recorder):
+    return Recorder
+
+
+def recorded_launches(N, T, H, D, x_dtype, weight_dtype, backward):
+    """(kernel, grid, args, kwargs) of each kernel launch of the operator's forward (and backward) for
+    x [N, T, H] and D draft layers: run on meta tensors, with the kernels recording their launches instead
+    of running."""
+    launches = []
+    with mock.patch.object(fuse_kernel, "wrap_triton", launch_recorder(launches)):
         x = torch.empty(N, T, H, dtype=x_dtype, device="meta")
         logits = torch.empty(D, T, dtype=weight_dtype, device="meta")
         gamma = torch.empty(H, dtype=weight_dtype, device="meta")
@@ -1368,7 +1403,7 @@ def compile_launch(kernel, args, kwargs, capability):
 def describe(key):
     """A compile key in one line: kernel, GPU, pointer dtypes, specialised ints, constexprs, options."""
     name, capability, specialization, options = key
-    kernel = getattr(fuse_kernel, name)
+    kernel = getattr(fuse_kernel, name, None) or getattr(moe_kernel, name)
     args = [f"{arg}={value}" if ty == "constexpr" else ty if ty.startswith("*") else
             f"{arg}:{ty}{'%16' if value == 'D' else ''}"
             for arg, (ty, value) in zip(kernel.arg_names, specialization)]
@@ -1406,16 +1441,44 @@ INFERENCE_DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.floa
 TRAINING_DTYPES = [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)]
 
 
+# The MoE targets' real shapes: (hidden, expert intermediate, experts, top-k, MXFP4 experts)
+MOE_SHAPES = {"gpt-oss-20b": (2880, 2880, 32, 4, True), "gpt-oss-120b": (2880, 2880, 128, 4, True),
+              "Qwen3-30B-A3B": (2048, 768, 128, 8, False)}
+
+
+def recorded_moe_launches(N, H, I, E, k, mxfp4, dtype):
+    """(kernel, grid, args, kwargs) of the MoE operator's launches for x [N, H], on meta tensors."""
+    launches = []
+    def projection(out_features, in_features):
+        if mxfp4:
+            return (torch.empty(E, out_features, in_features // 32, 16, dtype=torch.uint8, device="meta"),
+                    torch.empty(E, out_features, in_features // 32, dtype=torch.uint8, device="meta"))
+        return torch.empty(E, out_features, in_features, dtype=dtype, device="meta"), None
+
+    def bias(out_features):
+        return torch.empty(E, out_features, dtype=dtype, device="meta") if mxfp4 else None
+
+    with mock.patch.object(moe_kernel, "wrap_triton", launch_recorder(launches)):
+        x = torch.empty(N, H, dtype=dtype, device="meta")
+        expert_ids = torch.empty(N, k, dtype=torch.int64, device="meta")
+        moe_kernel.launch_moe(x, expert_ids, torch.empty(N, k, dtype=dtype, device="meta"),
+                              *projection(2 * I, H), bias(2 * I), *projection(H, I), bias(H), 7.0, 1.702)
+    return launches
+
+
 def kernel_builds():
-    """Every distinct compile of the kernels that real drafts launch, built for each GPU and run through
-    ptxas: [(description, registers, spill store bytes, spill load bytes)]."""
+    """Every distinct compile of the kernels that real drafts and MoE targets launch, built for each GPU and
+    run through ptxas: [(description, registers, spill store bytes, spill load bytes)]."""
+    variants = [(d, False) for d in INFERENCE_DTYPES] + [(d, True) for d in TRAINING_DTYPES]
+    recorded = [launch for N, T, H, D in DRAFT_SHAPES for dtypes, backward in variants
+                for launch in recorded_launches(N, T, H, D, *dtypes, backward)]
+    recorded += [launch for shape in MOE_SHAPES.values() for N in (1, 16, 4096)
+                 for dtype in (torch.bfloat16, torch.float32)
+                 for launch in recorded_moe_launches(N, *shape, dtype)]
     launches = {}  # one launch per compile key: equal keys give equal code
-    for N, T, H, D in DRAFT_SHAPES:
-        for dtypes, backward in [(d, False) for d in INFERENCE_DTYPES] + [(d, True) for d in TRAINING_DTYPES]:
-            for kernel, _, args, kwargs in recorded_launches(N, T, H, D, *dtypes, backward):
-                for capability in GPU_NAMES:
-                    launches.setdefault(compile_key(kernel, args, kwargs, capability)[0],
-                                        (kernel, args, kwargs))
+    for kernel, _, args, kwargs in recorded:
+        for capability in GPU_NAMES:
+            launches.setdefault(compile_key(kernel, args, kwargs, capability)[0], (kernel, args, kwargs))
     builds = []
     for (_, capability, *_), (kernel, args, kwargs) in launches.items():
         key, compiled = compile_launch(kernel, args, kwargs, capability)
@@ -1424,14 +1487,16 @@ def kernel_builds():
 
 
 def test_kernel_builds_for_h100_without_spills():
-    """The kernels build for H100 (sm_90a) and A100 (sm_80) in every variant that real drafts launch, with no
-    register spills (the kernels keep a [BLOCK_H] row per vector in registers: too many warps or too few
-    spill)."""
+    """The kernels build for H100 (sm_90a) and A100 (sm_80) in every variant that real drafts and MoE targets
+    (gpt-oss-20b, gpt-oss-120b, Qwen3-30B-A3B) launch, with no register spills (the fusion kernels keep a
+    [BLOCK_H] row per vector in registers: too many warps or too few spill)."""
     builds = without_interpreter("kernel_builds()")
     table = "\n".join(f"{name}: {registers} registers, spills {stores} B stored / {loads} B loaded"
                       for name, registers, stores, loads in builds)
     print(table)
     assert set(GPU_NAMES.values()) == {name.split()[1] for name, *_ in builds}
+    assert {name.split()[0] for name, *_ in builds} == {"_fuse_forward_kernel", "_fuse_backward_kernel",
+                                                         "_moe_kernel"}
     assert all(stores == loads == 0 for _, _, stores, loads in builds), table
 
 
@@ -1514,7 +1579,7 @@ def test_kernel_reference_gradcheck():
     assert torch.autograd.gradcheck(lambda w, gm: fuse_layers_reference(x, w, gm, 1e-6), (logits, gamma))
 
 
-def test_kernel_operator_passes_opcheck(reference_fusion):
+def test_kernel_operator_passes_opcheck(reference_kernels):
     """dflare::fuse_layers and its backward as PyTorch checks operators (schema, fake tensors, autograd
     registration, AOT dispatch), on CPU; its CPU backward against numerical gradients and the reference's
     autograd."""
@@ -1534,7 +1599,7 @@ def test_kernel_operator_passes_opcheck(reference_fusion):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_kernel_stays_one_operator_in_the_compiled_step(targets32, reference_fusion, fresh_dynamo):
+def test_kernel_stays_one_operator_in_the_compiled_step(targets32, reference_kernels, fresh_dynamo):
     """torch.compile(fullgraph=True) of the speculative step keeps dflare::fuse_layers as one call in its
     graph (on CUDA that call becomes our kernel), and the tokens are eager's."""
     from torch._inductor.compile_fx import compile_fx
@@ -1571,6 +1636,156 @@ def test_kernel_not_needed_without_triton(targets, draft_folder):
     assert json.loads(result.stdout)["tokens"] == json.loads(with_triton.stdout)["tokens"]
 
 
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Mixture-of-experts layers (moe_kernel.py): the grouped experts against every expert on every token, the
+# kernel against the PyTorch reference, MXFP4 against transformers' decoding (pytest -k test_moe_)
+
+
+def transformers_mxfp4(blocks, scales, dtype=torch.float32):
+    """transformers' MXFP4 dequantization: blocks [E, out, G, 16], scales [E, out, G] -> [E, out, G * 32]."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(blocks, scales, dtype=dtype).transpose(1, 2)
+
+
+def every_expert_on_every_token(x, expert_ids, routing_weights, gate_up, gate_up_scales, gate_up_bias, down,
+                                down_scales, down_bias, swiglu_limit, swiglu_alpha):
+    """The MoE layer as its formula, in fp32: every expert on every token, weighted by the routing (0 off the
+    token's top-k); MXFP4 decoded by transformers; gate and up rows interleaved."""
+    def weight(w, scales):
+        return w.float() if scales is None else transformers_mxfp4(w, scales)
+
+    def bias(b):
+        return 0 if b is None else b.float()
+
+    h = torch.einsum("nh,eoh->neo", x.float(), weight(gate_up, gate_up_scales)) + bias(gate_up_bias)
+    gate, up = h[..., 0::2], h[..., 1::2]  # [N, E, I]
+    if swiglu_limit > 0:
+        assert gate.max() > swiglu_limit and up.abs().max() > swiglu_limit  # the clamps matter here
+        gate, up = gate.clamp(max=swiglu_limit), up.clamp(-swiglu_limit, swiglu_limit)
+        act = gate * torch.sigmoid(swiglu_alpha * gate) * (up + 1)
+    else:
+        act = F.silu(gate) * up
+    out = torch.einsum("nei,ehi->neh", act, weight(down, down_scales)) + bias(down_bias)
+    dense_weights = torch.zeros(x.shape[0], gate_up.shape[0]).scatter(1, expert_ids, routing_weights.float())
+    return torch.einsum("neh,ne->nh", out, dense_weights)
+
+
+MOE_ROUTINGS = {"random": 37, "one token": 1, "one expert takes every token": 20, "some experts take none": 9}
+
+
+# the experts' format -> (x's dtype, GPT-OSS's biases and clamped SwiGLU or Qwen3-MoE's SiLU gating)
+MOE_WEIGHTS = {"mxfp4": (torch.bfloat16, True), "bf16": (torch.bfloat16, False),
+               "fp32": (torch.float32, True)}
+
+
+def moe_inputs(weights, routing, E=6, k=2, H=160, I=96, seed=0):
+    """The operator's arguments; H and I leave partial tiles in the K loops and the output blocks."""
+    g = torch.Generator().manual_seed(seed)
+    N = MOE_ROUTINGS[routing]
+    dtype, gpt_oss = MOE_WEIGHTS[weights]
+    expert_ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    if routing == "one expert takes every token":
+        others = torch.stack([torch.randperm(E - 1, generator=g)[:k - 1] for _ in range(N)])
+        expert_ids = torch.cat([torch.full((N, 1), 3), others + (others >= 3)], dim=1)
+    elif routing == "some experts take none":
+        expert_ids = torch.tensor([1, 4])[torch.stack([torch.randperm(2, generator=g) for _ in range(N)])]
+
+    def projection(out_features, in_features):
+        if weights == "mxfp4":
+            groups = in_features // 32
+            return (torch.randint(0, 256, (E, out_features, groups, 16), dtype=torch.uint8, generator=g),
+                    torch.randint(121, 125, (E, out_features, groups), dtype=torch.uint8, generator=g))
+        return (torch.randn(E, out_features, in_features, generator=g) * 0.3).to(dtype), None
+
+    def bias(out_features):
+        return torch.randn(E, out_features, generator=g).to(dtype) if gpt_oss else None
+
+    return (torch.randn(N, H, generator=g).to(dtype), expert_ids,
+            torch.softmax(torch.randn(N, k, generator=g), dim=-1).to(dtype),
+            *projection(2 * I, H), bias(2 * I), *projection(H, I), bias(H), 7.0 if gpt_oss else 0.0, 1.702)
+
+
+@pytest.mark.parametrize("routing", MOE_ROUTINGS)
+@pytest.mark.parametrize("weights", MOE_WEIGHTS)
+def test_moe_kernel_and_reference_equal_every_expert_on_every_token(weights, routing):
+    args = moe_inputs(weights, routing)
+    expected = every_expert_on_every_token(*args)
+    kernel = moe_kernel.launch_moe(*args)  # interpreted
+    reference = moe_kernel.moe_experts_reference(*args)
+    tol = 1e-5 if weights == "fp32" else 2e-2  # bf16: x, the activations and the output rounded
+    scale = expected.abs().max().item()
+    for out in (kernel, reference):
+        assert out.dtype == args[0].dtype
+        torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(kernel.float(), reference.float(), rtol=tol, atol=tol * scale)
+
+
+def all_bytes_under_all_scales(num_scales):
+    """One group of 32 values a row, every byte under every scale below num_scales: blocks [num_scales * 16,
+    1, 16], scales [num_scales * 16, 1]."""
+    blocks = torch.arange(256, dtype=torch.uint8).view(1, 16, 1, 16).expand(num_scales, 16, 1, 16)
+    scales = torch.arange(num_scales, dtype=torch.uint8).repeat_interleave(16)[:, None]
+    return blocks.reshape(-1, 1, 16), scales
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_mxfp4_decoding_matches_transformers(dtype):
+    """The CPU reference's decoding, every byte under every scale but 255 (NaN in the OCP MX format, which
+    transformers decodes as 2^128, not an fp32)."""
+    blocks, scales = all_bytes_under_all_scales(255)
+    expected = transformers_mxfp4(blocks[None], scales[None], dtype)[0]
+    decoded = moe_kernel.decode_mxfp4(blocks, scales).to(dtype)
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=0)
+
+
+def test_moe_kernel_decodes_mxfp4_bit_for_bit_as_transformers():
+    """The kernel's weights, every byte under every scale up to 252 (a larger one overflows fp32 in the
+    product): the rows of the identity through the down step read them out exactly."""
+    blocks, scales = all_bytes_under_all_scales(253)  # one expert: S outputs of K = 32 inputs
+    S, K, BLOCK_M = len(blocks), 32, moe_kernel.BLOCK_M
+    out = torch.empty(K, S)
+    grid = (K // BLOCK_M, triton.cdiv(S, moe_kernel.BLOCK_N))
+    moe_kernel._moe_kernel[grid](torch.eye(K), torch.arange(K), torch.zeros(K // BLOCK_M, dtype=torch.int64),
+                                 blocks, scales, blocks, torch.ones(K), out, K, S, K, 1, 1, 0.0, 0.0,
+                                 GATE_UP=False, MXFP4=True, HAS_BIAS=False, DOT_FP32=True, BLOCK_M=BLOCK_M,
+                                 BLOCK_N=moe_kernel.BLOCK_N, BLOCK_K=moe_kernel.BLOCK_K)
+    assert torch.equal(out.T, transformers_mxfp4(blocks[None], scales[None])[0])
+    assert torch.equal(out.T.bfloat16(), transformers_mxfp4(blocks[None], scales[None], torch.bfloat16)[0])
+
+
+@pytest.mark.parametrize("N,k,E", [(1, 4, 32), (16, 4, 32), (300, 8, 128), (500, 2, 4)])
+def test_moe_grouped_layout(N, k, E):
+    """group_by_expert: every pair on one row of its expert's tiles, in sizes fixed by N, k and E alone, for
+    random routings, all tokens on the same experts, and experts all a tile and a row long."""
+    g = torch.Generator().manual_seed(N)
+    R, BLOCK_M = N * k, moe_kernel.BLOCK_M
+    same = torch.arange(k).expand(N, k)
+    # as many experts as possible with one row past whole tiles (the most padding)
+    ragged = torch.arange(R).remainder(min(E, R)).view(N, k) if R % min(E, R) == 0 else None
+    routings = [torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)]), same, ragged]
+    for expert_ids in [r for r in routings if r is not None]:
+        row_pair, tile_expert, pair_row = moe_kernel.group_by_expert(expert_ids, E)
+        assert tile_expert.shape == (moe_kernel.max_tiles(R, E),)
+        assert row_pair.shape == (len(tile_expert) * BLOCK_M,)
+        assert torch.equal(row_pair[pair_row], torch.arange(R))
+        filled = row_pair < R
+        assert filled.sum() == R
+        row_expert = tile_expert.repeat_interleave(BLOCK_M)
+        assert torch.equal(row_expert[filled], expert_ids.flatten()[row_pair[filled]])
+        counts = torch.bincount(expert_ids.flatten(), minlength=E)
+        assert (tile_expert < E).sum() == ((counts + BLOCK_M - 1) // BLOCK_M).sum()  # then the unused tiles
+
+
+def test_moe_operators_pass_opcheck(reference_kernels):
+    """dflare::moe_experts and its CPU reference as PyTorch checks operators (schema, fake tensors, AOT
+    dispatch)."""
+    for weights in MOE_WEIGHTS:
+        args = moe_inputs(weights, "random")
+        torch.library.opcheck(torch.ops.dflare.moe_experts.default, args)
+        torch.library.opcheck(torch.ops.dflare.moe_experts_reference.default, args)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1918,7 +2133,7 @@ def reference_draft_folder(folder, config, reference_drafts, seed=0):
 
 @pytest.mark.parametrize("name", PUBLISHED_DRAFTS)
 def test_draft_published_drafts_match_their_reference_code(name, reference_drafts, tmp_path,
-                                                           reference_fusion):
+                                                           reference_kernels):
     """Block logits of our loaded draft (stateless and through the decoding caches) = the reference model's,
     fp32."""
     import types
@@ -1999,7 +2214,7 @@ def test_decode_compiled_matches_eager(targets, capsys):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_decode_speculative_greedy_is_lossless(targets32, model_type, fusion, reference_fusion):
+def test_decode_speculative_greedy_is_lossless(targets32, model_type, fusion, reference_kernels):
     target = targets32[model_type]
     for batch in ([p] for p in SPEC_PROMPTS), [SPEC_PROMPTS]:
         for prompts in batch:
@@ -2052,7 +2267,7 @@ def scripted_acceptance(draft, row, prompt_len, n_new):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_decode_speculative_with_oracle_proposals_covers_every_acceptance_length(targets32, model_type,
-                                                                                 reference_fusion):
+                                                                                 reference_kernels):
     target = targets32[model_type]
     prompts = SPEC_PROMPTS[:3]
     expected, _ = decode(target, prompts, 30)
@@ -2073,7 +2288,7 @@ def test_decode_speculative_with_oracle_proposals_covers_every_acceptance_length
 
 
 @pytest.mark.parametrize("tree_budget", [0, 24], ids=["chain", "tree"])
-def test_decode_finished_rows_stay_inside_the_cache(targets32, reference_fusion, tree_budget):
+def test_decode_finished_rows_stay_inside_the_cache(targets32, reference_kernels, tree_budget):
     """Finished rows are frozen where they are, up to a block (or a tree, here larger than the block) past
     their end: the caches, sized for that, must hold every write."""
     target = targets32["qwen3"]
@@ -2096,7 +2311,7 @@ def test_decode_finished_rows_stay_inside_the_cache(targets32, reference_fusion,
 
 
 @pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear")])
-def test_decode_speculative_compiled_is_lossless(targets32, model_type, fusion, reference_fusion,
+def test_decode_speculative_compiled_is_lossless(targets32, model_type, fusion, reference_kernels,
                                                  fresh_dynamo):
     target = targets32[model_type]
     steps = generate.compile_steps(torch.device("cpu"))
@@ -2111,7 +2326,7 @@ def test_decode_speculative_compiled_is_lossless(targets32, model_type, fusion, 
 
 
 @pytest.mark.parametrize("fusion,seed", [("layerwise", 2), ("linear", 1)])
-def test_decode_static_step_matches_a_plain_loop(fusion, seed, reference_fusion):
+def test_decode_static_step_matches_a_plain_loop(fusion, seed, reference_kernels):
     target = tiny_target(vocab_size=4)  # small enough that random drafts are often right
     draft = make_draft(target, fusion, block_size=5, seed=seed)
     prompts, n_new, bs = [[1, 2, 3, 0, 1, 0, 1], [3, 2, 1]], 30, 5
@@ -2332,7 +2547,7 @@ def oracle_rank(row, position):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_tree_greedy_is_lossless(targets32, model_type, fusion, reference_fusion):
+def test_tree_greedy_is_lossless(targets32, model_type, fusion, reference_kernels):
     target = targets32[model_type]
     for prompts in [SPEC_PROMPTS[2]], SPEC_PROMPTS:
         expected, _ = decode(target, prompts, 24)
@@ -2344,7 +2559,7 @@ def test_tree_greedy_is_lossless(targets32, model_type, fusion, reference_fusion
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_tree_with_oracle_proposals_covers_every_depth(targets32, model_type, reference_fusion, monkeypatch):
+def test_tree_with_oracle_proposals_covers_every_depth(targets32, model_type, reference_kernels, monkeypatch):
     """Decoding with a tree commits exactly what the reference tree says, down every depth, through children
     other than the first, and stops at a stop token inside a path."""
     target = targets32[model_type]
@@ -2373,7 +2588,7 @@ def test_tree_with_oracle_proposals_covers_every_depth(targets32, model_type, re
 
 @pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear"),
                                               ("qwen3", "linear"), ("llama", "layerwise")])
-def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_fusion, fresh_dynamo):
+def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_kernels, fresh_dynamo):
     target = targets32[model_type]
     steps = generate.compile_steps(torch.device("cpu"))
     prompts, bs, budget = SPEC_PROMPTS, 5, 12
@@ -2391,7 +2606,7 @@ def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_fusi
 
 
 @pytest.mark.parametrize("fusion,seed", [("layerwise", 2), ("linear", 1)])
-def test_tree_step_matches_a_plain_loop(fusion, seed, reference_fusion):
+def test_tree_step_matches_a_plain_loop(fusion, seed, reference_kernels):
     """The static tree step against a loop that recomputes everything: no caches, no masks, no slots; every
     node's target choice from a forward over the context and the node's own prefix."""
     target = tiny_target(vocab_size=4)
@@ -2441,7 +2656,7 @@ def test_cli_chat_stops_on_end_of_turn(targets, capsys):
                                  "<think>\n\n</think>\n\n")
 
 
-def test_cli_speculative_json_and_report(targets, draft_folder, capsys, reference_fusion):
+def test_cli_speculative_json_and_report(targets, draft_folder, capsys, reference_kernels):
     folder, _ = targets["qwen3"]
     argv = ["--checkpoint", folder, "--prompt", "def f(x):", "--prompt", "import os", "--prompt", "class A",
             "--batch_size", 2, "--max_new_tokens", 16]
@@ -2467,7 +2682,7 @@ def test_cli_speculative_json_and_report(targets, draft_folder, capsys, referenc
 
 
 def test_cli_interactive_chat_carries_the_conversation(targets, targets32, draft_folder, capsys, monkeypatch,
-                                                   reference_fusion):
+                                                   reference_kernels):
     """--interactive: each turn's answer is what the target alone writes for the whole conversation so far; an
     empty line is ignored, Ctrl-D ends; --compile applies to the chat's steps."""
     folder, _ = targets["qwen3"]
@@ -2671,7 +2886,7 @@ def test_cli_speculative_errors(targets, draft_folder, tmp_path, capsys):
 # Benchmarks (bench.py, bench_gpu.py, gpu_check.py) (pytest -k test_bench_)
 
 
-def test_bench_prompt_sets(targets, draft_folder, tmp_path, capsys, reference_fusion):
+def test_bench_prompt_sets(targets, draft_folder, tmp_path, capsys, reference_kernels):
     folder, _ = targets["qwen3"]
     tok = load_tokenizer(folder)
     for path in bench.DEFAULT_SETS:  # the shipped sets parse, as raw prompts or chats
@@ -2698,7 +2913,7 @@ def test_bench_prompt_sets(targets, draft_folder, tmp_path, capsys, reference_fu
         bench.read_prompt_set(bad, tok, folder, thinking=False)
 
 
-def test_bench_step_timings_run_on_cpu(capsys, reference_fusion):
+def test_bench_step_timings_run_on_cpu(capsys, reference_kernels):
     args = ModelArgs(model_type="qwen3", vocab_size=64, hidden_size=32, num_hidden_layers=4,
                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64,
                      layer_types=("full_attention",) * 4)
@@ -2732,6 +2947,46 @@ def test_bench_memory_runs_on_cpu(capsys):
     assert len(results) == 3 and all(rss > 0 and cuda == 0 for rss, cuda in results.values())
     out = capsys.readouterr().out
     assert "training step (48 tokens, 4 blocks of 4)" in out and "prefill (24 tokens)" in out
+
+
+def test_bench_moe_cpu_parts(tmp_path, monkeypatch, reference_kernels):
+    """bench.py --moe's parts on tiny folders: both families built by transformers in their released formats
+    (GPT-OSS's experts MXFP4), decoded by us and by transformers, the experts' FLOPs per prefill token exactly
+    top-k experts' worth (E / k times less than every expert on every token)."""
+    monkeypatch.setattr(bench_moe, "COMMON", {**bench_moe.COMMON, "vocab_size": 256, "hidden_size": 64,
+                                              "num_hidden_layers": 2, "num_attention_heads": 4,
+                                              "num_key_value_heads": 2, "head_dim": 16})
+    monkeypatch.setitem(bench_moe.FAMILIES, "GPT-OSS", {**bench_moe.FAMILIES["GPT-OSS"],
+                                                        "intermediate_size": 64})
+    monkeypatch.setitem(bench_moe.FAMILIES, "Qwen3-MoE", {**bench_moe.FAMILIES["Qwen3-MoE"],
+                                                          "moe_intermediate_size": 32})
+    for family, k in (("GPT-OSS", 4), ("Qwen3-MoE", 8)):
+        folder = tmp_path / family
+        bench_moe.build_folder(folder, family)
+        assert read_config(folder).get("quantization_config", {}).get("quant_method") == (
+            "mxfp4" if family == "GPT-OSS" else None)
+        for system in ("ours", "transformers"):
+            tokens_per_s, rss = bench_moe.decode_run(system, str(folder), torch.get_num_threads(), 4, 8)
+            assert tokens_per_s > 0 and rss > 0
+        args = load_checkpoint(folder).args
+        per_expert = 2 * 3 * args.hidden_size * args.moe_intermediate_size
+        assert bench_moe.expert_flops_per_token(str(folder)) == k * per_expert
+
+
+def test_bench_memory_of_a_gpt_oss_folder(tmp_path, capsys):
+    """--memory's gpt-oss-20b row, on the config made tiny: the folder is built once, as released (MXFP4
+    experts), then loaded and decoded in a fresh process."""
+    folder, config = tmp_path / "gpt-oss", tiny_moe_configs()["gpt-oss"]
+    result = bench.bench_memory_of_a_target(folder, config)
+    weight_map = read_json(folder / "model.safetensors.index.json")["weight_map"]
+    assert weight_map["model.layers.1.mlp.experts.down_proj_blocks"] == "model-00003-of-00003.safetensors"
+    assert load_file(folder / "model-00003-of-00003.safetensors")[
+        "model.layers.1.mlp.experts.down_proj_blocks"].dtype == torch.uint8
+    assert result["rss_gb"] > 0 and result["baseline_rss_gb"] > 0 and 0 < result["checkpoint_gb"] < 0.01
+    assert "gpt-oss: load and decode 8 tokens" in capsys.readouterr().out
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    bench_moe.build_random_folder(folder, config)
+    assert (folder / "config.json").stat().st_mtime_ns == stamp  # built once
 
 
 def test_bench_random_models_are_allocated_in_their_dtype():
@@ -2768,15 +3023,45 @@ def small_quick(**change) -> "gpu_check.Quick":
     gpt_oss = dataclasses.replace(gpu_check.GPT_OSS_20B_2L, vocab_size=256, hidden_size=64,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                   moe_intermediate_size=32, num_experts=8, sliding_window=4)
+    qwen3_moe = dataclasses.replace(gpu_check.QWEN3_30B_A3B_1L, vocab_size=256, hidden_size=64,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
     checks = dataclasses.replace(target, num_hidden_layers=2, layer_types=("full_attention",) * 2)
-    sizes = dict(device="cpu", target=target, checks_target=checks, gpt_oss=gpt_oss, draft_layers=2,
+    sizes = dict(device="cpu", target=target, checks_target=checks, gpt_oss=gpt_oss, qwen3_moe=qwen3_moe,
+                 moe_tokens=(1, 40), draft_layers=2,
                  context=24, block_size=4, tree_budget=8, prefill_lengths=(7, 13), train_tokens=40,
                  train_anchors=4, fusion_rows=(4, 33), copy_bytes=2**20, matmul_size=64, twin_tokens=4,
                  iters=2, backend="eager")
     return gpu_check.Quick(**{**sizes, **change})
 
 
-def test_bench_quick_gpu_run_on_cpu_compiles_few_graphs(capfd, reference_fusion):
+def tiny_moe_configs():
+    """bench_gpu's gpt-oss-20b (MXFP4 experts) and Qwen3-30B-A3B configs, made tiny."""
+    tiny = {"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16}
+    return {"gpt-oss": {**bench_gpu.GPT_OSS_20B_CONFIG, **tiny, "intermediate_size": 32,
+                        "num_local_experts": 4, "sliding_window": 4,
+                        "layer_types": ["sliding_attention", "full_attention"]},
+            "qwen3-moe": {**bench_gpu.QWEN3_30B_A3B_CONFIG, **tiny, "moe_intermediate_size": 32,
+                          "num_experts": 8, "num_experts_per_tok": 2}}
+
+
+def test_bench_gpu_moe_sweep_runs_on_cpu(capsys, reference_kernels):
+    """bench.py --gpu's MoE part end to end on CPU, on both MoE families' configs made tiny: the steps, a
+    prefill, one layer's experts through the operator and the reference."""
+    with mock.patch.object(bench_gpu, "MOE_TARGETS", tiny_moe_configs()):
+        results = bench_gpu.bench_moe("cpu", torch.float32, compile=False, prefill_len=32, iters=1)
+    assert list(results) == ["gpt-oss", "qwen3-moe"]
+    for result in results.values():
+        assert result["ar_ms"] > 0 and result["tree"][32]["step_ms"] > 0
+        assert result["prefill_tokens_per_s"] > 0
+        assert list(result["experts"]) == [1, 16, 4096]
+        assert all(row["error"] < 1e-6 for row in result["experts"].values())
+    out = capsys.readouterr().out
+    assert out.count("experts of one layer") == 2 and "prefill (32 tokens, eager)" in out
+
+
+def test_bench_quick_gpu_run_on_cpu_compiles_few_graphs(capfd, reference_kernels):
     """bench.py --gpu --quick's parts run end to end on CPU (each in a process of its own, on the CPU paths),
     and the run compiles a bounded number of graphs, counted by Dynamo under the eager backend: three hold the
     timed target (its AR, speculative and tree steps), not one per draft, budget and step part."""
@@ -2976,7 +3261,7 @@ def test_prepare_bad_input_is_reported_by_line(targets, tmp_path, capsys):
         PackedData(tmp_path / "y")
 
 
-def test_prepare_regenerate_uses_the_targets_own_answers(targets, targets32, tmp_path, reference_fusion):
+def test_prepare_regenerate_uses_the_targets_own_answers(targets, targets32, tmp_path, reference_kernels):
     folder, _ = targets["qwen3"]
     records = [{"messages": [{"role": "user", "content": "hi"},
                              {"role": "assistant", "content": "replaced"}]},
@@ -3064,7 +3349,7 @@ def train_argv(targets, train_data, out, *extra):
 
 
 def test_train_loss_falls_and_the_draft_decodes_losslessly(targets, train_data, tmp_path, capsys,
-                                                           reference_fusion):
+                                                           reference_kernels):
     out = tmp_path / "draft"
     # bf16 autocast over fp32 weights
     stdout = run_train(train_argv(targets, train_data, out, "--max_steps", 12, "--micro_batch_size", 2,
@@ -3172,7 +3457,7 @@ def test_train_hidden_cache_gives_the_losses_of_the_online_target(targets, train
 
 
 def test_train_interrupted_save_leaves_the_last_checkpoint(targets, targets32, train_data, tmp_path,
-                                                           monkeypatch, reference_fusion):
+                                                           monkeypatch, reference_kernels):
     out = tmp_path / "run"
     run_train(train_argv(targets, train_data, out, "--max_steps", 2))
     before = {name: (out / name).read_bytes()
@@ -3391,7 +3676,7 @@ def counted_calls(monkeypatch, owner, name):
 
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("fusion", DRAFT_KINDS)
-def test_train_block_loss_matches_the_dense_formulation(fusion, chunked, monkeypatch, reference_fusion):
+def test_train_block_loss_matches_the_dense_formulation(fusion, chunked, monkeypatch, reference_kernels):
     """Loss, accuracy counts and every draft gradient equal the old formulation's, in one chunk and in several
     (uneven) chunks of logits and of blocks."""
     target, draft, batch = training_case(fusion)
@@ -3454,7 +3739,7 @@ def test_train_mask_mod_is_the_dense_mask(kind):
 
 
 @pytest.mark.parametrize("fusion", DRAFT_KINDS)
-def test_train_block_sparse_attention_matches_the_dense_path(fusion, monkeypatch, reference_fusion):
+def test_train_block_sparse_attention_matches_the_dense_path(fusion, monkeypatch, reference_kernels):
     """The CUDA path, a BlockMask from create_block_mask through flex_attention (eager here, forward only: it
     has no CPU backward), gives the hidden states of the CPU path's dense masks."""
     target, draft, (tokens, anchors, weights, _) = training_case(fusion)
@@ -3500,7 +3785,7 @@ def counting_target(folder, tok_file):
     (folder / "tokenizer.json").write_bytes(tok_file.read_bytes())
 
 
-def test_train_draft_reaches_high_tau_on_a_learnable_target(tok_file, tmp_path, capsys, reference_fusion):
+def test_train_draft_reaches_high_tau_on_a_learnable_target(tok_file, tmp_path, capsys, reference_kernels):
     target = tmp_path / "target"
     counting_target(target, tok_file)
     prompts = write_jsonl(tmp_path / "prompts.jsonl",
@@ -3551,7 +3836,7 @@ def test_demo_gguf_conversion_equals_transformers_gguf_loading(smollm2_gguf, tmp
                                    atol=1e-4)
 
 
-def test_demo_runs_by_default_and_is_lossless(capsys, reference_fusion):
+def test_demo_runs_by_default_and_is_lossless(capsys, reference_kernels):
     """No --checkpoint: SmolLM2-135M-Instruct with the committed DFlare draft answers a chat question, as AR
     would; every committed draft decodes MT-Bench questions exactly as the target alone."""
     # --dtype float32: the default, bf16, may round apart at a near-tie
@@ -3618,7 +3903,7 @@ def test_demo_build_skips_finished_steps(tmp_path, monkeypatch):
     assert calls == []
 
 
-def test_demo_twin_loads_and_decodes_offline(capsys, monkeypatch, reference_fusion):
+def test_demo_twin_loads_and_decodes_offline(capsys, monkeypatch, reference_kernels):
     """demo/twin holds the demo target's config and tokenizer files (as demo.py writes them from the GGUF);
     its random weights are written without the network, and the demo drafts decode on it, losslessly."""
     assets.build_demo_folder(assets.DEMO / "target")
