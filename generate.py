@@ -38,7 +38,7 @@ def prefill(target: Transformer, tokens, input_pos, last, draft=None):
 
 def decode_one_token(target: Transformer, token, input_pos, sampling: Sampling):
     """token, input_pos [B, 1] -> next token [B]."""
-    logits, _ = target(token, input_pos)
+    logits, _ = target(token, input_pos, invariant=target.batch_invariant)
     return sample(logits[:, -1], sampling)[0]
 
 
@@ -53,7 +53,8 @@ def speculative_step(target: Transformer, draft: Draft, anchor_token, anchor_pos
     draft_tokens, draft_probs = sample(draft_logits, sampling)
     block = torch.cat([anchor_token[:, None], draft_tokens], dim=1)
     # logits [B, bs, V], hidden [B, bs, T, H]
-    logits, hidden = target(block, positions, capture=draft.args.target_layer_ids)
+    logits, hidden = target(block, positions, capture=draft.args.target_layer_ids,
+                            invariant=target.batch_invariant)
     draft.write_context(hidden, positions)
     if sampling.temperature == 0:
         tokens = logits.argmax(-1)
@@ -217,6 +218,19 @@ def step_span(block_size: int, tree_budget: int) -> int:
     return max(block_size, tree_budget)
 
 
+@torch.no_grad()
+def where_outputs_part(target: Transformer, prompt: list, ar_tokens: list, tokens: list) -> tuple:
+    """(index of the first token where two greedy outputs differ, the gap between the target's two best logits
+    there, recomputed after the prompt and the common tokens): a gap within rounding says the two parted at a
+    near-tie, not at a bug (DESIGN.md section 10). Uses the target's caches."""
+    index = next(i for i, (a, b) in enumerate(zip(ar_tokens + [None], tokens + [None])) if a != b)
+    context = torch.tensor([prompt + ar_tokens[:index]], device=target.lm_head.weight.device)
+    positions = torch.arange(context.shape[1], device=context.device)[None]
+    logits, _ = target(context, positions, logits_at=positions[:, -1])
+    best = logits[0, 0].float().topk(2).values
+    return index, float(best[0] - best[1])
+
+
 def weight_bytes_per_step(model: Transformer) -> int:
     """Weight bytes a decode step reads: all but an untied embedding; experts at their share (top-k of E)."""
     a, total = model.args, 0
@@ -264,6 +278,10 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_seq_len", type=int, default=None,
                    help="KV cache length (default: longest prompt + max_new_tokens + block, rounded up to "
                         "256)")
+    p.add_argument("--batch_invariant", action="store_true",
+                   help="compute each token of a verify as a lone token is computed, so that greedy "
+                        "speculative output equals autoregressive output bit for bit in any dtype (on CPU: "
+                        "about a third fewer speculative tokens/s in bf16)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile prefill and step (CUDA graphs on GPU); compiling is untimed warm-up")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -359,6 +377,7 @@ def load_models(args, device, dtype, log):
     """The target, the draft if any, and the block size to draft (at most the draft's)."""
     t0 = time.perf_counter()
     model = load_checkpoint(args.checkpoint, device, dtype)
+    model.batch_invariant = args.batch_invariant
     draft = load_draft(args.draft, model, device, dtype) if args.draft else None
     block_size = 0
     if draft is not None:
@@ -406,7 +425,7 @@ def main(argv=None):
         log(f"compiled in {time.perf_counter() - t0:.1f} s")
     torch.manual_seed(args.seed)
     totals = {"tokens": 0, "decode_s": 0.0, "ar_tokens": 0, "ar_decode_s": 0.0, "identical": 0, "rows": 0,
-              "acceptance": []}
+              "acceptance": [], "gaps": []}
     for start in range(0, len(prompts), batch_size):
         decode_batch(args, model, draft, tokenizer, prompts, start, batch_size, sampling, stop_ids, steps,
                      block_size, totals, log)
@@ -446,6 +465,10 @@ def decode_batch(args, model, draft, tokenizer, prompts, start: int, batch_size:
             if sampling.temperature == 0:
                 record["identical_to_ar"] = ar_tokens == tokens
                 totals["identical"] += ar_tokens == tokens
+                if ar_tokens != tokens:
+                    record["parts_at"], record["top2_logit_gap"] = where_outputs_part(model, batch[row],
+                                                                                     ar_tokens, tokens)
+                    totals["gaps"].append(record["top2_logit_gap"])
             totals["ar_tokens"] += len(ar_tokens) - 1
         if args.json:
             print(json.dumps(record), flush=True)
@@ -475,6 +498,10 @@ def log_speculative_totals(totals: dict, args, block_size: int, batch_size: int,
         ar_tokens_per_s = totals["ar_tokens"] / max(totals["ar_decode_s"], 1e-9)
         same = (f" | greedy output identical to AR for {totals['identical']}/{totals['rows']} prompts"
                 if sampling.temperature == 0 else "")
+        if totals["gaps"]:
+            same += (f"; the others part where the target's two best logits are at most "
+                     f"{max(totals['gaps']):.3g} apart (rounding at a near-tie: --batch_invariant computes "
+                     f"them alike)")
         log(f"autoregressive {ar_tokens_per_s:.1f} tokens/s | speedup "
             f"{tokens_per_s / max(ar_tokens_per_s, 1e-9):.2f}x{same}")
 

@@ -135,25 +135,44 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.zeros(n_heads))
         self.kv_cache = None
 
-    def forward(self, x, cache_pos, cos, sin, mask, cached: bool):
+    def forward(self, x, cache_pos, cos, sin, mask, cached: bool, invariant: bool = False):
         """x [B, S, H] -> [B, S, H], cached at slots cache_pos [B, S]; mask [B, 1, rep * S, L] as in
-        `attention`. cached: keys from the KV cache (L = max_seq_length), else the S tokens'."""
+        `attention`. cached: keys from the KV cache (L = max_seq_length), else the S tokens'. invariant: each
+        token computed apart (`batch_invariant`)."""
         B, S, _ = x.shape
         hd = self.args.head_dim
-        q = self.q_proj(x).view(B, S, -1, hd)
-        k = self.k_proj(x).view(B, S, -1, hd)
-        v = self.v_proj(x).view(B, S, -1, hd)
+        q = linear(self.q_proj, x, invariant).view(B, S, -1, hd)
+        k = linear(self.k_proj, x, invariant).view(B, S, -1, hd)
+        v = linear(self.v_proj, x, invariant).view(B, S, -1, hd)
         if self.args.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cached:
             k, v = self.kv_cache.update(cache_pos, k, v)
-        if self.args.attention_sinks:
-            y = attention_with_sinks(q, k, v, mask, self.sinks)
-        else:
-            y = attention(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+        sinks = self.args.attention_sinks
+        attend, extra = (attention_with_sinks, (self.sinks,)) if sinks else (attention, ())
+        y = (query_by_query(attend, q, k, v, mask, *extra) if invariant and S > 1
+             else attend(q, k, v, mask, *extra))
+        return linear(self.o_proj, y.transpose(1, 2).reshape(B, S, -1), invariant)
+
+
+def linear(layer: nn.Linear, x, invariant: bool):
+    """layer(x) [..., in] -> [..., out]; invariant: row by row, each row through the same one-row product a
+    single token gets, so its result does not depend on how many rows come with it (DESIGN.md section 10)."""
+    if not invariant or x.numel() == x.shape[-1]:  # a lone row is computed as it is
+        return layer(x)
+    rows = x.reshape(-1, x.shape[-1])
+    return torch.cat([layer(rows[i:i + 1]) for i in range(rows.shape[0])]).view(*x.shape[:-1], -1)
+
+
+def query_by_query(attend, q, k, v, mask, *extra):
+    """attend(q, k, v, mask, *extra) one query position at a time, as a single token attends (the kernels
+    split their reductions by query length). q [B, H, S, D], mask [B, 1, rep * S, L] folded as in
+    `attention`."""
+    B, H, S, _ = q.shape
+    masks = mask.reshape(B, 1, H // k.shape[1], S, -1)  # [B, 1, rep, S, L]
+    return torch.cat([attend(q[:, :, s:s + 1], k, v, masks[:, :, :, s], *extra) for s in range(S)], dim=2)
 
 
 def attention(q, k, v, mask):
@@ -208,8 +227,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, invariant: bool = False):
+        hidden = F.silu(linear(self.gate_proj, x, invariant)) * linear(self.up_proj, x, invariant)
+        return linear(self.down_proj, hidden, invariant)
 
 
 class Experts(nn.Module):
@@ -247,7 +267,10 @@ class MoE(nn.Module):
         self.router = nn.Linear(args.hidden_size, args.num_experts, bias=args.moe_bias)
         self.experts = Experts(args)
 
-    def forward(self, x):
+    def forward(self, x, invariant: bool = False):
+        """invariant: token by token (the CPU reference groups a forward's rows by expert)."""
+        if invariant and x.shape[0] * x.shape[1] > 1:
+            return torch.cat([self(row.view(1, 1, -1), invariant) for row in x.flatten(0, 1)]).view(x.shape)
         B, S, H = x.shape
         x = x.reshape(-1, H)
         router_logits = self.router(x).float()
@@ -271,9 +294,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cache_pos, cos, sin, mask, cached: bool):
-        x = x + self.self_attn(self.input_layernorm(x), cache_pos, cos, sin, mask, cached)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cache_pos, cos, sin, mask, cached: bool, invariant: bool = False):
+        x = x + self.self_attn(self.input_layernorm(x), cache_pos, cos, sin, mask, cached, invariant)
+        return x + self.mlp(self.post_attention_layernorm(x), invariant)
 
 
 class Transformer(nn.Module):
@@ -288,6 +311,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.max_batch_size = 0
         self.max_seq_length = 0
+        self.batch_invariant = False  # the decoding steps compute each token apart (DESIGN.md section 10)
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocate the static KV caches and RoPE tables; positions must stay below max_seq_length."""
@@ -304,16 +328,18 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def forward(self, tokens, input_pos, capture: tuple = (), logits_at=None, tree=None):
+    def forward(self, tokens, input_pos, capture: tuple = (), logits_at=None, tree=None, invariant=False):
         """tokens, input_pos [B, S] -> logits [B, S, V] ([B, 1, V] at logits_at [B], an index into S) and the
         outputs [B, S, T, H] of the layers in capture (else None). tree = (slots [B, S], visible [B, S, L]):
-        token s is cached at slots[:, s] and sees the cache slots visible[:, s] (DESIGN.md section 4)."""
+        token s is cached at slots[:, s] and sees the cache slots visible[:, s] (DESIGN.md section 4).
+        invariant: every token computed as a lone token is, bit for bit (the decoding steps pass
+        batch_invariant)."""
         x, hidden = self.run_layers(tokens, input_pos, self.rope_cos[input_pos], self.rope_sin[input_pos],
                                     torch.arange(self.max_seq_length, device=tokens.device), capture,
-                                    cached=True, tree=tree)
+                                    cached=True, tree=tree, invariant=invariant)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
-        return self.lm_head(self.norm(x)), hidden
+        return linear(self.lm_head, self.norm(x), invariant), hidden
 
     def move_cached(self, source, dest):
         """Copy every layer's cached keys/values at slots source [B, n] to dest [B, n] (a tree's path)."""
@@ -332,7 +358,7 @@ class Transformer(nn.Module):
                                cached=False, n_layers=max(layer_ids) + 1)[1]
 
     def run_layers(self, tokens, input_pos, cos, sin, key_pos, capture, cached: bool, n_layers=None,
-                   tree=None):
+                   tree=None, invariant=False):
         """The first n_layers (default all) on tokens at input_pos [B, S], keys at key_pos [L]; tree: see
         forward. Returns the last hidden states and the captured ones (or None)."""
         x = self.embed_tokens(tokens)
@@ -350,7 +376,7 @@ class Transformer(nn.Module):
                    if "sliding_attention" in self.args.layer_types else None)
         captured = []
         for i, layer in enumerate(self.layers[:n_layers]):
-            x = layer(x, cache_pos, cos, sin, sliding if layer.sliding else visible, cached)
+            x = layer(x, cache_pos, cos, sin, sliding if layer.sliding else visible, cached, invariant)
             if i in capture:
                 captured.append(x)
         return x, (torch.stack(captured, dim=2) if capture else None)

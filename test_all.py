@@ -2227,6 +2227,93 @@ def test_decode_speculative_greedy_is_lossless(targets32, model_type, fusion, re
                         == [len(t) - 1 for t in tokens])
 
 
+@pytest.fixture(scope="session")
+def targets_bf16(targets):
+    """The test targets' configs at SmolLM2's attention widths (9 query and 3 key-value heads of 64), where
+    the CPU's attention kernel rounds a query differently with others beside it (at the test targets' widths
+    it does not), random bf16 weights."""
+    wider = {"hidden_size": 576, "intermediate_size": 1536, "moe_intermediate_size": 256,
+             "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
+    torch.manual_seed(0)
+    configs = {model_type: {**read_config(folder), **wider} for model_type, (folder, _) in targets.items()}
+    return {model_type: bench_gpu.random_model(lambda: Transformer(model_args(config)), "cpu", torch.bfloat16)
+            for model_type, config in configs.items()}
+
+
+def after_context(target, context, tokens, positions, tree=None):
+    """Prefill context [B, C] (positions 0..C-1), then run tokens at positions as the decoding steps do with
+    batch_invariant: (logits, every layer's hidden states)."""
+    target.setup_caches(context.shape[0], 48)
+    target(context, torch.arange(context.shape[1]).expand_as(context))
+    return target(tokens, positions, capture=tuple(range(target.args.num_hidden_layers)), tree=tree,
+                  invariant=True)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_decode_batch_invariant_verify_equals_one_token_decodes_in_bf16(targets_bf16, model_type,
+                                                                       reference_kernels):
+    """batch_invariant: a verify of N tokens (two rows) gives the logits and every layer's hidden states of N
+    one-token decodes bit for bit in bf16, N = 2 to 16; a tree's verify gives those of its branches (dense,
+    MoE, GPT-OSS's sinks and window of 8, Llama's biases)."""
+    target = targets_bf16[model_type]
+    g = torch.Generator().manual_seed(7)
+    context = torch.randint(0, target.args.vocab_size, (2, 20), generator=g)
+    for n in (2, 9, 16):
+        block = torch.randint(0, target.args.vocab_size, (2, n), generator=g)
+        positions = 20 + torch.arange(n).expand(2, n)
+        verify = after_context(target, context, block, positions)
+        decodes = [after_context(target, context, block[:, :1], positions[:, :1])]  # then one at a time
+        decodes += [target(block[:, i:i + 1], positions[:, i:i + 1], invariant=True,
+                           capture=tuple(range(target.args.num_hidden_layers))) for i in range(1, n)]
+        for ours, theirs in zip(verify, zip(*decodes)):
+            assert torch.equal(ours, torch.cat(theirs, dim=1)), n
+    parent = torch.tensor([[-1, 0, 0, 1, 1, 2]]).expand(2, -1)  # a root, two children, three grandchildren
+    depth = torch.tensor([0, 1, 1, 2, 2, 2])
+    tokens = torch.randint(0, target.args.vocab_size, (2, 6), generator=g)
+    tree = trees.tree_layout(parent, torch.full((2,), 20), 48, 2)
+    tree_logits, tree_hidden = after_context(target, context, tokens, 20 + depth.expand(2, 6), tree)
+    for path in ([0, 1, 3], [0, 1, 4], [0, 2, 5]):
+        logits, hidden = after_context(target, context, tokens[:, path], 20 + torch.arange(3).expand(2, 3))
+        assert torch.equal(tree_logits[:, path], logits) and torch.equal(tree_hidden[:, path], hidden), path
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_decode_batch_invariant_speculative_equals_ar_in_bf16(targets_bf16, model_type, reference_kernels):
+    """With batch_invariant, greedy speculative decoding in bf16 (chain and tree, DFlare and DFlash, batch 1
+    and 4) gives autoregressive decoding's tokens, on a target whose logits are near-ties everywhere
+    (lm_head rows nearly alike: without the mode GPT-OSS's outputs part)."""
+    target = targets_bf16[model_type]
+    head = target.lm_head.weight.detach().clone()
+    target.lm_head.weight.data.mul_(0.01).add_(head[:1])  # rows alike: the logits within bf16's rounding
+    target.batch_invariant = True
+    try:
+        for prompts in [SPEC_PROMPTS[2]], SPEC_PROMPTS:
+            expected, _ = decode(target, prompts, 12)
+            for fusion, tree_budget in [("layerwise", 0), ("linear", 0), ("layerwise", 10)]:
+                draft = make_draft(target, fusion, block_size=4).to(torch.bfloat16)
+                tokens, _ = decode(target, prompts, 12, draft, 4, tree_budget=tree_budget)
+                assert tokens == expected, (fusion, tree_budget)
+    finally:
+        target.batch_invariant = False
+        target.lm_head.weight.data.copy_(head)
+
+
+def test_decode_where_outputs_part(targets32):
+    """Where two greedy outputs part: the first differing token, and the gap between the target's two best
+    logits after the prompt and the tokens before it (what AR's greedy choice there rests on)."""
+    target = targets32["qwen3"]
+    prompt = [5, 6, 7]
+    (expected,), _ = decode(target, [prompt], 8)
+    other = expected[:3] + [(expected[3] + 1) % target.args.vocab_size] + expected[4:]
+    index, gap = generate.where_outputs_part(target, prompt, expected, other)
+    target.setup_caches(1, 16)
+    with torch.no_grad():
+        logits, _ = target(torch.tensor([prompt + expected[:3]]), torch.arange(6)[None])
+    best = logits[0, -1].topk(2).values
+    assert index == 3 and gap == pytest.approx(float(best[0] - best[1]), abs=1e-5) and gap >= 0
+    assert generate.where_outputs_part(target, prompt, expected, expected[:5])[0] == 5  # one ends early
+
+
 class ScriptedDraft(Draft):
     """Proposes each row's true continuation (an oracle) with one guess made wrong, so that a step anchored at
     position p accepts exactly accepted[row, p] drafts."""

@@ -55,7 +55,7 @@ def tree_step(target: Transformer, draft: Draft, anchor_token, anchor_pos, activ
     B, N = tokens.shape
     slots, visible = tree_layout(parent, anchor_pos, target.max_seq_length, bs - 1)
     logits, hidden = target(tokens, anchor_pos[:, None] + depth, capture=draft.args.target_layer_ids,
-                            tree=(slots, visible))
+                            tree=(slots, visible), invariant=target.batch_invariant)
     choice = sample(logits, sampling)[0]  # the target's token after each node
     is_parent = parent[:, None, :] == torch.arange(N, device=tokens.device)[:, None]
     chosen_child = is_parent & (tokens[:, None, :] == choice[:, :, None])
