@@ -348,6 +348,8 @@ def main(argv=None):
                 bench_gpu.bench_steps(compile=compile, autotune=args.autotune)
                 torch.cuda.empty_cache()
             bench_gpu.bench_moe(autotune=args.autotune)
+            torch.cuda.empty_cache()
+            bench_gpu.bench_invariant(autotune=args.autotune)
         return None
     if args.memory:
         device = str(pick_device(args.device))

@@ -2,7 +2,8 @@
 the quick run (gpu_check.py, `python bench.py --gpu --quick`). DESIGN.md section 8.
 
     python bench.py --gpu [--autotune]   # three drafts, their steps' parts, four tree budgets, eager and
-                                         # compiled; gpt-oss-20b, Qwen3-30B-A3B: steps, prefill, experts
+                                         # compiled; gpt-oss-20b, Qwen3-30B-A3B: steps, prefill, experts;
+                                         # the batch-invariant mode: steps, operators against cuBLAS, SDPA
 
 Compiled steps are CUDA graphs; --autotune adds max-autotune's GEMM search (minutes per graph).
 """
@@ -10,14 +11,17 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import generate
 import trees
+from attention import attention
 from checkpoint import hf_name, model_args
 from draft import Draft
 from fuse_kernel import fuse_layers_reference
 from generate import compile_static
+from invariant_kernel import invariant_attention, invariant_linear
 from model import MoE, ModelArgs, Transformer
 from moe_kernel import moe_experts, moe_experts_reference
 from sampling import Sampling
@@ -211,6 +215,75 @@ def time_experts(target_args: ModelArgs, device, dtype, iters: int, token_counts
         print(f"{f'  {n} tokens':<34} {row['kernel_ms']:>9.3f} {read / row['kernel_ms'] / 1e6:>6.0f} "
               f"{row['reference_ms']:>12.3f} {read / row['reference_ms'] / 1e6:>6.0f} {row['error']:>8.1e}")
         results[n] = row
+    return results
+
+
+@torch.no_grad()
+def bench_invariant(target_args=QWEN3_8B, device="cuda", dtype=torch.bfloat16, compile=True, context=1024,
+                    block_size=16, iters=50, autotune=False) -> dict:
+    """The batch-invariant mode's cost (DESIGN.md section 10): the AR step and a DFlare 5L speculative step
+    without and with it, then its operators against the usual path's calls."""
+    device = torch.device(device)
+    target = random_model(lambda: Transformer(target_args), device, dtype)
+    target.setup_caches(1, context + 2 * block_size)
+    draft = random_model(lambda: Draft.for_target(target_args, num_layers=5, block_size=block_size),
+                         device, dtype).bind(target)
+    draft.setup_caches(1, context + 2 * block_size)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = torch.full((1,), context, device=device)
+    active = torch.ones(1, dtype=torch.bool, device=device)
+    print(f"{'batch-invariant mode':<34} {'AR step ms':>10} {'spec. step ms':>13}")
+    results = {}
+    for invariant in (False, True):
+        target.batch_invariant = invariant
+        steps = generate.compile_steps(device, autotune) if compile else generate.EAGER
+        ar_ms = time_ms(lambda: steps.decode(target, token, pos[:, None], Sampling()), device, iters)
+        step_ms = time_ms(lambda: steps.speculative(target, draft, token[:, 0], pos, active, Sampling(),
+                                                    block_size), device, iters)
+        results["on" if invariant else "off"] = {"ar_ms": ar_ms, "step_ms": step_ms}
+        print(f"{'  on' if invariant else '  off':<34} {ar_ms:>10.3f} {step_ms:>13.3f}")
+    target.batch_invariant = False
+    results["ops"] = time_invariant_ops(target_args, device, dtype, iters)
+    return results
+
+
+def time_invariant_ops(target_args: ModelArgs, device, dtype, iters: int, token_counts=(1, 16, 64),
+                       cache_length=4096) -> dict:
+    """dflare::invariant_linear and invariant_attention against what the usual path calls (F.linear: cuBLAS;
+    SDPA) for one layer's weights, the lm_head and a cache of cache_length keys, per count of rows (a decode,
+    a verify, four verifies): ms each, and whether an n-row call's first row is the row alone's, bit for
+    bit."""
+    device, a, results = torch.device(device), target_args, {}
+    print(f"{'batch-invariant operators':<34} {'ours ms':>8} {'usual ms':>9} {'ours/usual':>10} "
+          f"{'row as alone':>12}")
+
+    def row(name, ours, usual, alone, first_of):
+        results[name] = {"ours_ms": time_ms(ours, device, iters), "usual_ms": time_ms(usual, device, iters),
+                         "row_as_alone": bool(torch.equal(first_of(ours()), alone()))}
+        r = results[name]
+        print(f"{f'  {name}':<34} {r['ours_ms']:>8.3f} {r['usual_ms']:>9.3f} "
+              f"{r['ours_ms'] / r['usual_ms']:>10.2f} {str(r['row_as_alone']):>12}")
+
+    for name, (n, k) in {"q_proj": (a.num_attention_heads * a.head_dim, a.hidden_size),
+                         "up_proj": (a.intermediate_size, a.hidden_size),
+                         "down_proj": (a.hidden_size, a.intermediate_size),
+                         "lm_head": (a.vocab_size, a.hidden_size)}.items():
+        w = torch.randn(n, k, device=device, dtype=dtype) * k ** -0.5
+        for m in token_counts:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            row(f"{name}, {m} rows", lambda: invariant_linear(x, w, None), lambda: F.linear(x, w),
+                lambda: invariant_linear(x[:1], w, None), lambda out: out[:1])
+    H, H_KV, D = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+    for m in token_counts:
+        B, S = (m, 1) if m < 16 else (m // 16, 16)
+        q = torch.randn(B, H, S, D, device=device, dtype=dtype)
+        k, v = (torch.randn(B, H_KV, cache_length, D, device=device, dtype=dtype) for _ in range(2))
+        query_pos = torch.arange(cache_length - S, cache_length, device=device).repeat(H // H_KV)
+        mask = (torch.arange(cache_length, device=device) <= query_pos[:, None]).expand(B, 1, -1, -1)
+        first_mask = mask.reshape(B, 1, H // H_KV, S, cache_length)[:, :, :, 0]  # query 0's rows
+        row(f"attention, {B} x {S} queries", lambda: invariant_attention(q, k, v, mask, None),
+            lambda: attention(q, k, v, mask),
+            lambda: invariant_attention(q[:, :, :1], k, v, first_mask, None), lambda out: out[:, :, :1])
     return results
 
 

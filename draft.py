@@ -10,8 +10,8 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, crea
 from torch.utils.checkpoint import checkpoint
 
 from fuse_kernel import fuse_layers
-from model import (MLP, KVCache, ModelArgs, RMSNorm, apply_rope, attention, compiled_flex_attention,
-                   rope_tables)
+from attention import attention, compiled_flex_attention
+from model import MLP, KVCache, ModelArgs, RMSNorm, apply_rope, rope_tables
 
 ATTENTION_CHUNK_SCORES = 2**24  # per chunk of blocks in Draft.forward on CPU: 64 MB of fp32 scores
 

@@ -7,6 +7,8 @@
   gpt_oss      GPT-OSS sinks, windows, YaRN, MXFP4 experts in fp32, eager and CUDA-graph replays, against a
                CPU copy
   experts      the MoE kernel against the PyTorch reference, gpt-oss-20b and Qwen3-30B-A3B layers: error, ms
+  invariant    the batch-invariant mode: verify = one-token decodes bit for bit (dense eager and compiled,
+               GPT-OSS eager); its operators against cuBLAS and SDPA: ms, a row as alone
   training     a training step (block-sparse flex_attention and its backward) against the CPU path
   twin         the committed demo draft on demo/twin (random weights): tokens/s
 """
@@ -31,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 import generate
 from assets import DEMO, DEMO_PROMPT, build_demo_folder
 from bench_gpu import (GPT_OSS_20B_CONFIG, QWEN3_8B, QWEN3_30B_A3B_CONFIG, copy_bandwidth, random_model,
-                       time_experts, time_ms)
+                       time_experts, time_invariant_ops, time_ms)
 from checkpoint import load_checkpoint, load_draft, model_args
 from draft import Draft
 from fuse_kernel import fuse_layers, fuse_layers_reference
@@ -367,6 +369,47 @@ def part_experts(q: Quick, result: dict):
             check(result, row["error"] < 2e-2, f"{name}, {n} tokens: error {row['error']:.1e} (bf16: < 2e-2)")
 
 
+def verify_equals_decodes(target, n: int, forward) -> bool:
+    """After a 300-token prefill of two rows, forward(target, tokens, positions) -> (logits, every layer's
+    output) of n tokens at once equals those of n one-token calls, bit for bit."""
+    device = target.embed_tokens.weight.device
+    context, block = (torch.randint(0, target.args.vocab_size, (2, length), device=device)
+                      for length in (300, n))
+    target.setup_caches(2, 300 + n)
+    target(context, torch.arange(300, device=device).expand(2, -1))
+    positions = 300 + torch.arange(n, device=device).expand(2, -1)
+    # clones: a CUDA graph's outputs are overwritten by its next replay
+    verify = [t.clone() for t in forward(target, block, positions)]
+    decodes = [[t.clone() for t in forward(target, block[:, i:i + 1], positions[:, i:i + 1])]
+               for i in range(n)]
+    return all(torch.equal(ours, torch.cat(theirs, dim=1)) for ours, theirs in zip(verify, zip(*decodes)))
+
+
+@torch.no_grad()
+def part_invariant(q: Quick, result: dict):
+    """The batch-invariant mode (DESIGN.md section 10) on the checks' dense target (eager and compiled) and
+    GPT-OSS (sinks, a window; eager): a verify of block_size tokens gives the logits and layers of one-token
+    decodes bit for bit; then its operators at the timed target's shapes against cuBLAS and SDPA."""
+    device = torch.device(q.device)
+    dtype = compute_dtype(device)
+
+    def forward(target, tokens, positions):
+        return target(tokens, positions, capture=tuple(range(target.args.num_hidden_layers)), invariant=True)
+
+    compiled = generate.compile_static(forward, device, q.autotune, q.backend)
+    for name, args in (("dense", q.checks_target), ("gpt_oss", q.gpt_oss)):
+        target = random_model(lambda: Transformer(args), device, dtype)
+        # compiled once: Inductor's code around the operators is the same for every family
+        for kind, fn in (("eager", forward), ("compiled", compiled))[:2 if name == "dense" else 1]:
+            result[f"{name} {kind}"] = same = verify_equals_decodes(target, q.block_size, fn)
+            print(f"  {name}, {kind}: verify of {q.block_size} = one-token decodes bit for bit: {same}",
+                  flush=True)
+            check(result, same, f"{name}, {kind}: verify of {q.block_size} differs from one-token decodes")
+    result["ops"] = time_invariant_ops(q.target, device, dtype, q.iters)
+    check(result, all(row["row_as_alone"] for row in result["ops"].values()),
+          "an operator's row differs from the row alone")
+
+
 def training_step(draft, target, batch):
     """loss.block_loss (fp32) and its backward: the loss and the draft's gradients."""
     draft.zero_grad()
@@ -426,8 +469,8 @@ def part_twin(q: Quick, result: dict):
 
 
 QUICK_PARTS = [(part_environment, 60), (part_fusion, 90), (part_sdpa, 60), (part_steps, 210),
-               (part_prefill, 90), (part_gpt_oss, 120), (part_experts, 90), (part_training, 120),
-               (part_twin, 240)]
+               (part_prefill, 90), (part_gpt_oss, 120), (part_experts, 90), (part_invariant, 120),
+               (part_training, 120), (part_twin, 240)]
 
 
 def run_part(part, q: Quick, started: float, limit: float, send):

@@ -1,14 +1,14 @@
 """Target models: Qwen3 dense, Qwen3-MoE, GPT-OSS and Llama in one small Transformer (DESIGN.md section 1),
 with static KV caches indexed by absolute position and `capture` of chosen layers' outputs for the draft."""
-import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
+from attention import attention, attention_with_sinks
+from invariant_kernel import invariant_attention, invariant_linear
 from moe_kernel import moe_experts
 
 
@@ -151,73 +151,18 @@ class Attention(nn.Module):
         if cached:
             k, v = self.kv_cache.update(cache_pos, k, v)
         sinks = self.args.attention_sinks
-        attend, extra = (attention_with_sinks, (self.sinks,)) if sinks else (attention, ())
-        y = (query_by_query(attend, q, k, v, mask, *extra) if invariant and S > 1
-             else attend(q, k, v, mask, *extra))
+        if invariant:
+            y = invariant_attention(q, k, v, mask, self.sinks if sinks else None)
+        else:
+            attend, extra = (attention_with_sinks, (self.sinks,)) if sinks else (attention, ())
+            y = attend(q, k, v, mask, *extra)
         return linear(self.o_proj, y.transpose(1, 2).reshape(B, S, -1), invariant)
 
 
 def linear(layer: nn.Linear, x, invariant: bool):
-    """layer(x) [..., in] -> [..., out]; invariant: row by row, each row through the same one-row product a
-    single token gets, so its result does not depend on how many rows come with it (DESIGN.md section 10)."""
-    if not invariant or x.numel() == x.shape[-1]:  # a lone row is computed as it is
-        return layer(x)
-    rows = x.reshape(-1, x.shape[-1])
-    return torch.cat([layer(rows[i:i + 1]) for i in range(rows.shape[0])]).view(*x.shape[:-1], -1)
-
-
-def query_by_query(attend, q, k, v, mask, *extra):
-    """attend(q, k, v, mask, *extra) one query position at a time, as a single token attends (the kernels
-    split their reductions by query length). q [B, H, S, D], mask [B, 1, rep * S, L] folded as in
-    `attention`."""
-    B, H, S, _ = q.shape
-    masks = mask.reshape(B, 1, H // k.shape[1], S, -1)  # [B, 1, rep, S, L]
-    return torch.cat([attend(q[:, :, s:s + 1], k, v, masks[:, :, :, s], *extra) for s in range(S)], dim=2)
-
-
-def attention(q, k, v, mask):
-    """q [B, H, S, D], k, v [B, H_kv, L, D], boolean mask [B, 1, rep * S, L] -> [B, H, S, D]. Query heads
-    fold into the query length: row r * S + s of K/V head g is head g * rep + r at s (DESIGN.md section 1)."""
-    B, H, S, D = q.shape
-    q = q.reshape(B, k.shape[1], H // k.shape[1] * S, D)
-    # reshape, not view: the memory-efficient kernel returns a [B, rep * S, H_kv, D] layout
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, H, S, D)
-
-
-@functools.cache
-def compiled_flex_attention():
-    """flex_attention compiled with dynamic shapes, on first use (eager flex_attention holds every score).
-    Inside a compiled step call flex_attention itself (Dynamo inlines it)."""
-    return torch.compile(flex_attention, dynamic=True)
-
-
-def attention_with_sinks(q, k, v, mask, sinks):
-    """`attention` whose softmax denominator also holds exp(sink) per head (GPT-OSS; DESIGN.md section 1)."""
-    if q.is_cuda:
-        flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
-        return attention_with_sinks_by_lse(q, k, v, mask, sinks, flex)
-    B, H, S, D = q.shape
-    q = q.reshape(B, k.shape[1], H // k.shape[1] * S, D)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * D ** -0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
-    sink = sinks.float().view(k.shape[1], -1, 1).expand(-1, -1, S).reshape(1, k.shape[1], -1, 1)
-    top = torch.maximum(scores.amax(-1, keepdim=True), sink)
-    weights = torch.exp(scores - top)
-    probs = weights / (weights.sum(-1, keepdim=True) + torch.exp(sink - top))
-    return (probs @ v.float()).to(q.dtype).view(B, H, S, D)
-
-
-def attention_with_sinks_by_lse(q, k, v, mask, sinks, flex=flex_attention):
-    """attention_with_sinks via flex_attention's log-sum-exp lse: output x sigmoid(lse - sink). The CUDA path;
-    eager flex runs it on CPU too."""
-    B, H, S, D = q.shape
-    rep = H // k.shape[1]
-
-    def masked(score, b, h, q_idx, kv_idx):
-        return torch.where(mask[b, 0, h % rep * S + q_idx, kv_idx], score, float("-inf"))
-
-    out, aux = flex(q, k, v, score_mod=masked, enable_gqa=True, return_aux=AuxRequest(lse=True))
-    return (out.float() * torch.sigmoid(aux.lse - sinks.float()[:, None])[..., None]).to(q.dtype)
+    """layer(x) [..., in] -> [..., out]; invariant: through dflare::invariant_linear, whose rows do not
+    depend on how many come together (DESIGN.md section 10)."""
+    return invariant_linear(x, layer.weight, layer.bias) if invariant else layer(x)
 
 
 class MLP(nn.Module):
@@ -232,6 +177,11 @@ class MLP(nn.Module):
         return linear(self.down_proj, hidden, invariant)
 
 
+def packed_bytes(*shape) -> nn.Parameter:
+    """A frozen uint8 parameter: MXFP4 blocks or scales as stored."""
+    return nn.Parameter(torch.empty(*shape, dtype=torch.uint8), requires_grad=False)
+
+
 class Experts(nn.Module):
     """All experts of one layer, stacked: gate_up_proj [E, 2I, H] with gate and up rows interleaved (GPT-OSS's
     layout), down_proj [E, H, I]. MXFP4 (released GPT-OSS): *_blocks [E, out, in / 32, 16] and *_scales
@@ -242,10 +192,8 @@ class Experts(nn.Module):
         E, H, I = args.num_experts, args.hidden_size, args.moe_intermediate_size
         for name, (out_features, in_features) in (("gate_up_proj", (2 * I, H)), ("down_proj", (H, I))):
             if args.mxfp4_experts:
-                packed = lambda *shape: nn.Parameter(torch.empty(*shape, dtype=torch.uint8),  # noqa: E731
-                                                     requires_grad=False)
-                setattr(self, name + "_blocks", packed(E, out_features, in_features // 32, 16))
-                setattr(self, name + "_scales", packed(E, out_features, in_features // 32))
+                setattr(self, name + "_blocks", packed_bytes(E, out_features, in_features // 32, 16))
+                setattr(self, name + "_scales", packed_bytes(E, out_features, in_features // 32))
             else:
                 setattr(self, name, nn.Parameter(torch.empty(E, out_features, in_features)))
             if args.moe_bias:
@@ -268,19 +216,19 @@ class MoE(nn.Module):
         self.experts = Experts(args)
 
     def forward(self, x, invariant: bool = False):
-        """invariant: token by token (the CPU reference groups a forward's rows by expert)."""
-        if invariant and x.shape[0] * x.shape[1] > 1:
-            return torch.cat([self(row.view(1, 1, -1), invariant) for row in x.flatten(0, 1)]).view(x.shape)
+        """invariant: each row's result independent of the others (the CUDA kernel's tiles are; the CPU
+        reference then multiplies row by row)."""
         B, S, H = x.shape
         x = x.reshape(-1, H)
-        router_logits = self.router(x).float()
+        router_logits = linear(self.router, x, invariant).float()
         top_logits, expert_ids = torch.topk(router_logits, self.args.num_experts_per_tok, dim=-1)
         if self.args.norm_topk_prob:
             weights = torch.softmax(top_logits, dim=-1)
         else:
             weights = torch.softmax(router_logits, dim=-1).gather(-1, expert_ids)
         y = moe_experts(x, expert_ids, weights.to(x.dtype), *self.experts.weights("gate_up_proj"),
-                        *self.experts.weights("down_proj"), self.args.swiglu_limit, self.args.swiglu_alpha)
+                        *self.experts.weights("down_proj"), self.args.swiglu_limit, self.args.swiglu_alpha,
+                        invariant)
         return y.view(B, S, H)
 
 

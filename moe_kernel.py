@@ -57,13 +57,21 @@ def expert_weight(weight, scales, e: int) -> torch.Tensor:
     return weight[e] if scales is None else decode_mxfp4(weight[e], scales[e])
 
 
+def product(rows, weight, bias, rows_apart: bool):
+    """F.linear(rows, weight, bias), or one row at a time (each weight decoded once all the same)."""
+    if rows_apart:
+        return torch.cat([F.linear(row[None], weight, bias) for row in rows])
+    return F.linear(rows, weight, bias)
+
+
 def experts_one_by_one(x: torch.Tensor, expert_ids: torch.Tensor, routing_weights: torch.Tensor,
                        gate_up: torch.Tensor, gate_up_scales: Optional[torch.Tensor],
                        gate_up_bias: Optional[torch.Tensor], down: torch.Tensor,
                        down_scales: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
-                       swiglu_limit: float, swiglu_alpha: float) -> torch.Tensor:
+                       swiglu_limit: float, swiglu_alpha: float, rows_apart: bool = False) -> torch.Tensor:
     """The experts in PyTorch, one routed expert at a time over its rows: the pairs sorted by expert, their
-    tokens gathered once, the outputs weighted, put back in pair order and summed over k, in fp32."""
+    tokens gathered once, the outputs weighted, put back in pair order and summed over k, in fp32.
+    rows_apart: each row multiplied alone, as a lone token's is (`Transformer.batch_invariant`)."""
     N, k = expert_ids.shape
     order = expert_ids.flatten().argsort(stable=True)  # pairs n * k + j, grouped by expert
     counts = torch.bincount(expert_ids.flatten(), minlength=gate_up.shape[0]).tolist()
@@ -72,11 +80,10 @@ def experts_one_by_one(x: torch.Tensor, expert_ids: torch.Tensor, routing_weight
     outputs, first = [], 0
     for e, count in enumerate(counts):
         if count:
-            h = F.linear(rows[first:first + count], expert_weight(gate_up, gate_up_scales, e),
-                         None if gate_up_bias is None else gate_up_bias[e].to(dtype))
-            outputs.append(F.linear(swiglu(h, swiglu_limit, swiglu_alpha),
-                                    expert_weight(down, down_scales, e),
-                                    None if down_bias is None else down_bias[e].to(dtype)))
+            h = product(rows[first:first + count], expert_weight(gate_up, gate_up_scales, e),
+                        None if gate_up_bias is None else gate_up_bias[e].to(dtype), rows_apart)
+            outputs.append(product(swiglu(h, swiglu_limit, swiglu_alpha), expert_weight(down, down_scales, e),
+                                   None if down_bias is None else down_bias[e].to(dtype), rows_apart))
             first += count
     weighted = torch.cat(outputs).float() * routing_weights.flatten()[order, None].float()  # [N * k, H]
     by_pair = torch.empty_like(weighted).index_copy_(0, order, weighted)
@@ -219,9 +226,9 @@ if HAVE_TRITON:
 
 
 def launch_moe(x, expert_ids, routing_weights, gate_up, gate_up_scales, gate_up_bias, down, down_scales,
-               down_bias, swiglu_limit, swiglu_alpha):
+               down_bias, swiglu_limit, swiglu_alpha, rows_apart=False):
     """The kernel twice, gate_up then down, over the grouped layout; each pair's row summed back to its
-    token."""
+    token. Its fixed tiles compute each row alike whatever the others: rows_apart changes nothing."""
     (N, H), k, E = x.shape, expert_ids.shape[1], gate_up.shape[0]
     mxfp4 = gate_up_scales is not None
     inner = down_scales.shape[-1] * 32 if mxfp4 else down.shape[-1]
@@ -251,13 +258,13 @@ if HAVE_TRITON:
                     gate_up: torch.Tensor, gate_up_scales: Optional[torch.Tensor],
                     gate_up_bias: Optional[torch.Tensor], down: torch.Tensor,
                     down_scales: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
-                    swiglu_limit: float, swiglu_alpha: float) -> torch.Tensor:
+                    swiglu_limit: float, swiglu_alpha: float, rows_apart: bool = False) -> torch.Tensor:
         """x [N, H], expert_ids and routing_weights [N, k] -> [N, H]: the kernel on CUDA, the reference on
         CPU.
         gate_up [E, 2I, H] (gate and up rows interleaved), down [E, H, I]; MXFP4: blocks [E, out, in / 32, 16]
-        with scales [E, out, in / 32]; biases [E, out] or None."""
+        with scales [E, out, in / 32]; biases [E, out] or None; rows_apart: see experts_one_by_one."""
         args = (x, expert_ids, routing_weights, gate_up, gate_up_scales, gate_up_bias, down, down_scales,
-                down_bias, swiglu_limit, swiglu_alpha)
+                down_bias, swiglu_limit, swiglu_alpha, rows_apart)
         return launch_moe(*args) if use_kernel(x) else moe_experts_reference(*args)
 else:
     moe_experts = moe_experts_reference

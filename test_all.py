@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention  # noqa: E402
 
 import assets  # noqa: E402
+import attention  # noqa: E402
 import bench  # noqa: E402
 import bench_gpu  # noqa: E402
 import bench_moe  # noqa: E402
@@ -48,6 +49,7 @@ import fuse_kernel  # noqa: E402
 import generate  # noqa: E402
 import gguf_to_hf  # noqa: E402
 import gpu_check  # noqa: E402
+import invariant_kernel  # noqa: E402
 import loss as loss_module  # noqa: E402
 import moe_kernel  # noqa: E402
 import prepare  # noqa: E402
@@ -409,8 +411,6 @@ def test_target_attention_without_the_math_kernel_or_kv_copies():
     """`attention` (query heads folded onto their K/V head) = SDPA with enable_gqa; the sinks attention on CPU
     and through flex_attention's log-sum-exp (the CUDA path, run eagerly here) = the plain formulation: K/V
     repeated to every head, fp32 softmax over [scores | sink]."""
-    from model import attention, attention_with_sinks, attention_with_sinks_by_lse
-
     g = torch.Generator().manual_seed(0)
     B, H, H_kv, S, L, D = 2, 8, 2, 5, 24, 16
     q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in [(H, S), (H_kv, L), (H_kv, L)])
@@ -420,18 +420,19 @@ def test_target_attention_without_the_math_kernel_or_kv_copies():
     mask = (torch.arange(L) <= positions) & (torch.arange(L) > positions - 4)
     folded = mask.repeat(1, 1, H // H_kv, 1)  # [B, 1, rep * S, L], row r * S + s
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(attention(q, k, v, folded), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention.attention(q, k, v, folded), expected, rtol=1e-5, atol=1e-5)
     # CUDA's memory-efficient kernel returns [B, H_kv, rep * S, D] in a [B, rep * S, H_kv, D] layout
     sdpa = F.scaled_dot_product_attention
-    with mock.patch("model.F.scaled_dot_product_attention",
+    with mock.patch("attention.F.scaled_dot_product_attention",
                     lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2)):
-        torch.testing.assert_close(attention(q, k, v, folded), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attention.attention(q, k, v, folded), expected, rtol=1e-5, atol=1e-5)
     k_all, v_all = k.repeat_interleave(H // H_kv, dim=1), v.repeat_interleave(H // H_kv, dim=1)
     scores = (q @ k_all.transpose(-1, -2) * D ** -0.5).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(torch.cat([scores, sinks.view(1, H, 1, 1).expand(B, H, S, 1)], dim=-1), dim=-1)
     expected = probs[..., :-1] @ v_all
-    torch.testing.assert_close(attention_with_sinks(q, k, v, folded, sinks), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(attention_with_sinks_by_lse(q, k, v, folded, sinks), expected,
+    torch.testing.assert_close(attention.attention_with_sinks(q, k, v, folded, sinks), expected,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention.attention_with_sinks_by_lse(q, k, v, folded, sinks), expected,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -1403,7 +1404,7 @@ def compile_launch(kernel, args, kwargs, capability):
 def describe(key):
     """A compile key in one line: kernel, GPU, pointer dtypes, specialised ints, constexprs, options."""
     name, capability, specialization, options = key
-    kernel = getattr(fuse_kernel, name, None) or getattr(moe_kernel, name)
+    kernel = next(getattr(m, name) for m in (fuse_kernel, moe_kernel, invariant_kernel) if hasattr(m, name))
     args = [f"{arg}={value}" if ty == "constexpr" else ty if ty.startswith("*") else
             f"{arg}:{ty}{'%16' if value == 'D' else ''}"
             for arg, (ty, value) in zip(kernel.arg_names, specialization)]
@@ -1475,6 +1476,8 @@ def kernel_builds():
     recorded += [launch for shape in MOE_SHAPES.values() for N in (1, 16, 4096)
                  for dtype in (torch.bfloat16, torch.float32)
                  for launch in recorded_moe_launches(N, *shape, dtype)]
+    recorded += [launch for dtype in (torch.bfloat16, torch.float32)
+                 for launch in recorded_invariant_launches(dtype)]
     launches = {}  # one launch per compile key: equal keys give equal code
     for kernel, _, args, kwargs in recorded:
         for capability in GPU_NAMES:
@@ -1487,16 +1490,17 @@ def kernel_builds():
 
 
 def test_kernel_builds_for_h100_without_spills():
-    """The kernels build for H100 (sm_90a) and A100 (sm_80) in every variant that real drafts and MoE targets
-    (gpt-oss-20b, gpt-oss-120b, Qwen3-30B-A3B) launch, with no register spills (the fusion kernels keep a
-    [BLOCK_H] row per vector in registers: too many warps or too few spill)."""
+    """The kernels build for H100 (sm_90a) and A100 (sm_80) in every variant that real drafts, MoE targets
+    (gpt-oss-20b, gpt-oss-120b, Qwen3-30B-A3B) and the batch-invariant mode launch, with no register spills
+    (the fusion kernels keep a [BLOCK_H] row per vector in registers: too many warps or too few spill)."""
     builds = without_interpreter("kernel_builds()")
     table = "\n".join(f"{name}: {registers} registers, spills {stores} B stored / {loads} B loaded"
                       for name, registers, stores, loads in builds)
     print(table)
     assert set(GPU_NAMES.values()) == {name.split()[1] for name, *_ in builds}
-    assert {name.split()[0] for name, *_ in builds} == {"_fuse_forward_kernel", "_fuse_backward_kernel",
-                                                         "_moe_kernel"}
+    assert {name.split()[0] for name, *_ in builds} == {
+        "_fuse_forward_kernel", "_fuse_backward_kernel", "_moe_kernel", "_linear_kernel",
+        "_attention_split_kernel", "_attention_combine_kernel"}
     assert all(stores == loads == 0 for _, _, stores, loads in builds), table
 
 
@@ -1786,6 +1790,168 @@ def test_moe_operators_pass_opcheck(reference_kernels):
         args = moe_inputs(weights, "random")
         torch.library.opcheck(torch.ops.dflare.moe_experts.default, args)
         torch.library.opcheck(torch.ops.dflare.moe_experts_reference.default, args)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batch-invariant kernels (invariant_kernel.py): against the PyTorch attention and F.linear, a row computed as
+# it is alone, one build for decode and verify (pytest -k test_invariant_)
+
+
+def invariant_attention_inputs(kind, dtype, S, rep=3, seed=0, L=600):
+    """q [2, 2 * rep, S, 80], k, v [2, 2, L, 80], a folded mask [2, 1, rep * S, L] of kind (causal,
+    sliding, tree, sinks: causal with GPT-OSS sinks) and sinks or None. Row 0 sees half the keys (at 600:
+    splits 0-1 only), row 1 reaches the last, partial split."""
+    g = torch.Generator().manual_seed(seed)
+    B, H_KV, D = 2, 2, 80
+    q, k, v = (torch.randn(B, H_KV * n, length, D, generator=g).to(dtype) for n, length in
+               ((rep, S), (1, L), (1, L)))
+    positions = torch.tensor([[L // 2], [L - 20]]) - S + torch.arange(S)
+    query_pos = positions.repeat(1, rep)[:, None, :, None]  # [B, 1, rep * S, 1]
+    keys = torch.arange(L)
+    mask = keys <= query_pos
+    if kind == "sliding":
+        mask &= keys > query_pos - 40
+    if kind == "tree":  # the context, then some of the block's slots, the token's own always
+        context = keys < positions[:, :1, None, None] - 10
+        mask = context | (mask & (torch.rand(mask.shape, generator=g) < 0.5)) | (keys == query_pos)
+    sinks = torch.randn(H_KV * rep, generator=g) if kind == "sinks" else None
+    return q, k, v, mask, sinks
+
+
+def attention_in_fp32(q, k, v, mask, sinks):
+    q, k, v = q.float(), k.float(), v.float()
+    if sinks is None:
+        return attention.attention(q, k, v, mask)
+    return attention.attention_with_sinks(q, k, v, mask, sinks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_invariant_kernels_equal_the_reference(dtype):
+    """The fixed-tile linear kernel against F.linear in fp32 (K and N not multiples of the tiles, with and
+    without bias); the fixed-split attention against model.py's attention in fp32 (query heads folded, keys
+    over three splits, the last partial, whole splits masked; causal, sliding, tree masks and sinks)."""
+    g = torch.Generator().manual_seed(0)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((20, 100), (70, 100), (70,)))
+    for bias in (b, None):
+        out = invariant_kernel.invariant_linear(x[None], w, bias)  # [1, 20, 70]
+        expected = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+        assert out.dtype == dtype and out.shape == (1, 20, 70)
+        torch.testing.assert_close(out[0].float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    for kind in ("causal", "sliding", "tree", "sinks"):
+        q, k, v, mask, sinks = invariant_attention_inputs(kind, dtype, S=5)
+        out = invariant_kernel.invariant_attention(q, k, v, mask, sinks)
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out.float(), attention_in_fp32(q, k, v, mask, sinks), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_invariant_kernels_compute_a_row_as_when_alone(dtype):
+    """A row's result bit for bit whatever rows come with it: rows of a 20-row product alone, and the first
+    queries of a verify of 17 alone (sliding, sinks). Compared at the same place in their tile: the
+    interpreter's numpy products round a row by its place in the tile (a GPU's MMA does not)."""
+    g = torch.Generator().manual_seed(1)
+    x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((20, 100), (70, 100), (70,)))
+    rows = invariant_kernel.launch_linear(x, w, b)
+    for first, last in ((0, 1), (16, 17), (0, 3), (16, 20)):
+        assert torch.equal(invariant_kernel.launch_linear(x[first:last], w, b), rows[first:last])
+    for kind in ("sliding", "sinks"):
+        q, k, v, mask, sinks = invariant_attention_inputs(kind, dtype, S=17, rep=1, L=300)
+        verify = invariant_kernel.invariant_attention(q, k, v, mask, sinks)
+        for s in (0, 16):  # a lone query: the row at place 0 of its tile, as in the verify
+            alone = invariant_kernel.invariant_attention(q[:, :, s:s + 1], k, v, mask[:, :, s:s + 1], sinks)
+            assert torch.equal(alone, verify[:, :, s:s + 1]), (kind, s)
+        first = invariant_kernel.invariant_attention(q[:, :, :5], k, v, mask[:, :, :5], sinks)
+        assert torch.equal(first, verify[:, :, :5]), kind
+
+
+# Real targets' shapes: (hidden, query heads, key-value heads, head dim, MLP width, vocabulary, biases):
+# Qwen3-8B, gpt-oss-20b (its router; the experts are moe_kernel's), Llama-3.1-8B, the SmolLM2 demo target
+INVARIANT_SHAPES = {"Qwen3-8B": (4096, 32, 8, 128, 12288, 151936, False),
+                    "gpt-oss-20b": (2880, 64, 8, 64, 32, 201088, True),
+                    "Llama-3.1-8B": (4096, 32, 8, 128, 14336, 128256, False),
+                    "SmolLM2-135M": (576, 9, 3, 64, 1536, 49152, False)}
+
+
+def recorded_invariant_launches(dtype, tokens=(1, 4, 16, 64), cache_length=4096):
+    """(kernel, grid, args, kwargs) of the batch-invariant ops' launches for each real shape and each count
+    of tokens a step computes (decode of 1 and 4 rows, verifies of 16 and 4 x 16), on meta tensors."""
+    launches = []
+    meta = functools.partial(torch.empty, dtype=dtype, device="meta")
+    with mock.patch.object(invariant_kernel, "wrap_triton", launch_recorder(launches)):
+        for hidden, heads, kv_heads, head_dim, width, vocab, biases in INVARIANT_SHAPES.values():
+            for M in tokens:
+                for n, k in ((heads * head_dim, hidden), (kv_heads * head_dim, hidden),
+                             (hidden, heads * head_dim), (width, hidden), (hidden, width), (vocab, hidden)):
+                    invariant_kernel.launch_linear(meta(M, k), meta(n, k), meta(n) if biases else None)
+                B, S = (M, 1) if M <= 4 else (M // 16, 16)
+                rep = heads // kv_heads
+                invariant_kernel.launch_attention(
+                    meta(B, kv_heads, rep * S, head_dim), meta(B, kv_heads, cache_length, head_dim),
+                    meta(B, kv_heads, cache_length, head_dim),
+                    torch.empty(B, 1, rep * S, cache_length, dtype=torch.bool, device="meta"),
+                    meta(heads) if biases else None, S)
+    return launches
+
+
+def invariant_launch_keys():
+    """[kernel, [dtype, weight or cache shape], H100 compile key, grid past the row tiles] of every recorded
+    batch-invariant launch, bf16 and fp32."""
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for kernel, grid, args, kwargs in recorded_invariant_launches(dtype):
+            name = kernel.fn.__name__
+            # the weight's [N, K]; the keys' [H_KV, L, D] or the partials' [splits, R, D] past the batch
+            shape = list(args[1].shape if name == "_linear_kernel" else args[1].shape[1:])
+            rows.append([name, [str(dtype), *shape], repr(compile_key(kernel, args, kwargs, 90)[0]),
+                         list(grid[1:])])
+    return rows
+
+
+def test_invariant_kernels_build_once_for_decode_and_verify():
+    """On an H100, a decode's launches (1 or 4 rows) and a verify's (16 or 4 x 16) of every real shape run
+    the same compiled code (one compile key: tiles, warps, specialisation) and the same split over keys:
+    only the number of row tiles (and of sequences) differs."""
+    by_call = {}  # (kernel, shape) -> ({compile key}, {grid past axis 0 and the batch})
+    for name, shape, key, grid in without_interpreter("invariant_launch_keys()"):
+        keys, grids = by_call.setdefault((name, str(shape)), (set(), set()))
+        keys.add(key)
+        grids.add(str(grid if name == "_linear_kernel" else grid[1:]))  # axis 1 of attention: B * H_KV
+    assert {name for name, _ in by_call} == {"_linear_kernel", "_attention_split_kernel",
+                                             "_attention_combine_kernel"}
+    for call, (keys, grids) in by_call.items():
+        assert len(keys) == 1 and len(grids) == 1, (call, keys, grids)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "qwen3_moe"])
+def test_invariant_kernels_in_the_model(targets32, model_type):
+    """A verify of 5 tokens with invariant=True, the operators running the interpreted kernels (as on CUDA):
+    the logits of the usual path (GPT-OSS's sinks, sliding window and biases; Qwen3-MoE's router)."""
+    target = targets32[model_type]
+    g = torch.Generator().manual_seed(3)
+    context = torch.randint(0, target.args.vocab_size, (2, 12), generator=g)
+    block = torch.randint(0, target.args.vocab_size, (2, 5), generator=g)
+    logits = {}
+    for invariant in (False, True):
+        target.setup_caches(2, 32)
+        target(context, torch.arange(12).expand(2, -1))
+        with (mock.patch.object(invariant_kernel, "launch_linear",
+                                wraps=invariant_kernel.launch_linear) as lin,
+              mock.patch.object(invariant_kernel, "launch_attention",
+                                wraps=invariant_kernel.launch_attention) as att):
+            logits[invariant] = target(block, 12 + torch.arange(5).expand(2, -1), invariant=invariant)[0]
+        assert (lin.call_count > 0 and att.call_count == target.args.num_hidden_layers) == invariant
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+
+
+def test_invariant_operators_pass_opcheck(reference_kernels):
+    """dflare::invariant_linear and dflare::invariant_attention as PyTorch checks operators (schema, fake
+    tensors, AOT dispatch), on their CPU paths (the interpreter cannot run on fake tensors)."""
+    g = torch.Generator().manual_seed(2)
+    x, w, b = (torch.randn(*shape, generator=g) for shape in ((2, 3, 40), (24, 40), (24,)))
+    torch.library.opcheck(torch.ops.dflare.invariant_linear.default, (x, w, b))
+    torch.library.opcheck(torch.ops.dflare.invariant_attention.default,
+                          invariant_attention_inputs("sinks", torch.float32, S=2))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -2688,8 +2854,10 @@ def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_kern
                                                                           bs, budget)[0]
     draft = make_draft(target, fusion, block_size=bs)
     assert decode(target, prompts, 20, draft, bs, steps=steps, tree_budget=budget)[0] == expected
-    # batch 1 and a second budget: a static graph of its own (a symbolic budget took minutes to compile)
-    assert decode(target, prompts[2:3], 20, draft, bs, steps=steps, tree_budget=7)[0] == expected[2:3]
+    # batch 1 and a second budget: a static graph of its own (a symbolic budget took minutes to compile);
+    # once, as the graphs' making does not depend on the family
+    if model_type == "qwen3":
+        assert decode(target, prompts[2:3], 20, draft, bs, steps=steps, tree_budget=7)[0] == expected[2:3]
 
 
 @pytest.mark.parametrize("fusion,seed", [("layerwise", 2), ("linear", 1)])
@@ -3148,6 +3316,17 @@ def test_bench_gpu_moe_sweep_runs_on_cpu(capsys, reference_kernels):
     assert out.count("experts of one layer") == 2 and "prefill (32 tokens, eager)" in out
 
 
+def test_bench_gpu_invariant_part_runs_on_cpu(capsys, reference_kernels):
+    """bench.py --gpu's batch-invariant part end to end on CPU (its paths there): the steps without and with
+    the mode, then each operator against the usual call, every first row as when alone."""
+    results = bench_gpu.bench_invariant(small_quick().target, "cpu", torch.float32, compile=False, context=24,
+                                        block_size=4, iters=1)
+    assert all(results[mode]["ar_ms"] > 0 and results[mode]["step_ms"] > 0 for mode in ("off", "on"))
+    assert len(results["ops"]) == 5 * 3 and all(row["row_as_alone"] for row in results["ops"].values())
+    out = capsys.readouterr().out
+    assert "batch-invariant operators" in out and "attention, 4 x 16 queries" in out
+
+
 def test_bench_quick_gpu_run_on_cpu_compiles_few_graphs(capfd, reference_kernels):
     """bench.py --gpu --quick's parts run end to end on CPU (each in a process of its own, on the CPU paths),
     and the run compiles a bounded number of graphs, counted by Dynamo under the eager backend: three hold the
@@ -3158,7 +3337,8 @@ def test_bench_quick_gpu_run_on_cpu_compiles_few_graphs(capfd, reference_kernels
     assert summary["failed"] == [], {name: p.get("failed_checks", p.get("error")) for name, p in parts.items()
                                      if not p["ok"]}
     assert parts["steps"]["compiled_graphs"] == 3 and parts["prefill"]["compiled_graphs"] == 1
-    assert 0 < summary["compiled_graphs"] <= 16, {name: p["compiled_graphs"] for name, p in parts.items()}
+    assert parts["invariant"]["compiled_graphs"] == 2  # the dense target's decode and verify
+    assert 0 < summary["compiled_graphs"] <= 18, {name: p["compiled_graphs"] for name, p in parts.items()}
     out = capfd.readouterr().out
     assert json.loads(out.splitlines()[-1].removeprefix("JSON "))["failed"] == []
     for line in ("[fusion] ok", "picks FLASH_ATTENTION", "speculative step (block 4)", "meaningless on"):
