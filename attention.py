@@ -57,5 +57,7 @@ def query_by_query(attend, q, k, v, mask, *extra):
     split their reductions by query length). q [B, H, S, D], mask [B, 1, rep * S, L] folded as in
     `attention`."""
     B, H, S, _ = q.shape
+    if S == 1:
+        return attend(q, k, v, mask, *extra)
     masks = mask.reshape(B, 1, H // k.shape[1], S, -1)  # [B, 1, rep, S, L]
     return torch.cat([attend(q[:, :, s:s + 1], k, v, masks[:, :, :, s], *extra) for s in range(S)], dim=2)

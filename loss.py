@@ -1,4 +1,6 @@
-"""The draft's training loss (DESIGN.md section 5): weighted cross-entropy of its guesses at anchor blocks."""
+"""The draft's training loss (DESIGN.md section 5): at anchor blocks, the weighted cross-entropy of its
+guesses against the target's tokens ("ce"), or a loss against the target's distribution there, given by its
+top-K logits: KL(target || draft) ("kl") or -log of the acceptance rate sum min(target, draft) ("lk")."""
 from typing import NamedTuple
 
 import numpy as np
@@ -10,6 +12,11 @@ class Batch(NamedTuple):
     anchors: torch.Tensor  # [B, nb]: block j of row b sits at anchors[b, j] + 0..bs-1
     weights: torch.Tensor  # [B, nb, bs-1]: label weights, 0 for padding and non-answer tokens
     hidden: torch.Tensor | None = None  # target's states [B, S, T, H]; None: block_loss runs the target
+    # the target's top-K next-token (ids, logits) [B, S, K] at each position; None: block_loss runs the target
+    top_k: tuple | None = None
+
+
+LOSSES = ("ce", "kl", "lk")
 
 
 def sample_anchors(mask, block_size: int, num_anchors: int, rng) -> np.ndarray:
@@ -44,20 +51,28 @@ def make_batch(samples, anchors, block_size: int, gamma: float, device) -> Batch
     return Batch(as_tensor(tokens), as_tensor(anchor_pos), as_tensor(weights.astype(np.float32)))
 
 
-def block_loss(draft, target, batch: Batch):
-    """Sum of weight x cross-entropy, and counts [correct by position (bs-1) | labels by position (bs-1) |
-    leading correct guesses | blocks]. draft: the Draft or its DDP wrapper (whose forward syncs gradients)."""
+def block_loss(draft, target, batch: Batch, loss: str = "ce", top_k: int = 0):
+    """Sum of weight x loss, and counts [correct by position (bs-1) | labels by position (bs-1) | leading
+    correct guesses | blocks]. draft: the Draft or its DDP wrapper (whose forward syncs gradients). "kl" and
+    "lk" read the target's top_k logits at each label's position from batch.top_k, or run the target."""
     args = getattr(draft, "module", draft).args
-    tokens, anchors, weights, hidden = batch
-    if hidden is None:
+    tokens, anchors, weights, hidden, target_top_k = batch
+    need_top_k = loss != "ce" and target_top_k is None
+    if hidden is None or need_top_k:
         with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
-            hidden = target.hidden_states(tokens, args.target_layer_ids)
+            hidden, computed = target_states(target, tokens, args.target_layer_ids, hidden,
+                                             top_k if need_top_k else 0)
+        target_top_k = computed if need_top_k else target_top_k
     label_pos = anchors[:, :, None] + torch.arange(args.block_size, device=tokens.device)
     blocks = torch.full_like(label_pos, args.mask_token_id)
     blocks[:, :, 0] = tokens.gather(1, anchors)
     labels = tokens.gather(1, label_pos[:, :, 1:].flatten(1)).view_as(weights)
+    soft = None
+    if loss != "ce":  # the target's distribution over the token at label_pos: its logits one position before
+        before = label_pos[:, :, :-1].flatten(1)[..., None].expand(-1, -1, target_top_k[0].shape[-1])
+        soft = tuple(t.gather(1, before).flatten(0, 1) for t in target_top_k)  # ([N, K], [N, K])
     states = draft(hidden, blocks, anchors)
-    ce, guesses = chunked_cross_entropy(target.lm_head, states.flatten(0, 2), labels.flatten())
+    ce, guesses = chunked_loss(target.lm_head, states.flatten(0, 2), labels.flatten(), soft, loss)
     ce, guesses = ce.view_as(labels), guesses.view_as(labels)
     with torch.no_grad():
         counted = weights > 0
@@ -71,43 +86,96 @@ def block_loss(draft, target, batch: Batch):
 LOGITS_CHUNK_ELEMENTS = 2**26
 
 
-def chunked_cross_entropy(lm_head, states, labels):
-    """states [N, H], labels [N] -> cross-entropy [N] and argmax [N] of lm_head(states), a chunk at a time."""
+def target_states(target, tokens, layer_ids, hidden, top_k: int):
+    """The target's states [B, S, T, H] at layer_ids (hidden, when given) and, when top_k, its top_k
+    next-token (ids, fp32 logits) [B, S, K] at every position (else None): the whole target then runs."""
+    if not top_k:
+        return target.hidden_states(tokens, layer_ids), None
+    last = target.args.num_hidden_layers - 1
+    captured = [last] if hidden is not None else sorted(set(layer_ids) | {last})
+    states = target.hidden_states(tokens, captured)  # [B, S, len(captured), H]
+    if hidden is None:
+        hidden = states[:, :, [captured.index(i) for i in layer_ids]]
+    return hidden, top_k_logits(target, states[:, :, -1], top_k)
+
+
+def top_k_logits(target, final_states, k: int) -> tuple:
+    """The last layer's states [..., H] -> the target's k most likely next tokens (ids, fp32 logits) [..., k],
+    a chunk of rows at a time (a row's logits are vocabulary-sized)."""
+    rows = final_states.flatten(0, -2)
+    chunk = max(1, LOGITS_CHUNK_ELEMENTS // target.lm_head.out_features)
+    tops = [target.lm_head(target.norm(part)).float().topk(k, dim=-1) for part in rows.split(chunk)]
+    ids, logits = torch.cat([t.indices for t in tops]), torch.cat([t.values for t in tops])
+    return ids.view(*final_states.shape[:-1], k), logits.view(*final_states.shape[:-1], k)
+
+
+def chunked_loss(lm_head, states, labels, soft=None, loss: str = "ce"):
+    """states [N, H], labels [N] (soft: the target's top-K (ids, logits) [N, K]) -> the loss [N] and argmax
+    [N] of lm_head(states), a chunk at a time."""
     rows = max(1, LOGITS_CHUNK_ELEMENTS // lm_head.out_features)
-    return LinearCrossEntropy.apply(states, lm_head.weight, labels, rows)
+    ids, logits = soft if soft is not None else (None, None)
+    return LinearLoss.apply(states, lm_head.weight, labels, ids, logits, loss, rows)
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of states @ weight.T; states' gradient computed in the forward (DESIGN.md section 5)."""
+class LinearLoss(torch.autograd.Function):
+    """A loss of the logits states @ weight.T; states' gradient computed in the forward (DESIGN.md
+    section 5)."""
 
     @staticmethod
-    def forward(ctx, states, weight, labels, rows):
+    def forward(ctx, states, weight, labels, soft_ids, soft_logits, loss, rows):
         with_grad = ctx.needs_input_grad[0]
-        chunks = [chunk_cross_entropy(s, weight, l, with_grad)
-                  for s, l in zip(states.split(rows), labels.split(rows))]
-        ce, guesses = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        parts = [(None, None)] * len(labels.split(rows)) if soft_ids is None else \
+            zip(soft_ids.split(rows), soft_logits.split(rows))
+        chunks = [chunk_loss(s, weight, l, soft, loss, with_grad)
+                  for s, l, soft in zip(states.split(rows), labels.split(rows), parts)]
+        values, guesses = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
         if with_grad:
             ctx.save_for_backward(torch.cat([c[2] for c in chunks]))
         ctx.mark_non_differentiable(guesses)
-        return ce, guesses
+        return values, guesses
 
     @staticmethod
-    def backward(ctx, grad_ce, grad_guesses):
+    def backward(ctx, grad_values, grad_guesses):
         (grad_states,) = ctx.saved_tensors
-        return grad_states * grad_ce[:, None].to(grad_states.dtype), None, None, None
+        return grad_states * grad_values[:, None].to(grad_states.dtype), None, None, None, None, None, None
 
 
-def chunk_cross_entropy(states, weight, labels, with_grad: bool):
-    """One chunk's cross-entropy, argmax (fp32 logits) and, with_grad, (softmax - onehot(label)) @ weight."""
+def chunk_loss(states, weight, labels, soft: tuple, loss: str, with_grad: bool):
+    """One chunk's loss, argmax (fp32 logits) and, with_grad, d(loss)/d(logits) @ weight. ce: against labels,
+    gradient softmax - onehot(label); kl, lk: against p = softmax of the target's top-K logits (DESIGN.md
+    section 5)."""
     logits = (states @ weight.T).float()
     lse = logits.logsumexp(-1, keepdim=True)
-    ce = (lse - logits.gather(1, labels[:, None]))[:, 0]
     guesses = logits.argmax(-1)
+    rows = torch.arange(len(labels), device=labels.device)
+    if loss == "ce":
+        value = (lse - logits.gather(1, labels[:, None]))[:, 0]
+        if not with_grad:
+            return value, guesses, None
+        grad = logits.sub_(lse).exp_()
+        grad[rows, labels] -= 1
+        return value, guesses, (grad.to(weight.dtype) @ weight).to(states.dtype)
+    ids, target_logits = soft
+    p = torch.softmax(target_logits.float(), dim=-1)  # [n, K]
+    log_q = logits.gather(1, ids) - lse  # the draft's log-probabilities of those K tokens
+    if loss == "kl":
+        value = (p * (p.clamp(min=1e-30).log() - log_q)).sum(-1)
+        weights = p  # d/d(logits) = softmax - p (p scattered to its ids)
+        scale = None
+    else:  # lk: alpha = sum_k min(p_k, q_k); d(-log alpha)/d(logits) = (q * S - m * q) / alpha
+        q = log_q.exp()
+        below = (q < p).float()  # m: where the draft's probability is the smaller
+        alpha = torch.minimum(p, q).sum(-1).clamp(min=1e-30)
+        value = -alpha.log()
+        weights = below * q / alpha[:, None]
+        scale = (below * q).sum(-1) / alpha  # S / alpha
     if not with_grad:
-        return ce, guesses, None
-    probs = logits.sub_(lse).exp_()
-    probs[torch.arange(len(labels), device=labels.device), labels] -= 1
-    return ce, guesses, (probs.to(weight.dtype) @ weight).to(states.dtype)
+        return value, guesses, None
+    grad = logits.sub_(lse).exp_()  # softmax
+    if scale is not None:
+        grad.mul_(scale[:, None])
+    grad.scatter_add_(1, ids, -weights)
+    return value, guesses, (grad.to(weight.dtype) @ weight).to(states.dtype)
 
 
 def report(stats, block_size: int) -> dict:

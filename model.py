@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import attention, attention_with_sinks
-from invariant_kernel import invariant_attention, invariant_linear
+from invariant_kernel import batch_invariant_attention, batch_invariant_linear
 from moe_kernel import moe_experts
 
 
@@ -152,7 +152,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(cache_pos, k, v)
         sinks = self.args.attention_sinks
         if invariant:
-            y = invariant_attention(q, k, v, mask, self.sinks if sinks else None)
+            y = batch_invariant_attention(q, k, v, mask, self.sinks if sinks else None)
         else:
             attend, extra = (attention_with_sinks, (self.sinks,)) if sinks else (attention, ())
             y = attend(q, k, v, mask, *extra)
@@ -160,9 +160,9 @@ class Attention(nn.Module):
 
 
 def linear(layer: nn.Linear, x, invariant: bool):
-    """layer(x) [..., in] -> [..., out]; invariant: through dflare::invariant_linear, whose rows do not
-    depend on how many come together (DESIGN.md section 10)."""
-    return invariant_linear(x, layer.weight, layer.bias) if invariant else layer(x)
+    """layer(x) [..., in] -> [..., out]; invariant: a row's result does not depend on how many come together
+    (`invariant_kernel.batch_invariant_linear`, DESIGN.md section 10)."""
+    return batch_invariant_linear(x, layer.weight, layer.bias) if invariant else layer(x)
 
 
 class MLP(nn.Module):

@@ -62,7 +62,7 @@ from checkpoint import (InputError, check_draft_target, draft_args,  # noqa: E40
 from data import PackedData  # noqa: E402
 from draft import Draft, default_target_layer_ids, draft_block_logits, training_mask_mod  # noqa: E402
 from fuse_kernel import fuse_layers, fuse_layers_reference  # noqa: E402
-from loss import LinearCrossEntropy, block_loss, make_batch, sample_anchors  # noqa: E402
+from loss import LinearLoss, block_loss, make_batch, sample_anchors  # noqa: E402
 from model import ModelArgs, Transformer, rope_tables  # noqa: E402
 from sampling import Sampling, logits_to_probs  # noqa: E402
 from tokenizer import (MODEL_TYPE_CHAT, QWEN3_CHAT, BPETokenizer, chat_format, chat_prompt,  # noqa: E402
@@ -3634,6 +3634,18 @@ def test_train_loss_falls_and_the_draft_decodes_losslessly(targets, train_data, 
     assert all(r["identical_to_ar"] for r in rows)
 
 
+def test_train_with_the_acceptance_loss(targets, train_data, tmp_path, capsys, reference_kernels):
+    """--loss lk end to end: the run says so, its loss (-log acceptance rate) falls, the draft decodes as AR
+    does."""
+    out = tmp_path / "draft"
+    stdout = run_train(train_argv(targets, train_data, out, "--max_steps", 8, "--loss", "lk", "--top_k", 5))
+    losses = step_losses(stdout)
+    assert "loss lk over the target top 5" in stdout and losses[8] < 0.8 * losses[1], losses
+    rows = run_cli(capsys, "--checkpoint", targets["qwen3"][0], "--draft", out, "--prompt", "question 3?",
+                   "--max_new_tokens", 12, "--compare_ar", "--json")
+    assert rows[0]["identical_to_ar"]
+
+
 def test_train_step_runs_the_fusion_kernel(targets32, train_data, monkeypatch):
     """The training forward and backward go through the Triton kernels (interpreted here), with the
     reference's loss and gradients."""
@@ -3947,12 +3959,12 @@ def test_train_block_loss_matches_the_dense_formulation(fusion, chunked, monkeyp
     """Loss, accuracy counts and every draft gradient equal the old formulation's, in one chunk and in several
     (uneven) chunks of logits and of blocks."""
     target, draft, batch = training_case(fusion)
-    tokens, anchors, weights, _ = batch
+    tokens, anchors, weights = batch.tokens, batch.anchors, batch.weights
     V, heads, bs, S = target.args.vocab_size, draft.args.num_attention_heads, 4, tokens.shape[1]
     if chunked:
         monkeypatch.setattr(loss_module, "LOGITS_CHUNK_ELEMENTS", 5 * V)  # 36 labels: 5-row chunks, last of 1
         monkeypatch.setattr(draft_module, "ATTENTION_CHUNK_SCORES", 4 * heads * bs * S)  # 6 blocks: 4, then 2
-    ce_calls = counted_calls(monkeypatch, loss_module, "chunk_cross_entropy")
+    ce_calls = counted_calls(monkeypatch, loss_module, "chunk_loss")
     block_calls = counted_calls(monkeypatch, draft, "run_blocks")
     loss, stats = block_loss(draft, target, batch)
     assert (len(ce_calls), len(block_calls)) == ((8, 2) if chunked else (1, 1))  # the forward's calls
@@ -3983,7 +3995,7 @@ def test_train_linear_cross_entropy_matches_autograd(dtype):
         states.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             if fused:
-                ce, guesses = LinearCrossEntropy.apply(states, lm_head.weight, labels, 5)
+                ce, guesses = LinearLoss.apply(states, lm_head.weight, labels, None, None, "ce", 5)
             else:
                 logits = lm_head(states).float()
                 ce, guesses = F.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1)
@@ -3994,6 +4006,74 @@ def test_train_linear_cross_entropy_matches_autograd(dtype):
     assert torch.equal(guesses, ref_guesses)
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
     torch.testing.assert_close(grad, ref_grad, **tolerance)
+
+
+def plain_soft_loss(logits, ids, target_logits, loss):
+    """KL(p || q) or -log sum_k min(p_k, q_k) over the target's top K, written plainly for autograd."""
+    p = torch.softmax(target_logits, dim=-1)
+    log_q = torch.log_softmax(logits, dim=-1).gather(1, ids)
+    if loss == "kl":
+        return (p * (p.log() - log_q)).sum(-1)
+    return -torch.minimum(p, log_q.exp()).sum(-1).log()
+
+
+@pytest.mark.parametrize("loss", ["kl", "lk"])
+def test_train_soft_losses_match_autograd(loss):
+    """kl and lk: values, argmax and the gradient worked out in the forward (in chunks of 5 rows) equal
+    autograd's through the plainly written loss; with targets far from the draft and near it (some of q
+    above p, some below)."""
+    torch.manual_seed(1)
+    lm_head = torch.nn.Linear(32, 300, bias=False)
+    states = torch.randn(37, 32, requires_grad=True)
+    labels, weights = torch.randint(0, 300, (37,)), torch.rand(37)
+    with torch.no_grad():
+        near = lm_head(states[:20]).topk(8, dim=-1)  # the draft's own top tokens, logits perturbed
+    ids = torch.cat([near.indices, torch.stack([torch.randperm(300)[:8] for _ in range(17)])])
+    target_logits = torch.cat([near.values + 0.3 * torch.randn(20, 8), 3 * torch.randn(17, 8)])
+    results = []
+    for fused in (True, False):
+        states.grad = None
+        if fused:
+            value, guesses = LinearLoss.apply(states, lm_head.weight, labels, ids, target_logits, loss, 5)
+        else:
+            logits = lm_head(states).float()
+            value, guesses = plain_soft_loss(logits, ids, target_logits, loss), logits.argmax(-1)
+        (value * weights).sum().backward()
+        results.append((value.detach(), guesses, states.grad))
+    (value, guesses, grad), (ref_value, ref_guesses, ref_grad) = results
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-6)
+    assert torch.equal(guesses, ref_guesses)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_train_soft_targets_are_the_targets_top_k(reference_kernels):
+    """block_loss's kl and lk against the target's top-K at the labels' previous positions: from the
+    target's own forward (its logits, topk) as the plain formulation, given in the batch or computed."""
+    target, draft, batch = training_case("layerwise")
+    B, S = batch.tokens.shape
+    target.setup_caches(B, S)
+    with torch.no_grad():
+        full = target(batch.tokens, torch.arange(S).expand(B, -1))[0].float().topk(6, dim=-1)
+    for loss in ("kl", "lk"):
+        computed, stats = block_loss(draft, target, batch, loss, top_k=6)
+        given, _ = block_loss(draft, target, batch._replace(top_k=(full.indices, full.values)), loss)
+        torch.testing.assert_close(computed, given, rtol=1e-5, atol=1e-5)
+        label_pos = batch.anchors[:, :, None] + torch.arange(1, 4)  # labels at anchor + 1..3, bs = 4
+        logits = target.lm_head(draft(target.hidden_states(batch.tokens, draft.args.target_layer_ids),
+                                      *block_inputs(draft, batch))).float()
+        before = label_pos - 1
+        ids, values = (t[torch.arange(B)[:, None, None], before] for t in (full.indices, full.values))
+        expected = plain_soft_loss(logits.flatten(0, 2), ids.flatten(0, 2), values.flatten(0, 2), loss)
+        torch.testing.assert_close(computed, (expected * batch.weights.flatten()).sum(), rtol=1e-4, atol=1e-5)
+        assert stats[-1] == (batch.weights[..., 0] > 0).sum()
+
+
+def block_inputs(draft, batch):
+    """(blocks [B, nb, bs], anchors) as block_loss builds them."""
+    label_pos = batch.anchors[:, :, None] + torch.arange(draft.args.block_size)
+    blocks = torch.full_like(label_pos, draft.args.mask_token_id)
+    blocks[:, :, 0] = batch.tokens.gather(1, batch.anchors)
+    return blocks, batch.anchors
 
 
 @pytest.mark.parametrize("kind", [(False, 0), (True, 3), (False, 3), (True, 0)])
@@ -4120,6 +4200,30 @@ def test_demo_runs_by_default_and_is_lossless(capsys, reference_kernels):
 
 
 DEMO_PROMPTS_SHA256 = "05070834aad2092867908106c3cb84864ade4e8b93e44900bc9ebbbfca6135fd"
+
+
+def test_demo_recipes_runs_and_table(tmp_path, monkeypatch):
+    """demo.py --compare: each run is demo.py's DFlare training with the recipe's flags, its seed and its own
+    folder (resumed when it holds a run); the table averages the seeds' held-out tau at each point they
+    reached."""
+    import demo
+
+    monkeypatch.setattr(demo, "RUNS", tmp_path)
+    argv = demo.run_argv("kl", 1, 300)
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "kl-seed1-300steps")
+    assert argv[-4:] == ["--loss", "kl", "--seed", "1"] and "--max_steps" in argv and "--resume" not in argv
+    (tmp_path / "kl-seed1-300steps").mkdir()
+    (tmp_path / "kl-seed1-300steps" / "train_state.pt").write_bytes(b"")
+    assert demo.run_argv("kl", 1, 300)[-1] == "--resume"
+    line = "eval step {}: loss 2.0 | accuracy 0.300 | estimated tau {} | accuracy by block position {} 0.2\n"
+    for seed, taus in ((0, [1.2, 1.3, 1.4]), (1, [1.3, 1.5])):
+        (tmp_path / f"kl-seed{seed}-300steps").mkdir(exist_ok=True)
+        (tmp_path / f"kl-seed{seed}-300steps" / "train.log").write_text(
+            "".join(line.format(100 * (i + 1), tau, 0.3 + seed / 10) for i, tau in enumerate(taus)))
+    assert demo.finished(tmp_path / "kl-seed0-300steps", 300)
+    assert not demo.finished(tmp_path / "kl-seed1-300steps", 300)
+    row = demo.recipe_table(["kl"], [0, 1], 300).splitlines()[-1].split()
+    assert row == ["kl", "1.250", "(1.20/1.30)", "1.400", "(1.30/1.50)", "1.400", "(1.40)", "0.350"]
 
 
 def test_demo_draft_prompts_leave_out_the_benchmarks():

@@ -31,7 +31,7 @@ from checkpoint import (InputError, check_draft_target, default_dtype, is_draft,
                         pick_device, replace_atomically, save_draft)
 from data import HiddenStateCache, PackedData, output_folder
 from draft import Draft, DraftArgs
-from loss import Batch, anchor_rng, block_loss, make_batch, report, sample_anchors
+from loss import LOSSES, Batch, anchor_rng, block_loss, make_batch, report, sample_anchors
 from model import Transformer
 
 
@@ -91,7 +91,7 @@ def evaluate(run: Run, eval_indices) -> dict:
     for start in range(0, len(mine), size):
         batch = micro_batch(run, mine[start:start + size], 1, 0)
         with run.autocast:
-            loss_sum, s = block_loss(run.model, run.target, batch)
+            loss_sum, s = block_loss(run.model, run.target, batch, run.args.loss, run.args.top_k)
         stats += s
         sums += torch.stack([loss_sum.double(), batch.weights.sum().double()])
     all_reduce_sum(stats)
@@ -117,7 +117,7 @@ def train_step(run: Run, optimizer, batch_indices, epoch: int, lr: float):
         sync = world == 1 or m == accumulation - 1
         with contextlib.nullcontext() if sync else run.model.no_sync():
             with run.autocast:
-                part, s = block_loss(run.model, run.target, batch)
+                part, s = block_loss(run.model, run.target, batch, run.args.loss, run.args.top_k)
             # DDP averages gradients over processes: scale by world to get the gradient of the batch's sum
             (part * (world / total_weight)).backward()
         loss_sum += part.detach().double()
@@ -176,6 +176,11 @@ def parse_args(argv=None):
     p.add_argument("--block_size", type=int, default=16)
     p.add_argument("--mask_token_id", type=int, help="default: the last id of the target's vocabulary")
     p.add_argument("--num_anchors", type=int, default=512, help="blocks per sequence")
+    p.add_argument("--loss", choices=LOSSES, default="ce",
+                   help="ce: cross-entropy against the target's tokens; kl: KL(target || draft) over the "
+                        "target's --top_k tokens; lk: -log of the acceptance rate sum min(target, draft) "
+                        "over them (both run the whole target each step, also with --hidden_cache)")
+    p.add_argument("--top_k", type=int, default=20, help="target tokens per position for --loss kl / lk")
     p.add_argument("--gamma", type=float, default=7.0,
                    help="loss weight of block position k: exp(-(k-1)/gamma)")
     p.add_argument("--epochs", type=int, default=3)
@@ -198,7 +203,7 @@ def parse_args(argv=None):
                    help="compute dtype (weights stay fp32); default bfloat16 on CUDA, float32 on CPU")
     args = p.parse_args(argv)
     for name in ("num_layers", "num_anchors", "epochs", "batch_size", "micro_batch_size", "max_seq_len",
-                 "eval_every", "save_every", "log_every"):
+                 "eval_every", "save_every", "log_every", "top_k"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be at least 1")
     if args.block_size < 2:
@@ -276,7 +281,8 @@ def describe(run: Run, n_train: int, total_steps: int, dtype) -> str:
             f"{list(d.target_layer_ids)}, block {d.block_size} | {n_train} training / "
             f"{len(run.data) - n_train} eval samples | batch {a.batch_size} = {run.world} processes x "
             f"{a.micro_batch_size} x {accumulation} accumulated | {total_steps} steps "
-            f"({n_train // a.batch_size} per epoch) | {run.device}, {dtype}")
+            f"({n_train // a.batch_size} per epoch) | loss {a.loss}"
+            f"{f' over the target top {a.top_k}' if a.loss != 'ce' else ''} | {run.device}, {dtype}")
 
 
 def main(argv=None):
