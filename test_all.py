@@ -4089,7 +4089,8 @@ def test_train_mask_mod_is_the_dense_mask(kind):
 def test_train_block_sparse_attention_matches_the_dense_path(fusion, monkeypatch, reference_kernels):
     """The CUDA path, a BlockMask from create_block_mask through flex_attention (eager here, forward only: it
     has no CPU backward), gives the hidden states of the CPU path's dense masks."""
-    target, draft, (tokens, anchors, weights, _) = training_case(fusion)
+    target, draft, batch = training_case(fusion)
+    tokens, anchors = batch.tokens, batch.anchors
     flex_calls = []
     monkeypatch.setattr(draft_module, "compiled_flex_attention",
                         lambda: lambda *a, **k: flex_calls.append(1) or flex_attention(*a, **k))
