@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from checkpoint import InputError, read_json, replace_atomically, write_json
+from loss import target_states
 
 
 def save_npy(path: Path, array):
@@ -116,10 +117,12 @@ class Progress:
 class HiddenStateCache:
     """The target's hidden states of a prepared folder, captured once rather than at every step:
     NAME.hidden.npy per shard NAME, [tokens, T, H] in the target's dtype (bf16 as uint16 bits); hidden.json
-    names the layers, of which a draft reads any subset."""
+    names the layers, of which a draft reads any subset. For --loss kl / lk also the target's top_k next
+    tokens at every position: NAME.top_ids.npy [tokens, K] int32 and NAME.top_logits.npy fp32, of which a run
+    reads the first (most likely) top_k <= K."""
 
-    def __init__(self, folder, data: PackedData, layer_ids, dtype: torch.dtype):
-        self.folder, self.data, self.dtype = Path(folder), data, dtype
+    def __init__(self, folder, data: PackedData, layer_ids, dtype: torch.dtype, top_k: int = 0):
+        self.folder, self.data, self.dtype, self.top_k = Path(folder), data, dtype, top_k
         meta = read_json(self.folder / "hidden.json", f"delete {folder} to capture again")
         dtype_name = str(dtype).removeprefix("torch.")
         if not set(layer_ids) <= set(meta["target_layer_ids"]) or meta["dtype"] != dtype_name:
@@ -129,54 +132,77 @@ class HiddenStateCache:
         self.columns = [meta["target_layer_ids"].index(i) for i in layer_ids]
         self.shards = []
         for shard in data.index["shards"]:
-            path = self.folder / f"{shard['name']}.hidden.npy"
-            try:
-                self.shards.append(np.load(path, mmap_mode="r") if shard["samples"] else None)
-            except (OSError, ValueError, EOFError):
-                raise InputError(f"{path} is missing or corrupt: delete it, and train.py captures it "
-                                 f"again") from None
+            kinds = ["hidden"] + ["top_ids", "top_logits"] * bool(top_k)
+            self.shards.append([self.read(f"{shard['name']}.{kind}.npy") for kind in kinds]
+                               if shard["samples"] else None)
+
+    def read(self, name: str):
+        try:
+            return np.load(self.folder / name, mmap_mode="r")
+        except (OSError, ValueError, EOFError):
+            raise InputError(f"{self.folder / name} is missing or corrupt: delete it, and train.py captures "
+                             f"it again") from None
 
     @staticmethod
-    def capture(folder, data: PackedData, target, layer_ids, can_write: bool, log):
-        """Capture the missing shards, one file each, so an interrupted run continues. A new cache holds
-        layer_ids; an existing one keeps its layers."""
+    def capture(folder, data: PackedData, target, layer_ids, top_k: int, can_write: bool, log):
+        """Capture the missing shard files, so an interrupted run continues. A new cache holds layer_ids; an
+        existing one keeps its layers, and gains the top-K files when a run first needs them."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         dtype = target.embed_tokens.weight.dtype
         meta = {"target_layer_ids": list(layer_ids), "dtype": str(dtype).removeprefix("torch."),
-                "data": data.index["settings"]}
+                "data": data.index["settings"], "top_k": top_k}
+        before = None
         if (folder / "hidden.json").is_file():  # the first run's layers stay (__init__ checks the subset)
             before = read_json(folder / "hidden.json", f"delete {folder} to capture again")
             if before["data"] != meta["data"]:
                 raise InputError(f"--hidden_cache {str(folder)!r} was captured from other data: use another "
                                  f"folder, or delete it to capture again")
-            meta = before
-        else:
-            write_json(folder / "hidden.json", meta)
-        device = target.embed_tokens.weight.device
+            if 0 < before.get("top_k", 0) < top_k:
+                raise InputError(f"--hidden_cache {str(folder)!r} holds the target's top {before['top_k']} "
+                                 f"tokens, fewer than --top_k {top_k}: lower --top_k, or use another folder")
+            meta = {**before, "top_k": max(before.get("top_k", 0), top_k)}
+        kinds = ["hidden"] + ["top_ids", "top_logits"] * bool(top_k)  # what this run reads
         todo = [(k, s) for k, s in enumerate(data.index["shards"])
-                if s["samples"] and not (folder / f"{s['name']}.hidden.npy").is_file()]
+                if s["samples"] and not all((folder / f"{s['name']}.{kind}.npy").is_file() for kind in kinds)]
         if todo and not can_write:
             raise InputError(f"--hidden_cache {str(folder)!r} is not complete: capture it with one process "
                              f"first (the same command without torchrun)")
+        if can_write and meta != before:
+            write_json(folder / "hidden.json", meta)
         for k, shard in todo:
-            start = int(data.starts[k])
-            progress = Progress(f"capturing the target's hidden states, {shard['name']}", shard["samples"])
-            rows = []
-            for j in range(shard["samples"]):
-                tokens = torch.from_numpy(data[start + j][0])[None].to(device)
-                with torch.no_grad():
-                    rows.append(target.hidden_states(tokens, meta["target_layer_ids"])[0].cpu())  # [S, T, H]
-                progress(j + 1)
-            states = torch.cat(rows)
-            save_npy(folder / f"{shard['name']}.hidden.npy",
-                     (states.view(torch.uint16) if dtype == torch.bfloat16 else states).numpy())
+            arrays = capture_shard(data, int(data.starts[k]), shard, target, meta["target_layer_ids"],
+                                   meta["top_k"] if top_k else 0)
+            for kind, array in zip(kinds, arrays):
+                if not (folder / f"{shard['name']}.{kind}.npy").is_file():
+                    save_npy(folder / f"{shard['name']}.{kind}.npy", array)
         if todo:
-            log(f"captured the target's hidden states of {len(todo)} shards in {folder}")
+            top = f" and top {meta['top_k']} tokens" if top_k else ""
+            log(f"captured the target's hidden states{top} of {len(todo)} shards in {folder}")
 
-    def get(self, i) -> torch.Tensor:
-        """Sample i's hidden states [S, T, H] of the draft's layers."""
+    def get(self, i) -> tuple:
+        """Sample i's hidden states [S, T, H] of the draft's layers, and its top-K (ids [S, K] int64, fp32
+        logits [S, K]) or None."""
         shard, start, end = self.data.locate(i)
-        rows = torch.from_numpy(np.array(self.shards[shard][start:end]))  # a copy: the map is read-only
-        return (rows.view(torch.bfloat16) if self.dtype == torch.bfloat16 else rows)[:, self.columns]
+        rows = [torch.from_numpy(np.array(a[start:end])) for a in self.shards[shard]]  # maps are read-only
+        hidden = (rows[0].view(torch.bfloat16) if self.dtype == torch.bfloat16 else rows[0])[:, self.columns]
+        if not self.top_k:
+            return hidden, None
+        return hidden, (rows[1][:, :self.top_k].long(), rows[2][:, :self.top_k])
 
+
+def capture_shard(data: PackedData, start: int, shard: dict, target, layer_ids, top_k: int) -> list:
+    """One shard's hidden states [tokens, T, H] (bf16 as uint16 bits) and, with top_k, its top-K ids and
+    logits [tokens, K], a sample at a time."""
+    progress = Progress(f"capturing the target's hidden states, {shard['name']}", shard["samples"])
+    parts = []
+    for j in range(shard["samples"]):
+        tokens = torch.from_numpy(data[start + j][0])[None].to(target.embed_tokens.weight.device)
+        with torch.no_grad():
+            hidden, top = target_states(target, tokens, layer_ids, top_k)
+        parts.append([hidden[0].cpu()] + ([] if top is None else [top[0][0].int().cpu(), top[1][0].cpu()]))
+        progress(j + 1)
+    arrays = [torch.cat(column) for column in zip(*parts)]
+    if arrays[0].dtype == torch.bfloat16:
+        arrays[0] = arrays[0].view(torch.uint16)
+    return [a.numpy() for a in arrays]

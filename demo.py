@@ -78,11 +78,13 @@ def draft_train_argv(name: str, steps: int) -> list:
 # Each run lives in .cache/recipes/RECIPE-seedS-Nsteps (its train.log, the draft); finished runs are skipped,
 # an interrupted one resumes.
 RUNS = HERE / ".cache" / "recipes"
+HIDDEN_CACHE_FP32 = HERE / ".cache" / "demo-hidden-fp32"
 SEQUENCES_PER_STEP = 8
 RECIPES = {"ce": [],  # demo.py's recipe: cross-entropy against the target's answers, gamma 7
            "kl": ["--loss", "kl"],
            "lk": ["--loss", "lk"],
-           "ce-gamma3": ["--gamma", "3"]}
+           "ce-gamma3": ["--gamma", "3"],
+           "ce-anchors128": ["--num_anchors", "128"]}  # ~all of an answer's positions: twice the logits
 EVAL_LINE = re.compile(r"eval step (\d+): loss [\d.]+ \| accuracy [\d.]+ \| estimated tau ([\d.]+) "
                        r"\| accuracy by block position ([\d.]+)")
 
@@ -95,6 +97,9 @@ def run_argv(recipe: str, seed: int, steps: int) -> list:
     """train.py's flags: demo.py's for the DFlare 2-layer draft, then the recipe's and the seed."""
     argv = [a for a in draft_train_argv("dflare", steps) if a != "--resume"]
     argv[argv.index("--out") + 1] = str(run_folder(recipe, seed, steps))
+    # fp32: bf16 runs ~6x slower on a CPU without bf16 arithmetic (AVX2, BENCHMARKS.md), as here
+    argv[argv.index("--dtype") + 1] = "float32"
+    argv[argv.index("--hidden_cache") + 1] = str(HIDDEN_CACHE_FP32)
     resume = ["--resume"] if (run_folder(recipe, seed, steps) / "train_state.pt").is_file() else []
     return argv + RECIPES[recipe] + ["--seed", str(seed)] + resume
 

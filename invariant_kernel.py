@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from attention import attention, attention_with_sinks, query_by_query
 from fuse_kernel import HAVE_TRITON, on_device, use_kernel
-from moe_kernel import BLOCK_K, BLOCK_M, BLOCK_N
+from moe_kernel import BLOCK_K, BLOCK_M, BLOCK_N, dot_in_fp32
 
 if HAVE_TRITON:
     import triton
@@ -25,11 +25,6 @@ if HAVE_TRITON:
 
 BLOCK_QUERIES = 16  # query rows (query heads folded in) a program attends with
 KEYS_PER_SPLIT = 256  # keys a program covers: the cache's length sets the split, never the query count
-
-
-def dot_in_fp32(x: torch.Tensor) -> bool:
-    """Multiply in fp32: fp32 models, and the interpreter (whose bf16 arithmetic is wrong)."""
-    return x.dtype == torch.float32 or x.device.type == "cpu"
 
 
 if HAVE_TRITON:

@@ -54,15 +54,15 @@ def make_batch(samples, anchors, block_size: int, gamma: float, device) -> Batch
 def block_loss(draft, target, batch: Batch, loss: str = "ce", top_k: int = 0):
     """Sum of weight x loss, and counts [correct by position (bs-1) | labels by position (bs-1) | leading
     correct guesses | blocks]. draft: the Draft or its DDP wrapper (whose forward syncs gradients). "kl" and
-    "lk" read the target's top_k logits at each label's position from batch.top_k, or run the target."""
+    "lk" read the target's top_k logits at each label's position from batch.top_k (given with batch.hidden,
+    from the cache), or run the target."""
     args = getattr(draft, "module", draft).args
     tokens, anchors, weights, hidden, target_top_k = batch
-    need_top_k = loss != "ce" and target_top_k is None
-    if hidden is None or need_top_k:
+    if hidden is None:
         with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
-            hidden, computed = target_states(target, tokens, args.target_layer_ids, hidden,
-                                             top_k if need_top_k else 0)
-        target_top_k = computed if need_top_k else target_top_k
+            hidden, computed = target_states(target, tokens, args.target_layer_ids,
+                                             top_k if loss != "ce" and target_top_k is None else 0)
+        target_top_k = computed if target_top_k is None else target_top_k
     label_pos = anchors[:, :, None] + torch.arange(args.block_size, device=tokens.device)
     blocks = torch.full_like(label_pos, args.mask_token_id)
     blocks[:, :, 0] = tokens.gather(1, anchors)
@@ -86,16 +86,14 @@ def block_loss(draft, target, batch: Batch, loss: str = "ce", top_k: int = 0):
 LOGITS_CHUNK_ELEMENTS = 2**26
 
 
-def target_states(target, tokens, layer_ids, hidden, top_k: int):
-    """The target's states [B, S, T, H] at layer_ids (hidden, when given) and, when top_k, its top_k
-    next-token (ids, fp32 logits) [B, S, K] at every position (else None): the whole target then runs."""
+def target_states(target, tokens, layer_ids, top_k: int):
+    """The target's states [B, S, T, H] at layer_ids and, when top_k, its top_k next-token (ids, fp32 logits)
+    [B, S, K] at every position (else None): the whole target then runs."""
     if not top_k:
         return target.hidden_states(tokens, layer_ids), None
-    last = target.args.num_hidden_layers - 1
-    captured = [last] if hidden is not None else sorted(set(layer_ids) | {last})
+    captured = sorted(set(layer_ids) | {target.args.num_hidden_layers - 1})
     states = target.hidden_states(tokens, captured)  # [B, S, len(captured), H]
-    if hidden is None:
-        hidden = states[:, :, [captured.index(i) for i in layer_ids]]
+    hidden = states[:, :, [captured.index(i) for i in layer_ids]]
     return hidden, top_k_logits(target, states[:, :, -1], top_k)
 
 

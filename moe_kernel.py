@@ -225,6 +225,11 @@ if HAVE_TRITON:
 
 
 
+def dot_in_fp32(x: torch.Tensor) -> bool:
+    """Multiply in fp32: fp32 models, and the interpreter (whose bf16 arithmetic is wrong)."""
+    return x.dtype == torch.float32 or x.device.type == "cpu"
+
+
 def launch_moe(x, expert_ids, routing_weights, gate_up, gate_up_scales, gate_up_bias, down, down_scales,
                down_bias, swiglu_limit, swiglu_alpha, rows_apart=False):
     """The kernel twice, gate_up then down, over the grouped layout; each pair's row summed back to its
@@ -238,7 +243,7 @@ def launch_moe(x, expert_ids, routing_weights, gate_up, gate_up_scales, gate_up_
     out_rows = x.new_empty(P, H, dtype=torch.float32)
     fp32 = x.dtype == torch.float32
     # fp32 dots run on CUDA cores, not tensor cores: twice the warps keep their tiles in registers
-    meta = dict(MXFP4=mxfp4, HAS_BIAS=gate_up_bias is not None, DOT_FP32=fp32 or x.device.type == "cpu",
+    meta = dict(MXFP4=mxfp4, HAS_BIAS=gate_up_bias is not None, DOT_FP32=dot_in_fp32(x),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=8 if fp32 else 4)
     routing = routing_weights.contiguous()
     with on_device(x):

@@ -3595,6 +3595,14 @@ def run_train(argv, env=None, nproc=1):
     return result.stdout
 
 
+def train_error(argv) -> list:
+    """train.py's stderr lines for argv, which it must refuse (exit code 1)."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *map(str, argv)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()
+
+
 def step_losses(stdout):
     return {int(s): float(loss) for s, loss in re.findall(r"^step (\d+)/\d+ \| loss ([\d.]+)", stdout, re.M)}
 
@@ -3728,11 +3736,32 @@ def test_train_hidden_cache_gives_the_losses_of_the_online_target(targets, train
     assert shard.read_bytes() == before
     argv = train_argv(targets, train_data, tmp_path / "other", "--max_steps", 1, "--target_layer_ids", 1, 2,
                       "--hidden_cache", cache)
-    result = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *map(str, argv)],
-                            capture_output=True, text=True)
-    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+    assert train_error(argv) == [
         f"error: --hidden_cache {str(cache)!r} holds target layers [0, 2] in float32; "
         f"this draft reads layers [1, 2] in float32: use another --hidden_cache folder"]
+
+
+def test_train_hidden_cache_holds_the_targets_top_k(targets, train_data, tmp_path):
+    """--loss kl / lk with --hidden_cache: a cache captured for ce gains the target's top-K on the first kl
+    run; a smaller --top_k reads the most likely of them; each run's losses equal those of the same run
+    without the cache; a larger --top_k is refused."""
+    cache = tmp_path / "cache"
+    run_train(train_argv(targets, train_data, tmp_path / "ce", "--max_steps", 1, "--hidden_cache", cache))
+    for loss, top_k in (("kl", 5), ("lk", 3)):
+        argv = train_argv(targets, train_data, tmp_path / loss, "--max_steps", 3, "--loss", loss,
+                          "--top_k", top_k)
+        online = step_losses(run_train(argv))
+        shutil.rmtree(tmp_path / loss)
+        cached = run_train(argv + ["--hidden_cache", cache])
+        assert ("captured the target's hidden states and top 5 tokens of" in cached) == (loss == "kl")
+        assert step_losses(cached) == online
+    assert json.loads((cache / "hidden.json").read_text())["top_k"] == 5
+    assert len(list(cache.glob("*.top_logits.npy"))) == len(list(cache.glob("*.hidden.npy"))) > 1
+    argv = train_argv(targets, train_data, tmp_path / "more", "--max_steps", 1, "--loss", "kl", "--top_k", 8,
+                      "--hidden_cache", cache)
+    assert train_error(argv) == [
+        f"error: --hidden_cache {str(cache)!r} holds the target's top 5 tokens, fewer than --top_k 8: lower "
+        f"--top_k, or use another folder"]
 
 
 def test_train_interrupted_save_leaves_the_last_checkpoint(targets, targets32, train_data, tmp_path,

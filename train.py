@@ -60,11 +60,22 @@ def micro_batch(run: Run, indices, split: int, epoch: int) -> Batch:
     batch = make_batch(samples, anchors, a.block_size, a.gamma, run.device)
     if run.cache is None:
         return batch
-    rows = [run.cache.get(i)[:a.max_seq_len] for i in indices]  # past a sample's end: never context, zeros
-    hidden = rows[0].new_zeros(len(rows), batch.tokens.shape[1], *rows[0].shape[1:])
-    for b, r in enumerate(rows):
-        hidden[b, :len(r)] = r
-    return batch._replace(hidden=hidden.to(run.device))
+    rows = [run.cache.get(i) for i in indices]  # past a sample's end: never context or labels, zeros
+    hidden, top_k = (padded([r[k] for r in rows], batch.tokens.shape[1], run.device) for k in (0, 1))
+    return batch._replace(hidden=hidden, top_k=top_k)
+
+
+def padded(tensors, length: int, device):
+    """Per-sample tensors [S_i, ...] (or tuples of them; None gives None) cut or zero-padded to
+    [B, length, ...]."""
+    if tensors[0] is None:
+        return None
+    if isinstance(tensors[0], tuple):
+        return tuple(padded(list(column), length, device) for column in zip(*tensors))
+    out = tensors[0].new_zeros(len(tensors), length, *tensors[0].shape[1:])
+    for b, t in enumerate(tensors):
+        out[b, :len(t)] = t[:length]
+    return out.to(device)
 
 
 def all_reduce_sum(t):
@@ -165,9 +176,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="draft folder to write (checkpoints and train_state.pt)")
     p.add_argument("--init", help="start from this draft folder instead of a new draft")
     p.add_argument("--hidden_cache",
-                   help="folder for the target's hidden states of --data, captured on first use and "
-                        "read back after (the target then runs once, not every step; T x hidden size x 2 "
-                        "bytes per token in bfloat16)")
+                   help="folder for the target's hidden states of --data (and its --top_k tokens for "
+                        "--loss kl / lk), captured on first use and read back after (the target then runs "
+                        "once, not every step; T x hidden size x 2 bytes per token in bfloat16)")
     p.add_argument("--fusion", choices=["layerwise", "linear"], default="layerwise",
                    help="layerwise = DFlare, linear = DFlash")
     p.add_argument("--num_layers", type=int, default=5, help="draft layers")
@@ -179,7 +190,7 @@ def parse_args(argv=None):
     p.add_argument("--loss", choices=LOSSES, default="ce",
                    help="ce: cross-entropy against the target's tokens; kl: KL(target || draft) over the "
                         "target's --top_k tokens; lk: -log of the acceptance rate sum min(target, draft) "
-                        "over them (both run the whole target each step, also with --hidden_cache)")
+                        "over them (both run the whole target each step, unless --hidden_cache)")
     p.add_argument("--top_k", type=int, default=20, help="target tokens per position for --loss kl / lk")
     p.add_argument("--gamma", type=float, default=7.0,
                    help="loss weight of block position k: exp(-(k-1)/gamma)")
@@ -305,9 +316,10 @@ def main(argv=None):
         optimizer.load_state_dict(state["optimizer"])
     cache = None
     if args.hidden_cache:
-        HiddenStateCache.capture(args.hidden_cache, data, target, draft.args.target_layer_ids, world == 1,
-                                 log)
-        cache = HiddenStateCache(args.hidden_cache, data, draft.args.target_layer_ids, dtype)
+        top_k = args.top_k if args.loss != "ce" else 0
+        HiddenStateCache.capture(args.hidden_cache, data, target, draft.args.target_layer_ids, top_k,
+                                 world == 1, log)
+        cache = HiddenStateCache(args.hidden_cache, data, draft.args.target_layer_ids, dtype, top_k)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     run = Run(model, draft, target, data, cache, args, autocast, device, rank, world)
     log(describe(run, n_train, total_steps, dtype))
