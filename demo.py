@@ -74,7 +74,8 @@ def draft_train_argv(name: str, steps: int) -> list:
 
 
 # Training recipes compared at equal sequences seen (BENCHMARKS.md): the DFlare 2-layer draft trained as
-# above, with each recipe's flags and seed, held-out tau (and accuracy at block position 1) every 100 steps.
+# above but in fp32 (with its own cache), with each recipe's flags and seed, held-out tau (and accuracy at
+# block position 1) every 100 steps.
 # Each run lives in .cache/recipes/RECIPE-seedS-Nsteps (its train.log, the draft); finished runs are skipped,
 # an interrupted one resumes.
 RUNS = HERE / ".cache" / "recipes"
@@ -84,7 +85,8 @@ RECIPES = {"ce": [],  # demo.py's recipe: cross-entropy against the target's ans
            "kl": ["--loss", "kl"],
            "lk": ["--loss", "lk"],
            "ce-gamma3": ["--gamma", "3"],
-           "ce-anchors128": ["--num_anchors", "128"]}  # ~all of an answer's positions: twice the logits
+           "ce-anchors128": ["--num_anchors", "128"],  # ~all of an answer's positions: twice the logits
+           "ce-lr6e-3": ["--lr", "6e-3"]}
 EVAL_LINE = re.compile(r"eval step (\d+): loss [\d.]+ \| accuracy [\d.]+ \| estimated tau ([\d.]+) "
                        r"\| accuracy by block position ([\d.]+)")
 
