@@ -158,8 +158,9 @@ def bench_sets(args):
     if args.limit:  # spread over the set: MT-Bench and HumanEval are ordered by category
         sets = {name: spread(prompts, args.limit) for name, prompts in sets.items()}
     longest = max(len(p) for prompts in sets.values() for p in prompts)
-    max_seq_len = longest + args.max_new_tokens + max(step_span(bs, budget) for _, _, bs, budget in decoders)
-    target.setup_caches(args.batch_size, max_seq_len)
+    step_tokens = max(step_span(bs, budget) for _, _, bs, budget in decoders)
+    max_seq_len = longest + args.max_new_tokens + step_tokens
+    target.setup_caches(args.batch_size, max_seq_len, step_tokens)
     for _, draft, _, _ in decoders[1:]:
         draft.setup_caches(args.batch_size, max_seq_len)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from draft import Draft, DraftArgs, default_target_layer_ids
 from model import ModelArgs, Transformer
 
-SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "gpt_oss", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe", "gpt_oss", "llama", "qwen3_5", "qwen3_5_moe")
+HYBRID_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe")  # Gated DeltaNet and gated attention (DESIGN.md section 11)
 
 
 class InputError(Exception):
@@ -109,7 +110,12 @@ CONFIG_DEFAULTS = {
                                   "truncate": False, "original_max_position_embeddings": 4096}),
     "llama": dict(rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, attention_bias=False,
                   head_dim=None, num_key_value_heads=None, max_position_embeddings=2048, sliding_window=None),
+    "qwen3_5": dict(rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, attention_bias=False,
+                    head_dim=256, num_key_value_heads=4, max_position_embeddings=32768, sliding_window=None,
+                    partial_rotary_factor=0.25, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+                    linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32),
 }
+CONFIG_DEFAULTS["qwen3_5_moe"] = {**CONFIG_DEFAULTS["qwen3_5"], "num_key_value_heads": 2}
 
 
 # Keys each RoPE scaling needs besides rope_type (YaRN's factor may instead come from max_position_embeddings)
@@ -132,11 +138,12 @@ def require_fields(config: dict, names, where: str, hint: str = ""):
         raise InputError(f"{where} lacks {', '.join(missing)}{hint}")
 
 
-def refuse_unsupported_fields(config: dict, where: str):
+def refuse_unsupported_fields(config: dict, where: str, supported=()):
     sections = [config, config.get("dflash_config") or {}, config.get("rope_scaling") or {},
                 config.get("rope_parameters") or {}]
     found = sorted({f"{name}={section[name]!r}" for section in sections for name, neutral in
-                    UNSUPPORTED_FIELDS.items() if name in section and section[name] not in neutral})
+                    UNSUPPORTED_FIELDS.items()
+                    if name in section and section[name] not in neutral and name not in supported})
     if found:
         raise InputError(f"{where} sets {', '.join(found)}, which this implementation does not support "
                          f"(it would compute something else than the model was trained with)")
@@ -164,12 +171,18 @@ def rope_settings(config: dict, model_type: str):
 def attention_layer_types(config: dict, model_type: str) -> tuple:
     """"full_attention" / "sliding_attention" per layer, derived as transformers derives them when absent."""
     n_layers = config["num_hidden_layers"]
+    hybrid = model_type in HYBRID_MODEL_TYPES
     if config.get("layer_types"):
-        kinds = tuple(config["layer_types"])
-        if len(kinds) != n_layers or not set(kinds) <= {"full_attention", "sliding_attention"}:
-            raise InputError(f"config.json's layer_types must name full_attention or sliding_attention for "
+        kinds, known = tuple(config["layer_types"]), ("full_attention", "linear_attention" if hybrid
+                                                      else "sliding_attention")
+        if len(kinds) != n_layers or not set(kinds) <= set(known):
+            raise InputError(f"config.json's layer_types must name {' or '.join(known)} for "
                              f"each of its {n_layers} layers, got {list(kinds)}")
         return kinds
+    if hybrid:  # transformers: every full_attention_interval-th layer is full attention
+        interval = config.get("full_attention_interval", 4)
+        return tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                     for i in range(n_layers))
     if model_type == "gpt_oss":
         return tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers))
     if not config.get("use_sliding_window"):
@@ -185,15 +198,30 @@ def sliding_window_size(config: dict, model_type: str) -> int:
     return config.get("sliding_window", CONFIG_DEFAULTS[model_type]["sliding_window"]) or 0
 
 
+def language_model_config(config: dict) -> dict:
+    """The language model's config: a multimodal Qwen3.5 config.json's text_config (its model_type the
+    family's), a text-only one's with the family's model_type; any other as it is."""
+    model_type = config.get("model_type")
+    if model_type in HYBRID_MODEL_TYPES and isinstance(config.get("text_config"), dict):
+        text = config["text_config"]
+        tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        return {**text, "model_type": model_type, "tie_word_embeddings": tied}
+    if model_type in ("qwen3_5_text", "qwen3_5_moe_text"):
+        return {**config, "model_type": model_type.removesuffix("_text")}
+    return config
+
+
 def model_args(config: dict) -> ModelArgs:
-    """The ModelArgs of a target's config.json, read strictly (DESIGN.md section 1)."""
+    """The ModelArgs of a target's config.json, read strictly (DESIGN.md sections 1 and 11)."""
+    config = language_model_config(config)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(f"config.json has model_type {model_type!r}; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     require_fields(config, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"),
                    "config.json", f": is this a {model_type} checkpoint?")
-    refuse_unsupported_fields(config, "config.json")
+    refuse_unsupported_fields(config, "config.json",
+                              ("partial_rotary_factor",) if model_type in HYBRID_MODEL_TYPES else ())
     quantization = (config.get("quantization_config") or {}).get("quant_method")
     if quantization not in (None, "mxfp4") or (quantization == "mxfp4" and model_type != "gpt_oss"):
         raise InputError(f"config.json says the weights are quantized with {quantization!r}, which this "
@@ -253,6 +281,43 @@ def set_family_fields(args: ModelArgs, config: dict):
             raise InputError(f"config.json's MXFP4 experts need hidden_size and intermediate_size in whole "
                              f"groups of 32 (it gives {args.hidden_size} and "
                              f"{args.moe_intermediate_size}): a damaged config.json")
+    if args.model_type in HYBRID_MODEL_TYPES:
+        set_hybrid_fields(args, config)
+
+
+def set_hybrid_fields(args: ModelArgs, config: dict):
+    """Qwen3.5's Gated DeltaNet, gated attention with partial RoPE, offset norms and (MoE) shared expert."""
+    defaults = CONFIG_DEFAULTS[args.model_type]
+    refused = [(config.get("attn_output_gate", True) is not True, "attn_output_gate"),
+               (config.get("output_gate_type", "swish") != "swish", "output_gate_type"),
+               (config.get("mamba_ssm_dtype", "float32") != "float32", "mamba_ssm_dtype"),
+               (bool(config.get("mlp_only_layers")), "mlp_only_layers")]
+    for bad, name in refused:
+        if bad:
+            raise InputError(f"config.json sets {name}={config[name]!r}, which this implementation does not "
+                             f"support (Qwen3.5 gates every attention output with SiLU-gated norms and "
+                             f"sigmoid gates, keeps fp32 recurrent states and has no dense layers in MoE)")
+    args.attn_output_gate, args.norm_offset = True, 1.0
+    for name in ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                 "linear_num_key_heads", "linear_num_value_heads"):
+        setattr(args, name, config.get(name, defaults[name]))
+    if args.linear_num_value_heads % args.linear_num_key_heads:
+        raise InputError(f"config.json's linear_num_value_heads {args.linear_num_value_heads} is not a "
+                         f"multiple of linear_num_key_heads {args.linear_num_key_heads}: a damaged "
+                         f"config.json")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor",
+                                                          defaults["partial_rotary_factor"]))
+    args.rotary_dim = int(args.head_dim * factor)
+    if args.rotary_dim % 2 or not 0 < args.rotary_dim <= args.head_dim:
+        raise InputError(f"config.json's partial_rotary_factor {factor} turns {args.rotary_dim} of the "
+                         f"{args.head_dim} dimensions of a head: it must be an even number, at least 2")
+    if args.model_type == "qwen3_5_moe":
+        args.moe_layers = tuple(range(args.num_hidden_layers))
+        args.num_experts, args.num_experts_per_tok = config["num_experts"], config["num_experts_per_tok"]
+        args.moe_intermediate_size = config["moe_intermediate_size"]
+        args.shared_expert_intermediate_size = config["shared_expert_intermediate_size"]
+        args.norm_topk_prob = True  # the top-k probabilities renormalised
 
 
 class SafetensorsFolder:
@@ -313,14 +378,19 @@ class SafetensorsFolder:
                              f"({shown}): a different architecture or format than config.json says")
 
 
-def hf_name(name: str) -> str:
-    """The Hugging Face name of our parameter `name`: all but lm_head sit in model."""
-    return name if name == "lm_head.weight" else "model." + name
+def hf_name(name: str, prefix: str = "model.") -> str:
+    """The Hugging Face name of our parameter `name`: all but lm_head sit in model (or in a multimodal
+    checkpoint's model.language_model)."""
+    return name if name == "lm_head.weight" else prefix + name
 
 
-def read_hf_tensor(ckpt: SafetensorsFolder, name: str, args: ModelArgs, checkpoint_dir):
+# Parts of multimodal Qwen3.5 checkpoints that text generation does not use: loaded as not used, and said so
+TEXT_ONLY_UNUSED = {"model.visual.": "the vision tower", "mtp.": "the multi-token prediction (MTP) head"}
+
+
+def read_hf_tensor(ckpt: SafetensorsFolder, name: str, args: ModelArgs, checkpoint_dir, prefix="model."):
     """The tensor for our parameter `name`, read from its Hugging Face name(s) and converted to our layout."""
-    hf = hf_name(name)
+    hf = hf_name(name, prefix)
 
     def get(key):
         if key not in ckpt:
@@ -329,7 +399,7 @@ def read_hf_tensor(ckpt: SafetensorsFolder, name: str, args: ModelArgs, checkpoi
         return ckpt.get(key)
 
     prefix, _, leaf = hf.rpartition(".experts.")
-    if args.model_type == "qwen3_moe":
+    if args.model_type in ("qwen3_moe", "qwen3_5_moe"):
         if name.endswith(".mlp.router.weight"):
             return get(hf.replace(".router.", ".gate."))
         if leaf == "gate_up_proj" and hf in ckpt:  # transformers 5.x saves [E, 2I, H], gate above up
@@ -353,15 +423,20 @@ def load_checkpoint(checkpoint_dir, device="cpu", dtype=torch.bfloat16) -> Trans
                                                ckpt.get("model.embed_tokens.weight"))
     with torch.device("meta"):
         model = Transformer(args)
+    prefix = "model.language_model." if "model.language_model.embed_tokens.weight" in ckpt else "model."
     state = {}
     for name, param in model.named_parameters():
-        tensor = read_hf_tensor(ckpt, name, args, checkpoint_dir)
+        tensor = read_hf_tensor(ckpt, name, args, checkpoint_dir, prefix)
         if tuple(tensor.shape) != tuple(param.shape):
             raise InputError(f"tensor for {name!r} in {str(checkpoint_dir)!r} has shape "
                              f"{tuple(tensor.shape)}, but config.json implies {tuple(param.shape)}")
         state[name] = tensor.to(device, dtype if tensor.is_floating_point() else None)  # no copy
-    ckpt.check_all_used(f"checkpoint {str(checkpoint_dir)!r}")
+    text_only = TEXT_ONLY_UNUSED if args.model_type in HYBRID_MODEL_TYPES else {}
+    ckpt.check_all_used(f"checkpoint {str(checkpoint_dir)!r}",
+                        lambda n: n.endswith("rotary_emb.inv_freq") or n.startswith(tuple(text_only)))
     model.load_state_dict(state, strict=False, assign=True)
+    counts = {part: sum(n.startswith(start) for n in ckpt.file_of) for start, part in text_only.items()}
+    model.not_used = " and ".join(f"{part} ({n} tensors)" for part, n in counts.items() if n)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval().requires_grad_(False)

@@ -62,6 +62,7 @@ def speculative_step(target: Transformer, draft: Draft, anchor_token, anchor_pos
     else:
         target_probs = logits_to_probs(logits, sampling)
         tokens, n_accepted = speculative_sampling(draft_tokens, draft_probs, target_probs)
+    target.keep_states(n_accepted)  # recurrent layers: the state after the last accepted token
     next_token = tokens.gather(1, n_accepted[:, None])[:, 0]
     return (tokens, n_accepted, torch.where(active, next_token, anchor_token),
             anchor_pos + (n_accepted + 1) * active)
@@ -145,6 +146,10 @@ def generate(target: Transformer, prompts: list, max_new_tokens: int, sampling: 
     nodes per step if > 0). Returns the new tokens per row and stats (with a draft "acceptance_lengths": per
     row, the tokens each step committed); on_token(row, token_id) sees every token kept."""
     device = target.embed_tokens.weight.device
+    recurrent = any(layer.recurrent for layer in target.layers)
+    if draft is not None and recurrent and target.step_tokens < step_span(block_size, tree_budget):
+        raise ValueError(f"the target's caches keep {target.step_tokens} tokens' states per step: call "
+                         f"setup_caches(..., step_tokens={step_span(block_size, tree_budget)})")
     B = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     tokens = torch.zeros(B, max(len(p) for p in prompts), dtype=torch.long, device=device)
@@ -386,7 +391,8 @@ def load_models(args, device, dtype, log):
             raise InputError(f"--block_size {block_size} is larger than the draft's block size "
                              f"{draft.args.block_size}: use at most {draft.args.block_size}")
     log(f"loaded {args.checkpoint}{' + draft ' + str(args.draft) if draft else ''} ({model.args.model_type}, "
-        f"{dtype}, {device}) in {time.perf_counter() - t0:.1f} s")
+        f"{dtype}, {device}) in {time.perf_counter() - t0:.1f} s"
+        + (f"; not used (text only): {model.not_used}" if model.not_used else ""))
     return model, draft, block_size
 
 
@@ -412,7 +418,7 @@ def main(argv=None):
     batch_size = min(args.batch_size, len(prompts))
     max_seq_len = cache_length(max(map(len, prompts)), args.max_new_tokens, args.max_seq_len,
                                model.args.max_position_embeddings, block_size, args.tree_budget)
-    model.setup_caches(batch_size, max_seq_len)
+    model.setup_caches(batch_size, max_seq_len, step_span(block_size, args.tree_budget))
     if draft is not None:
         draft.setup_caches(batch_size, max_seq_len)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -534,7 +540,7 @@ def chat_loop(args, model, draft, tokenizer, stop_ids, block_size: int, steps, l
             messages.pop()
             continue
         if max_seq_len > allocated:
-            model.setup_caches(1, max_seq_len)
+            model.setup_caches(1, max_seq_len, step_span(block_size, args.tree_budget))
             if draft is not None:
                 draft.setup_caches(1, max_seq_len)
             allocated = max_seq_len

@@ -202,6 +202,12 @@ def batch_invariant_linear(x, weight, bias):
     return invariant_linear(x, weight, bias) if use_kernel(x) else rows_one_by_one(x, weight, bias)
 
 
+def linear(layer, x, invariant: bool):
+    """layer(x) [..., in] -> [..., out] for an nn.Linear; invariant: a row's result does not depend on how
+    many come together (DESIGN.md section 10)."""
+    return batch_invariant_linear(x, layer.weight, layer.bias) if invariant else layer(x)
+
+
 def batch_invariant_attention(q, k, v, mask, sinks):
     """invariant_attention, likewise."""
     if use_kernel(q):

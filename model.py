@@ -1,5 +1,6 @@
-"""Target models: Qwen3 dense, Qwen3-MoE, GPT-OSS and Llama in one small Transformer (DESIGN.md section 1),
-with static KV caches indexed by absolute position and `capture` of chosen layers' outputs for the draft."""
+"""Target models: Qwen3 dense, Qwen3-MoE, GPT-OSS, Llama and the hybrid Qwen3.5 / Qwen3.5-MoE in one small
+Transformer (DESIGN.md sections 1 and 11), with static KV caches indexed by absolute position, recurrent
+states for the Gated DeltaNet layers, and `capture` of chosen layers' outputs for the draft."""
 import math
 from dataclasses import dataclass, field
 
@@ -8,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import attention, attention_with_sinks
-from invariant_kernel import batch_invariant_attention, batch_invariant_linear
+from deltanet import GatedDeltaNet, Recurrence
+from invariant_kernel import batch_invariant_attention, linear
 from moe_kernel import moe_experts
 
 
@@ -42,19 +44,30 @@ class ModelArgs:
     mxfp4_experts: bool = False  # released GPT-OSS: experts kept in MXFP4 as on disk
     swiglu_limit: float = 0.0  # > 0: GPT-OSS clamped SwiGLU; else SiLU gating
     swiglu_alpha: float = 1.702
+    # Qwen3.5 (DESIGN.md section 11): Gated DeltaNet layers (layer_types "linear_attention", deltanet.py)
+    rotary_dim: int = 0  # RoPE turns the first rotary_dim of each head (0: all of it)
+    attn_output_gate: bool = False  # q_proj also gives each head a gate: output * sigmoid(gate)
+    norm_offset: float = 0.0  # RMSNorms scale by offset + weight (Qwen3.5 stores weight - 1)
+    linear_conv_kernel_dim: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen3.5-MoE: an expert every token takes, gated
     eos_token_id: list = field(default_factory=list)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        weight = self.weight.float() + self.offset if self.offset else self.weight.float()
+        return (xf * weight).to(x.dtype)
 
 
 def rope_tables(args, max_seq_length: int, head_dim: int | None = None):
@@ -97,10 +110,12 @@ def rope_tables(args, max_seq_length: int, head_dim: int | None = None):
 
 
 def apply_rope(x, cos, sin):
-    """x [B, S, n_heads, head_dim]; cos/sin [B, S, head_dim // 2]. Rotates the two halves of each head."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """x [B, S, n_heads, head_dim]; cos/sin [B, S, R // 2]. Rotates the two halves of each head's first R
+    dimensions (R = head_dim, or less with partial RoPE); the rest pass."""
+    rotary = 2 * cos.shape[-1]
+    x1, x2 = x[..., :rotary].float().chunk(2, dim=-1)
     cos, sin = cos[:, :, None], sin[:, :, None]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rotary:].float()], dim=-1).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -124,13 +139,14 @@ class Attention(nn.Module):
         self.args = args
         self.sliding = sliding
         n_heads, n_kv, hd = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, n_heads * hd, bias=args.attention_bias)
+        q_size = n_heads * hd * (2 if args.attn_output_gate else 1)  # each head's query, then its gate
+        self.q_proj = nn.Linear(args.hidden_size, q_size, bias=args.attention_bias)
         self.k_proj = nn.Linear(args.hidden_size, n_kv * hd, bias=args.attention_bias)
         self.v_proj = nn.Linear(args.hidden_size, n_kv * hd, bias=args.attention_bias)
         self.o_proj = nn.Linear(n_heads * hd, args.hidden_size, bias=args.attention_bias)
         if args.qk_norm:
-            self.q_norm = RMSNorm(hd, args.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, args.rms_norm_eps)
+            self.q_norm = RMSNorm(hd, args.rms_norm_eps, args.norm_offset)
+            self.k_norm = RMSNorm(hd, args.rms_norm_eps, args.norm_offset)
         if args.attention_sinks:
             self.sinks = nn.Parameter(torch.zeros(n_heads))
         self.kv_cache = None
@@ -142,6 +158,8 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         hd = self.args.head_dim
         q = linear(self.q_proj, x, invariant).view(B, S, -1, hd)
+        if self.args.attn_output_gate:
+            q, gate = q.unflatten(2, (-1, 2)).unbind(3)  # [B, S, n_heads, hd] each
         k = linear(self.k_proj, x, invariant).view(B, S, -1, hd)
         v = linear(self.v_proj, x, invariant).view(B, S, -1, hd)
         if self.args.qk_norm:
@@ -156,13 +174,10 @@ class Attention(nn.Module):
         else:
             attend, extra = (attention_with_sinks, (self.sinks,)) if sinks else (attention, ())
             y = attend(q, k, v, mask, *extra)
-        return linear(self.o_proj, y.transpose(1, 2).reshape(B, S, -1), invariant)
-
-
-def linear(layer: nn.Linear, x, invariant: bool):
-    """layer(x) [..., in] -> [..., out]; invariant: a row's result does not depend on how many come together
-    (`invariant_kernel.batch_invariant_linear`, DESIGN.md section 10)."""
-    return batch_invariant_linear(x, layer.weight, layer.bias) if invariant else layer(x)
+        y = y.transpose(1, 2).reshape(B, S, -1)
+        if self.args.attn_output_gate:
+            y = y * torch.sigmoid(gate.reshape(B, S, -1))
+        return linear(self.o_proj, y, invariant)
 
 
 class MLP(nn.Module):
@@ -214,6 +229,9 @@ class MoE(nn.Module):
         self.args = args
         self.router = nn.Linear(args.hidden_size, args.num_experts, bias=args.moe_bias)
         self.experts = Experts(args)
+        if args.shared_expert_intermediate_size:
+            self.shared_expert = MLP(args.hidden_size, args.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
 
     def forward(self, x, invariant: bool = False):
         """invariant: each row's result independent of the others (the CUDA kernel's tiles are; the CPU
@@ -229,6 +247,9 @@ class MoE(nn.Module):
         y = moe_experts(x, expert_ids, weights.to(x.dtype), *self.experts.weights("gate_up_proj"),
                         *self.experts.weights("down_proj"), self.args.swiglu_limit, self.args.swiglu_alpha,
                         invariant)
+        if self.args.shared_expert_intermediate_size:
+            shared_gate = torch.sigmoid(linear(self.shared_expert_gate, x, invariant))
+            y = y + shared_gate * self.shared_expert(x, invariant)
         return y.view(B, S, H)
 
 
@@ -236,14 +257,23 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         self.sliding = args.layer_types[layer_id] == "sliding_attention"
-        self.self_attn = Attention(args, self.sliding)
+        self.recurrent = args.layer_types[layer_id] == "linear_attention"
+        if self.recurrent:
+            self.linear_attn = GatedDeltaNet(args)
+        else:
+            self.self_attn = Attention(args, self.sliding)
         self.mlp = (MoE(args) if layer_id in args.moe_layers
                     else MLP(args.hidden_size, args.intermediate_size, args.mlp_bias))
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_offset)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_offset)
 
-    def forward(self, x, cache_pos, cos, sin, mask, cached: bool, invariant: bool = False):
-        x = x + self.self_attn(self.input_layernorm(x), cache_pos, cos, sin, mask, cached, invariant)
+    def forward(self, x, cache_pos, cos, sin, mask, cached: bool, invariant: bool = False,
+                recurrence: Recurrence | None = None):
+        h = self.input_layernorm(x)
+        if self.recurrent:
+            x = x + self.linear_attn(h, recurrence, invariant)
+        else:
+            x = x + self.self_attn(h, cache_pos, cos, sin, mask, cached, invariant)
         return x + self.mlp(self.post_attention_layernorm(x), invariant)
 
 
@@ -253,45 +283,70 @@ class Transformer(nn.Module):
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_offset)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.max_batch_size = 0
         self.max_seq_length = 0
+        self.step_tokens = 0
         self.batch_invariant = False  # the decoding steps compute each token apart (DESIGN.md section 10)
+        self.not_used = ""  # the parts of its checkpoint left out (a multimodal Qwen3.5's vision tower)
 
-    def setup_caches(self, max_batch_size: int, max_seq_length: int):
-        """Allocate the static KV caches and RoPE tables; positions must stay below max_seq_length."""
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, step_tokens: int = 1):
+        """Allocate the static KV caches, recurrent states and RoPE tables; positions must stay below
+        max_seq_length. Recurrent layers keep the state after each token of a decoding step of up to
+        step_tokens tokens (a block or tree: generate.step_span)."""
         if max_seq_length > self.args.max_position_embeddings:
             raise ValueError(f"max_seq_len {max_seq_length} exceeds the model's max_position_embeddings "
                              f"{self.args.max_position_embeddings}")
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        self.step_tokens = step_tokens
         dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
         a = self.args
         for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(max_batch_size, a.num_key_value_heads, max_seq_length,
-                                               a.head_dim, dtype, device)
-        cos, sin = rope_tables(a, max_seq_length)
+            if layer.recurrent:
+                layer.linear_attn.cache = layer.linear_attn.make_cache(max_batch_size, step_tokens, dtype,
+                                                                       device)
+            else:
+                layer.self_attn.kv_cache = KVCache(max_batch_size, a.num_key_value_heads, max_seq_length,
+                                                   a.head_dim, dtype, device)
+        cos, sin = rope_tables(a, max_seq_length, a.rotary_dim or a.head_dim)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def forward(self, tokens, input_pos, capture: tuple = (), logits_at=None, tree=None, invariant=False):
         """tokens, input_pos [B, S] -> logits [B, S, V] ([B, 1, V] at logits_at [B], an index into S) and the
         outputs [B, S, T, H] of the layers in capture (else None). tree = (slots [B, S], visible [B, S, L]):
-        token s is cached at slots[:, s] and sees the cache slots visible[:, s] (DESIGN.md section 4).
-        invariant: every token computed as a lone token is, bit for bit (the decoding steps pass
-        batch_invariant)."""
+        token s is cached at slots[:, s] and sees the cache slots visible[:, s] (DESIGN.md section 4); a
+        hybrid target's tree also gives parents [B, S]. invariant: every token computed as a lone token is,
+        bit for bit (the decoding steps pass batch_invariant). Recurrent layers keep each row's state after
+        its token at logits_at (else the last; a tree: none until `keep_states`)."""
+        recurrence = None
+        if any(layer.recurrent for layer in self.layers):
+            last = tokens.new_full((tokens.shape[0],), tokens.shape[1] - 1)
+            recurrence = Recurrence(restart=input_pos[:, 0] == 0, parent=tree[2] if tree else None,
+                                    keep_at=None if tree else (last if logits_at is None else logits_at))
         x, hidden = self.run_layers(tokens, input_pos, self.rope_cos[input_pos], self.rope_sin[input_pos],
                                     torch.arange(self.max_seq_length, device=tokens.device), capture,
-                                    cached=True, tree=tree, invariant=invariant)
+                                    cached=True, tree=tree and tree[:2], invariant=invariant,
+                                    recurrence=recurrence)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
         return linear(self.lm_head, self.norm(x), invariant), hidden
 
+    def keep_states(self, index):
+        """Recurrent layers: each row keeps its state after the last decoding step's token index [B] (the last
+        accepted one)."""
+        for layer in self.layers:
+            if layer.recurrent:
+                layer.linear_attn.cache.keep(index)
+
     def move_cached(self, source, dest):
         """Copy every layer's cached keys/values at slots source [B, n] to dest [B, n] (a tree's path)."""
         for layer in self.layers:
+            if layer.recurrent:
+                continue
             cache = layer.self_attn.kv_cache
             index = source[:, None, :, None].expand(-1, cache.k_cache.shape[1], -1, cache.k_cache.shape[3])
             cache.update(dest, cache.k_cache.gather(2, index), cache.v_cache.gather(2, index))
@@ -301,14 +356,15 @@ class Transformer(nn.Module):
         logits, no layer past the deepest of layer_ids."""
         S = tokens.shape[1]
         positions = torch.arange(S, device=tokens.device)
-        cos, sin = (t.to(tokens.device)[None] for t in rope_tables(self.args, S))
+        cos, sin = (t.to(tokens.device)[None]
+                    for t in rope_tables(self.args, S, self.args.rotary_dim or self.args.head_dim))
         return self.run_layers(tokens, positions.expand(tokens.shape[0], -1), cos, sin, positions, layer_ids,
                                cached=False, n_layers=max(layer_ids) + 1)[1]
 
     def run_layers(self, tokens, input_pos, cos, sin, key_pos, capture, cached: bool, n_layers=None,
-                   tree=None, invariant=False):
-        """The first n_layers (default all) on tokens at input_pos [B, S], keys at key_pos [L]; tree: see
-        forward. Returns the last hidden states and the captured ones (or None)."""
+                   tree=None, invariant=False, recurrence=None):
+        """The first n_layers (default all) on tokens at input_pos [B, S], keys at key_pos [L]; tree and
+        recurrence: see forward. Returns the last hidden states and the captured ones (or None)."""
         x = self.embed_tokens(tokens)
         rep = self.args.num_attention_heads // self.args.num_key_value_heads
         query_pos = input_pos.repeat(1, rep)[:, None, :, None]  # [B, 1, rep * S, 1], folded as in `attention`
@@ -324,7 +380,8 @@ class Transformer(nn.Module):
                    if "sliding_attention" in self.args.layer_types else None)
         captured = []
         for i, layer in enumerate(self.layers[:n_layers]):
-            x = layer(x, cache_pos, cos, sin, sliding if layer.sliding else visible, cached, invariant)
+            x = layer(x, cache_pos, cos, sin, sliding if layer.sliding else visible, cached, invariant,
+                      recurrence)
             if i in capture:
                 captured.append(x)
         return x, (torch.stack(captured, dim=2) if capture else None)

@@ -55,7 +55,7 @@ def tree_step(target: Transformer, draft: Draft, anchor_token, anchor_pos, activ
     B, N = tokens.shape
     slots, visible = tree_layout(parent, anchor_pos, target.max_seq_length, bs - 1)
     logits, hidden = target(tokens, anchor_pos[:, None] + depth, capture=draft.args.target_layer_ids,
-                            tree=(slots, visible), invariant=target.batch_invariant)
+                            tree=(slots, visible, parent), invariant=target.batch_invariant)
     choice = sample(logits, sampling)[0]  # the target's token after each node
     is_parent = parent[:, None, :] == torch.arange(N, device=tokens.device)[:, None]
     chosen_child = is_parent & (tokens[:, None, :] == choice[:, :, None])
@@ -70,6 +70,7 @@ def tree_step(target: Transformer, draft: Draft, anchor_token, anchor_pos, activ
     committed = choice.gather(1, path)
     positions = anchor_pos[:, None] + torch.arange(bs, device=tokens.device)
     target.move_cached(slots.gather(1, path), positions)
+    target.keep_states(path[:, -1])  # recurrent layers: the state after the path's last node
     draft.write_context(hidden.gather(1, path[:, :, None, None].expand(-1, -1, *hidden.shape[2:])), positions)
     next_token = committed.gather(1, n_accepted[:, None])[:, 0]
     return (committed, n_accepted, torch.where(active, next_token, anchor_token),
