@@ -2718,7 +2718,7 @@ def compiled_test_steps(targets32, model_type):
     return targets32[model_type], generate.compile_steps(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("hybrid", "linear")])
+@pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("hybrid", None)])
 def test_decode_speculative_compiled_is_lossless(targets32, model_type, fusion, reference_kernels,
                                                  fresh_dynamo):
     target, steps = compiled_test_steps(targets32, model_type)
@@ -2728,8 +2728,9 @@ def test_decode_speculative_compiled_is_lossless(targets32, model_type, fusion, 
     tokens, stats = decode(target, prompts, 20, draft, 4, steps=steps)
     assert tokens == expected
     assert stats["acceptance_lengths"][1] == scripted_acceptance(draft, 1, len(prompts[1]), 20)
-    draft = make_draft(target, fusion, block_size=4)
-    assert decode(target, prompts, 20, draft, 4, steps=steps)[0] == expected
+    if model_type != "hybrid":  # (a real draft's graph differs from the oracle's in the draft only)
+        draft = make_draft(target, fusion, block_size=4)
+        assert decode(target, prompts, 20, draft, 4, steps=steps)[0] == expected
 
 
 @pytest.mark.parametrize("fusion,seed", [("layerwise", 2), ("linear", 1)])
@@ -3003,9 +3004,9 @@ def test_tree_with_oracle_proposals_covers_every_depth(targets32, model_type, re
 
 # two families: the eager tree tests cover all, and what the compiled graphs add (static slots, masks,
 # budgets) does not depend on the family beyond attention with sinks and windows, and recurrent layers
-@pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("hybrid", "linear")])
+@pytest.mark.parametrize("model_type,fusion", [("gpt_oss", "layerwise"), ("hybrid", None)])
 def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_kernels, fresh_dynamo):
-    """The oracle draft's trees, then a real draft's."""
+    """The oracle draft's trees, then (but on the hybrid, whose graphs trace slowly) a real draft's."""
     target, steps = compiled_test_steps(targets32, model_type)
     prompts, bs, budget = SPEC_PROMPTS, 5, 12
     expected, _ = decode(target, prompts, 20)
@@ -3015,8 +3016,9 @@ def test_tree_compiled_is_lossless(targets32, model_type, fusion, reference_kern
     for row, prompt in enumerate(prompts):
         assert stats["acceptance_lengths"][row] == oracle_tree_acceptance(draft, row, prompt, expected[row],
                                                                           bs, budget)[0]
-    draft = make_draft(target, fusion, block_size=bs)
-    assert decode(target, prompts, 20, draft, bs, steps=steps, tree_budget=budget)[0] == expected
+    if model_type != "hybrid":
+        draft = make_draft(target, fusion, block_size=bs)
+        assert decode(target, prompts, 20, draft, bs, steps=steps, tree_budget=budget)[0] == expected
 
 
 @pytest.mark.parametrize("fusion,seed", [("layerwise", 2), ("linear", 1)])
