@@ -78,8 +78,7 @@ class GatedDeltaNet(nn.Module):
 
     def make_cache(self, batch_size, step_tokens, dtype, device):
         a = self.args
-        return RecurrentState(batch_size, (a.linear_conv_kernel_dim - 1, self.conv_dim),
-                              (a.linear_num_value_heads, a.linear_key_head_dim, a.linear_value_head_dim),
+        return RecurrentState(batch_size, (a.linear_conv_kernel_dim - 1, self.conv_dim), self.state_shape(),
                               max(step_tokens, 1), dtype, device)
 
     def forward(self, x, recurrence: Recurrence | None, invariant: bool = False):
@@ -89,11 +88,11 @@ class GatedDeltaNet(nn.Module):
         a = self.args
         mixed = linear(self.in_proj_qkv, x, invariant)  # [B, S, C]: the convolution's inputs
         gate = linear(self.in_proj_z, x, invariant).view(B, S, a.linear_num_value_heads, -1)
-        b, a_ = linear(self.in_proj_b, x, invariant), linear(self.in_proj_a, x, invariant)  # [B, S, Hv]
+        beta_in, decay_in = linear(self.in_proj_b, x, invariant), linear(self.in_proj_a, x, invariant)
         cache = self.cache if recurrence is not None else None
         if cache is None:
             history = mixed.new_zeros(B, a.linear_conv_kernel_dim - 1, self.conv_dim)
-            state = mixed.new_zeros(B, *self.cache_state_shape(), dtype=torch.float32)
+            state = mixed.new_zeros(B, *self.state_shape(), dtype=torch.float32)
         else:
             fresh = recurrence.restart.view(-1, 1, 1)
             history = torch.where(fresh, 0, cache.conv)
@@ -104,9 +103,10 @@ class GatedDeltaNet(nn.Module):
             if invariant:  # each token's inputs apart, on tensors shaped as a lone token's: CPU kernels of
                 # elementwise functions (softplus) round by the tensor's size, and the state would drift
                 tokens = [self.token_inputs(convolve(windows[:, i].contiguous(), weight),
-                                            b[:, i].contiguous(), a_[:, i].contiguous()) for i in range(S)]
+                                            beta_in[:, i].contiguous(), decay_in[:, i].contiguous())
+                          for i in range(S)]
             else:
-                inputs = self.token_inputs(convolve(windows, weight), b, a_)
+                inputs = self.token_inputs(convolve(windows, weight), beta_in, decay_in)
                 tokens = list(zip(*(t.unbind(1) for t in inputs)))
             out, states = recurrent_delta_rule(tokens, state, recurrence.parent)
             cache.step_conv[:, :S] = windows[:, :, 1:]
@@ -116,7 +116,7 @@ class GatedDeltaNet(nn.Module):
         else:
             convolved = F.conv1d(torch.cat([history, mixed], 1).transpose(1, 2), self.conv1d.weight,
                                  groups=self.conv_dim)
-            q, k, v, beta, decay = self.token_inputs(convolved.transpose(1, 2), b, a_)
+            q, k, v, beta, decay = self.token_inputs(convolved.transpose(1, 2), beta_in, decay_in)
             if cache is not None:  # positions past each row's kept token leave the state as it is
                 past = torch.arange(S, device=x.device) > recurrence.keep_at[:, None]
                 beta, decay = beta.masked_fill(past[..., None], 0), decay.masked_fill(past[..., None], 0)
@@ -130,12 +130,13 @@ class GatedDeltaNet(nn.Module):
         y = self.norm(out.to(x.dtype), gate)  # [B, S, Hv, Dv]
         return linear(self.out_proj, y.flatten(2), invariant)
 
-    def cache_state_shape(self):
+    def state_shape(self):
         a = self.args
         return a.linear_num_value_heads, a.linear_key_head_dim, a.linear_value_head_dim
 
-    def token_inputs(self, convolved, b, a_):
-        """The delta rule's inputs, fp32: convolved [..., C] (before its SiLU), b, a_ [..., Hv] (projections)
+    def token_inputs(self, convolved, beta_in, decay_in):
+        """The delta rule's inputs, fp32: convolved [..., C] (before its SiLU), beta_in, decay_in [..., Hv]
+        (in_proj_b's and in_proj_a's outputs)
         -> q, k [..., Hv, Dk] (L2-normed, q scaled, each shared by Hv / Hk value heads), v [..., Hv, Dv],
         beta and decay (the log of the state's decay, <= 0) [..., Hv]."""
         a = self.args
@@ -144,9 +145,9 @@ class GatedDeltaNet(nn.Module):
         rep = a.linear_num_value_heads // a.linear_num_key_heads
         q, k = (l2_normed(t.unflatten(-1, (a.linear_num_key_heads, -1))).repeat_interleave(rep, dim=-2)
                 for t in (q, k))
-        decay = -self.A_log.float().exp() * F.softplus(a_.float() + self.dt_bias)
+        decay = -self.A_log.float().exp() * F.softplus(decay_in.float() + self.dt_bias)
         return (q * a.linear_key_head_dim ** -0.5, k, v.unflatten(-1, (a.linear_num_value_heads, -1)),
-                b.sigmoid().float(), decay)
+                beta_in.sigmoid().float(), decay)
 
 
 def l2_normed(x, eps: float = 1e-6):
